@@ -1,0 +1,1 @@
+"""Pure numpy solvers: a weight ``[N, K]`` (and a Hessian) in, a ``QuantizedWeight`` out."""
