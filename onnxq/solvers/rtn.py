@@ -50,7 +50,7 @@ def quantize_rtn(
             cand = _rtn_params(lo * alpha, hi * alpha, bits, symmetric, zero_convention)
             err = _group_error(grouped, *cand, bits=bits)
             better = err < best_err
-            best = tuple(np.where(better, c, b) for c, b in zip(cand, best))
+            best = tuple(np.where(better, c, b) for c, b in zip(cand, best, strict=True))
             best_err = np.where(better, err, best_err)
 
     scales, zero_points, offsets = best

@@ -1,0 +1,103 @@
+"""What every emitter shares: the emit context, initializer helpers and the float-zero correction term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.graph import NameScope, Target
+from onnxq.quantized_weight import QuantizedWeight, expand_groups
+
+
+@dataclass
+class EmitContext:
+    """State shared by all emissions into one model."""
+
+    model: onnx.ModelProto
+    names: NameScope
+    accuracy_level: int = 0
+    cache: dict = field(default_factory=dict)  # artifacts shared between nodes (same weight)
+    notes: list[str] = field(default_factory=list)  # what the summary must say (fallbacks, containers)
+    ranks: dict[str, int] = field(default_factory=dict)  # tensor name → rank, from shape inference
+
+    def add_initializer(self, base: str, values: np.ndarray) -> str:
+        name = self.names.fresh(base)
+        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
+        return name
+
+    def add_raw_initializer(self, base: str, data_type: int, dims: tuple[int, ...], raw: bytes) -> str:
+        name = self.names.fresh(base)
+        self.model.graph.initializer.append(helper.make_tensor(name, data_type, dims, raw, raw=True))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
+        domain = attrs.pop("domain", "")
+        return helper.make_node(op_type, inputs, outputs, name=self.names.fresh(base), domain=domain, **attrs)
+
+
+@dataclass
+class Rewrite:
+    """Nodes to insert before the target, and optionally nodes that replace it."""
+
+    before: list[onnx.NodeProto] = field(default_factory=list)
+    replacement: list[onnx.NodeProto] | None = None
+
+
+def float_dtype(target: Target) -> np.dtype:
+    return np.dtype(np.float16) if target.dtype == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
+
+
+def attribute(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:
+    """The same codes with scales and offsets multiplied by ``factor`` (Gemm's alpha)."""
+    if factor == 1.0:
+        return qw
+    offsets = None if qw.offsets is None else (qw.offsets * factor).astype(np.float32)
+    return QuantizedWeight(qw.codes, (qw.scales * factor).astype(np.float32), qw.zero_points, offsets, qw.bits,
+                           qw.group_size)
+
+
+def group_indicator(k: int, group_size: int, dtype: np.dtype) -> np.ndarray:
+    """``E[K, G]`` with ``E[k, g] = 1`` iff column ``k`` is in group ``g``: ``x·E`` gives per-group sums."""
+    groups = -(-k // group_size)
+    return expand_groups(np.eye(groups, dtype=dtype), k, group_size).T.copy()
+
+
+def offset_correction(
+    ctx: EmitContext, activation: str, qw: QuantizedWeight, dtype: np.dtype, left: bool, base: str
+) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing the float-zero term exactly, without materialising ``Z`` per weight.
+
+    Right product ``Y = A·Wᵀ``: ``A·Z_expᵀ = (A·E)·Zᵀ``.  Left product ``Y = W·X``: ``Z·(Eᵀ·X)``.
+    """
+    k = qw.shape[1]
+    key = ("group_indicator", k, qw.group_size, dtype.str, left)
+    if key not in ctx.cache:
+        e = group_indicator(k, qw.group_size, dtype)
+        ctx.cache[key] = ctx.add_initializer(f"onnxq_group_sum_{k}_{qw.group_size}", e.T.copy() if left else e)
+    indicator = ctx.cache[key]
+    zeros = qw.offsets.astype(dtype)
+    zero_name = ctx.add_initializer(f"{base}_float_zero", zeros if left else zeros.T.copy())
+    sums = ctx.names.fresh(f"{base}_group_sums")
+    out = ctx.names.fresh(f"{base}_zero_term")
+    if left:
+        nodes = [ctx.node("MatMul", [indicator, activation], [sums], f"{base}_group_sum"),
+                 ctx.node("MatMul", [zero_name, sums], [out], f"{base}_zero_term")]
+    else:
+        nodes = [ctx.node("MatMul", [activation, indicator], [sums], f"{base}_group_sum"),
+                 ctx.node("MatMul", [sums, zero_name], [out], f"{base}_zero_term")]
+    return nodes, out
+
+
+def integer_part(qw: QuantizedWeight) -> QuantizedWeight:
+    """``s·(q − zp)`` alone (offsets dropped), the part integer formats carry."""
+    return QuantizedWeight(qw.codes, qw.scales, qw.zero_points, None, qw.bits, qw.group_size)

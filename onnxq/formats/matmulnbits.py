@@ -1,0 +1,144 @@
+"""``matmulnbits`` format: ``com.microsoft::MatMulNBits`` computing ``Y = A·dequant(B)ᵀ (+ bias)``.
+
+B is ``[N, ceil(K/block), block·bits/8]`` (codes LSB-first along K, K padded with the zero-point
+code), scales ``[N, K/block]``, zero points uint8 packed along the blocks.  ORT runs 2/4/8 bits;
+3-bit codes go in a 4-bit container.  Float zeros are never given to ORT as float zero points
+(that takes a slow path on CPU): the integer part ``s·(q − zp)`` runs in MatMulNBits and the
+float part is added exactly by the correction term ``(A·E)·Zᵀ``.  Conv falls back to ``qdq``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxq.formats.common import (
+    EmitContext,
+    Rewrite,
+    attribute,
+    float_dtype,
+    offset_correction,
+    scaled,
+)
+from onnxq.formats.qdq import emit_qdq
+from onnxq.graph import Target
+from onnxq.packing import pack_bits
+from onnxq.quantized_weight import QuantizedWeight
+
+MIN_BLOCK = 16
+
+
+def block_size_for(k: int, group_size: int) -> int | None:
+    """MatMulNBits block size for a solver group size (``None`` if ORT cannot take it)."""
+    if group_size >= k:  # per channel: one block covering K
+        return max(MIN_BLOCK, 1 << (k - 1).bit_length())
+    if group_size >= MIN_BLOCK and group_size & (group_size - 1) == 0:
+        return group_size
+    return None
+
+
+def pack_matmulnbits(qw: QuantizedWeight, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(B ``[N, G, block·bits/8]``, packed zero points ``[N, ceil(G·bits/8)]``, container bits)."""
+    bits = 4 if qw.bits == 3 else qw.bits
+    n, k = qw.shape
+    groups = -(-k // block)
+    codes = np.empty((n, groups * block), dtype=np.uint8)
+    codes[:, :k] = qw.codes
+    codes[:, k:] = qw.zero_points[:, -1:]  # padding dequantizes to 0
+    packed = pack_bits(codes.reshape(n, groups, block), bits)
+    zero_points = pack_bits(qw.zero_points, bits)
+    return packed, zero_points, bits
+
+
+def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
+    """Replace MatMul/Gemm by MatMulNBits (+ float-zero term, + bias); Conv goes to ``qdq``."""
+    node = target.node
+    n, k = qw.shape
+    block = block_size_for(k, qw.group_size)
+    left = target.op_type == "MatMul" and target.input_index == 0
+    reason = None
+    if target.op_type == "Conv":
+        reason = "Conv is not supported by MatMulNBits"
+    elif block is None:
+        reason = f"group size {qw.group_size} is not a power of two ≥ {MIN_BLOCK}"
+    elif left and ctx.ranks.get(node.input[1], 0) < 2:
+        reason = "constant left operand and the other input's rank is unknown"
+    if reason:
+        ctx.notes.append(f"{target.name}: {reason}; emitted as qdq")
+        return emit_qdq(target, qw, ctx)
+    if qw.bits == 3:
+        ctx.notes.append(f"{target.name}: 3-bit codes stored in a 4-bit MatMulNBits container")
+
+    dtype = float_dtype(target)
+    alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
+    qw = scaled(qw, alpha)
+    key = ("matmulnbits", target.weight_name, target.orientation, target.through_transpose, alpha)
+    if key not in ctx.cache:
+        packed, zero_points, bits = pack_matmulnbits(qw, block)
+        base = target.weight_name
+        ctx.cache[key] = (
+            ctx.add_initializer(f"{base}_nbits", packed),
+            ctx.add_initializer(f"{base}_scale", qw.scales.astype(dtype)),
+            ctx.add_initializer(f"{base}_zero_point", zero_points),
+            bits,
+        )
+    b_name, s_name, zp_name, bits = ctx.cache[key]
+
+    before: list[onnx.NodeProto] = []
+    activation = node.input[1] if left else node.input[0]
+    a_input = activation
+    if left:  # Y = W·X  ⇔  Yᵀ = Xᵀ·Wᵀ over the last two axes
+        rank = ctx.ranks[activation]
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        a_input = ctx.names.fresh(f"{activation}_transposed")
+        before.append(ctx.node("Transpose", [activation], [a_input], f"{target.name}_transpose_in", perm=perm))
+
+    inputs = [a_input, b_name, s_name, zp_name]
+    bias_terms: list[tuple[str, float]] = []  # (C, beta) added after the product
+    bias_name = _constant_bias(target, ctx, dtype)
+    if bias_name:
+        inputs += ["", bias_name]
+    elif target.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias_terms.append((node.input[2], float(attribute(node, "beta", 1.0))))
+
+    result = ctx.names.fresh(f"{target.name}_nbits_out")
+    nodes = [ctx.node("MatMulNBits", inputs, [result], f"{target.name}_MatMulNBits", domain="com.microsoft",
+                      K=k, N=n, bits=bits, block_size=block, accuracy_level=ctx.accuracy_level)]
+    if left:
+        back = ctx.names.fresh(f"{result}_transposed")
+        nodes.append(ctx.node("Transpose", [result], [back], f"{target.name}_transpose_out", perm=perm))
+        result = back
+    if qw.has_offsets:
+        term_nodes, term = offset_correction(ctx, activation, qw, dtype, left, target.name)
+        before += term_nodes
+        summed = ctx.names.fresh(f"{target.name}_with_float_zero")
+        nodes.append(ctx.node("Add", [result, term], [summed], f"{target.name}_add_float_zero"))
+        result = summed
+    for c_name, beta in bias_terms:
+        if beta != 1.0:
+            beta_name = ctx.add_initializer(f"{target.name}_beta", np.array(beta, dtype=dtype))
+            scaled_c = ctx.names.fresh(f"{c_name}_times_beta")
+            nodes.append(ctx.node("Mul", [c_name, beta_name], [scaled_c], f"{target.name}_beta"))
+            c_name = scaled_c
+        with_bias = ctx.names.fresh(f"{target.name}_with_bias")
+        nodes.append(ctx.node("Add", [result, c_name], [with_bias], f"{target.name}_add_bias"))
+        result = with_bias
+    nodes[-1].output[0] = node.output[0]
+    return Rewrite(before=before, replacement=nodes)
+
+
+def _constant_bias(target: Target, ctx: EmitContext, dtype: np.dtype) -> str | None:
+    """``beta·C`` as a ``[N]`` initializer when Gemm's C is a constant broadcast over rows."""
+    node = target.node
+    if target.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+        return None
+    tensor = next((t for t in ctx.model.graph.initializer if t.name == node.input[2]), None)
+    if tensor is None:
+        return None
+    values = onnx.numpy_helper.to_array(tensor)
+    n = target.matrix_shape[0]
+    if values.size not in (1, n) or (values.ndim == 2 and values.shape[0] != 1):
+        return None
+    beta = float(attribute(node, "beta", 1.0))
+    bias = np.broadcast_to(values.reshape(-1), (n,)).astype(np.float64) * beta
+    return ctx.add_initializer(f"{target.name}_bias", bias.astype(dtype))

@@ -1,0 +1,125 @@
+"""``qdq`` format: standard ONNX ``DequantizeLinear`` (blocked, opset 21/25) feeding the original op.
+
+``DequantizeLinear(q, s, zp)`` computes ``s·(q − zp)`` per block of ``group_size`` along the
+reduction axis.  A float zero ``z`` (decoupleQ) is added exactly: for MatMul/Gemm by the
+correction term ``(A·E)·Zᵀ`` (see :func:`offset_correction`), for Conv by a second
+``DequantizeLinear`` of all-zero codes with zero-point 1 and scale ``−z``, which yields ``z``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxq.formats.common import (
+    EmitContext,
+    Rewrite,
+    attribute,
+    float_dtype,
+    offset_correction,
+    scaled,
+)
+from onnxq.graph import Target
+from onnxq.packing import pack_bits
+from onnxq.quantized_weight import QuantizedWeight
+
+UINT2_OPSET = 25  # first opset whose DequantizeLinear takes uint2
+BLOCKED_OPSET = 21  # first opset with blocked DequantizeLinear and uint4
+
+
+def required_opset(bits: int) -> int:
+    """Lowest default-domain opset the qdq format needs for ``bits``."""
+    return UINT2_OPSET if bits == 2 else BLOCKED_OPSET
+
+
+def container(bits: int, row_length: int) -> tuple[int, int]:
+    """(ONNX element type, container bits) holding ``bits``-bit codes.
+
+    3-bit codes live in uint4.  2-bit codes live in uint2, except when the packed rows are not
+    a multiple of 4 long: ORT 1.31 fuses DequantizeLinear→MatMul into MatMulNBits under
+    ORT_ENABLE_ALL and then computes such uint2 weights wrongly, so they go to uint4.
+    """
+    if bits == 2 and row_length % 4 == 0:
+        return onnx.TensorProto.UINT2, 2
+    if bits <= 4:
+        return onnx.TensorProto.UINT4, 4
+    return onnx.TensorProto.UINT8, 8
+
+
+def _packed_tensor(ctx: EmitContext, base: str, values: np.ndarray, data_type: int, container_bits: int) -> str:
+    flat = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    raw = flat.tobytes() if container_bits == 8 else pack_bits(flat, container_bits).tobytes()
+    return ctx.add_raw_initializer(base, data_type, values.shape, raw)
+
+
+def dequantize_nodes(
+    ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype, transpose: bool
+) -> tuple[list[onnx.NodeProto], str]:
+    """DequantizeLinear of ``W`` (``transpose``: of ``Wᵀ``), blocked along K; returns nodes and output."""
+    codes, scales, zero_points = qw.codes, qw.scales, qw.zero_points
+    axis = 1
+    if transpose:
+        codes, scales, zero_points, axis = codes.T, scales.T, zero_points.T, 0
+    data_type, bits = container(qw.bits, codes.shape[-1])
+    if qw.bits == 2 and bits != 2:
+        ctx.notes.append(f"{base}: 2-bit codes stored as uint4 (row length {codes.shape[-1]} is not a multiple of 4)")
+    q_name = _packed_tensor(ctx, f"{base}_quant", codes, data_type, bits)
+    s_name = ctx.add_initializer(f"{base}_scale", scales.astype(dtype))
+    zp_name = _packed_tensor(ctx, f"{base}_zero_point", zero_points, data_type, bits)
+    out = ctx.names.fresh(f"{base}_dequant")
+    node = ctx.node("DequantizeLinear", [q_name, s_name, zp_name], [out], f"{base}_DequantizeLinear", axis=axis,
+                    block_size=qw.group_size)
+    return [node], out
+
+
+def _offset_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype) -> tuple[list, str]:
+    """DequantizeLinear producing ``Z_exp[N, K]`` from codes 0, zero-point 1 and scale ``−z``."""
+    zero_codes = QuantizedWeight(
+        np.zeros_like(qw.codes), (-qw.offsets).astype(np.float32), np.ones_like(qw.zero_points), None, qw.bits,
+        qw.group_size,
+    )
+    return dequantize_nodes(ctx, zero_codes, f"{base}_float_zero", dtype, transpose=False)
+
+
+def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
+    """Replace the node's weight input by DequantizeLinear of the codes (shared per weight)."""
+    dtype = float_dtype(target)
+    base = target.weight_name
+    rewrite = Rewrite()
+    key = ("qdq", target.weight_name, target.orientation, target.through_transpose)
+    if key not in ctx.cache:
+        if target.orientation == "conv":
+            nodes, flat = dequantize_nodes(ctx, qw, base, dtype, transpose=False)
+            if qw.has_offsets:
+                offset_nodes, offsets = _offset_nodes(ctx, qw, base, dtype)
+                summed = ctx.names.fresh(f"{base}_dequant_sum")
+                nodes += offset_nodes + [ctx.node("Add", [flat, offsets], [summed], f"{base}_add_float_zero")]
+                flat = summed
+            shape = ctx.add_initializer(f"{base}_shape", np.array(target.weight_shape, dtype=np.int64))
+            out = ctx.names.fresh(f"{base}_dequant_{len(target.weight_shape)}d")
+            nodes.append(ctx.node("Reshape", [flat, shape], [out], f"{base}_reshape"))
+        else:
+            nodes, out = dequantize_nodes(ctx, qw, base, dtype, transpose=target.orientation == "kn")
+        rewrite.before.extend(nodes)
+        ctx.cache[key] = out
+    node = target.node
+    node.input[target.input_index] = ctx.cache[key]
+    if target.orientation != "conv" and qw.has_offsets:
+        rewrite.before, rewrite.replacement = _add_offset_term(ctx, target, qw, dtype, rewrite.before)
+    return rewrite
+
+
+def _add_offset_term(
+    ctx: EmitContext, target: Target, qw: QuantizedWeight, dtype: np.dtype, before: list[onnx.NodeProto]
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """Rename the node's output and add the exact float-zero correction term after it."""
+    node = target.node
+    left = target.op_type == "MatMul" and target.input_index == 0
+    activation = node.input[1] if left else node.input[0]
+    alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
+    nodes, term = offset_correction(ctx, activation, scaled(qw, alpha), dtype, left, target.name)
+    output = node.output[0]
+    partial = ctx.names.fresh(f"{output}_without_float_zero")
+    node.output[0] = partial
+    add = ctx.node("Add", [partial, term], [output], f"{target.name}_add_float_zero")
+    return before + nodes, [node, add]

@@ -1,0 +1,398 @@
+"""ONNX graph I/O and target discovery: no quantization math lives here.
+
+A *target* is a MatMul, Gemm or Conv node whose weight is a constant initializer.  Every
+target exposes its weight as the solver matrix ``W[N, K]`` (N outputs, K reduction axis) and
+knows how to turn such a matrix back into the tensor its node consumes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxq.errors import OnnxqError
+
+TARGET_OP_TYPES = ("MatMul", "Gemm", "Conv")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # save weights externally once they pass 1 GiB
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (and its external data) or raise a one-line :class:`OnnxqError`."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxqError(f"{path}: no such file; check the path to the input model")
+    if path.is_dir():
+        raise OnnxqError(f"{path}: is a directory, not an ONNX file; pass the .onnx file inside it")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise OnnxqError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated or not ONNX"
+        ) from None
+    if not model.graph.node and not model.graph.initializer:
+        raise OnnxqError(f"{path}: not an ONNX model (no graph found); the file is empty, truncated or not ONNX")
+    _load_external(model, path.parent)
+    return model
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        data_path = base_dir / location
+        if not data_path.is_file():
+            raise OnnxqError(
+                f"{data_path}: external-data file of tensor '{tensor.name}' is missing; "
+                "keep it next to the .onnx file under that name"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise OnnxqError(f"{base_dir}: could not read external data ({exc}); the data file may be truncated") from None
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    yield from onnx.external_data_helper._get_all_tensors(model)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy, so that the caller's model is never modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Total bytes of all initializers (weights), the measure of model size."""
+    return sum(_tensor_nbytes(t) for t in model.graph.initializer)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data") and tensor.raw_data:
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * _element_size(tensor.data_type)
+
+
+def _element_size(data_type: int) -> float:
+    if data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4):
+        return 0.5
+    if data_type in (onnx.TensorProto.UINT2, onnx.TensorProto.INT2):
+        return 0.25
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write ``model`` atomically: temp files in the target folder, then rename (data first).
+
+    Weights go to ``<name>.data`` beside the model when ``external_data`` is set, or (by
+    default) when they exceed 1 GiB, since a protobuf cannot exceed 2 GiB.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"{folder}: output folder does not exist; create it or choose another -o path")
+    if not os.access(folder, os.W_OK):
+        raise OnnxqError(f"{folder}: output folder is not writable; choose another -o path")
+    if external_data is None:
+        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxq-", dir=folder))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            to_save = copy_model(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                to_save, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+            )
+            onnx.save_model(to_save, str(tmp_model))
+            os.replace(tmp_dir / data_name, folder / data_name)
+        else:
+            tmp_model.write_bytes(model.SerializeToString())
+        os.replace(tmp_model, path)
+    finally:
+        for leftover in tmp_dir.glob("*"):
+            leftover.unlink()
+        tmp_dir.rmdir()
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """A quantizable node and how its constant weight maps to the solver matrix ``W[N, K]``.
+
+    ``orientation``: ``"nk"`` when the node consumes ``W`` itself, ``"kn"`` when it consumes
+    ``Wᵀ``, ``"conv"`` when it consumes ``W.reshape(weight_shape)``.
+    """
+
+    node: onnx.NodeProto
+    node_index: int
+    input_index: int  # which input of the node carries the weight
+    weight_name: str  # the initializer's name
+    orientation: str
+    weight_shape: tuple[int, ...]  # the initializer's shape
+    through_transpose: bool = False  # the node reads the initializer through a 2-D Transpose
+    dtype: int = onnx.TensorProto.FLOAT
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(N, K)`` of the solver matrix."""
+        if self.orientation == "conv":
+            return self.weight_shape[0], int(np.prod(self.weight_shape[1:]))
+        rows, cols = self.consumed_shape
+        return (rows, cols) if self.orientation == "nk" else (cols, rows)
+
+    @property
+    def consumed_shape(self) -> tuple[int, ...]:
+        """Shape of the tensor the node consumes (after the optional Transpose)."""
+        if self.through_transpose:
+            return tuple(reversed(self.weight_shape))
+        return self.weight_shape
+
+    def matrix_from_initializer(self, values: np.ndarray) -> np.ndarray:
+        """``W[N, K]`` from the initializer's values."""
+        consumed = values.T if self.through_transpose else values
+        if self.orientation == "conv":
+            return consumed.reshape(consumed.shape[0], -1)
+        return consumed if self.orientation == "nk" else consumed.T
+
+    def consumed_from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """The tensor the node consumes, built from ``W[N, K]``."""
+        if self.orientation == "conv":
+            return matrix.reshape(self.weight_shape)
+        return matrix if self.orientation == "nk" else matrix.T
+
+    @property
+    def groups(self) -> int:
+        """Conv groups (1 for MatMul/Gemm)."""
+        return next((a.i for a in self.node.attribute if a.name == "group"), 1) if self.op_type == "Conv" else 1
+
+
+@dataclass
+class Skipped:
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class TargetReport:
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def find_targets(
+    model: onnx.ModelProto,
+    op_types: Iterable[str] = TARGET_OP_TYPES,
+    include: str | None = None,
+    exclude: str | None = None,
+) -> TargetReport:
+    """Find every MatMul/Gemm/Conv with a constant weight in the main graph; list the rest as skipped."""
+    op_types = tuple(op_types)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    transposes = {
+        n.output[0]: n
+        for n in graph.node
+        if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+        and list(_attr(n, "perm", [1, 0])) == [1, 0]
+    }
+    include_re = re.compile(include) if include else None
+    exclude_re = re.compile(exclude) if exclude else None
+    report = TargetReport()
+
+    for index, node in enumerate(graph.node):
+        if node.op_type not in TARGET_OP_TYPES:
+            _note_subgraphs(node, op_types, report)
+            continue
+        name = node.name or node.output[0]
+        if node.op_type not in op_types:
+            continue
+        if include_re and not include_re.search(name):
+            continue
+        if exclude_re and exclude_re.search(name):
+            continue
+        target, reason = _classify(node, index, inits, transposes)
+        if target is None:
+            report.skipped.append(Skipped(name, node.op_type, reason))
+        else:
+            report.targets.append(target)
+    return report
+
+
+def _note_subgraphs(node: onnx.NodeProto, op_types: tuple[str, ...], report: TargetReport) -> None:
+    for attr in node.attribute:
+        subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for sub in subgraphs:
+            for inner in sub.node:
+                if inner.op_type in op_types:
+                    report.skipped.append(
+                        Skipped(
+                            inner.name or inner.output[0],
+                            inner.op_type,
+                            f"inside the '{attr.name}' subgraph of {node.op_type} node '{node.name}'; "
+                            "subgraphs are left in float",
+                        )
+                    )
+                _note_subgraphs(inner, op_types, report)
+
+
+def _classify(
+    node: onnx.NodeProto, index: int, inits: dict[str, onnx.TensorProto], transposes: dict[str, onnx.NodeProto]
+) -> tuple[Target | None, str]:
+    """Return the node's Target, or ``None`` and the reason it is skipped."""
+
+    def weight_of(input_name: str) -> tuple[onnx.TensorProto | None, bool]:
+        if input_name in inits:
+            return inits[input_name], False
+        if input_name in transposes:
+            return inits[transposes[input_name].input[0]], True
+        return None, False
+
+    def make(input_index: int, tensor: onnx.TensorProto, through: bool, orientation: str) -> tuple[Target, str]:
+        return (
+            Target(node, index, input_index, tensor.name, orientation, tuple(tensor.dims), through, tensor.data_type),
+            "",
+        )
+
+    if node.op_type == "MatMul":
+        right, right_t = weight_of(node.input[1])
+        left, left_t = weight_of(node.input[0])
+        if right is not None and left is not None:
+            return None, "both inputs are constant (fold constants first)"
+        tensor, through, input_index = (right, right_t, 1) if right is not None else (left, left_t, 0)
+        if tensor is None:
+            return None, "no constant weight input (activation × activation)"
+        if len(tensor.dims) != 2:
+            return None, f"weight '{tensor.name}' is {len(tensor.dims)}-D; only 2-D MatMul weights are quantized"
+        if tensor.data_type not in FLOAT_TYPES:
+            return None, f"weight '{tensor.name}' is not float32/float16"
+        # Y = X·B: B is [K, N] → W = Bᵀ; Y = A·X: A is [N, K] → W = A.
+        return make(input_index, tensor, through, "kn" if input_index == 1 else "nk")
+
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            return None, "transA=1 is not supported"
+        tensor, through = weight_of(node.input[1])
+        if tensor is None:
+            return None, "input B is not a constant"
+        if tensor.data_type not in FLOAT_TYPES:
+            return None, f"weight '{tensor.name}' is not float32/float16"
+        return make(1, tensor, through, "nk" if _attr(node, "transB", 0) else "kn")
+
+    # Conv
+    tensor = inits.get(node.input[1])
+    if tensor is None:
+        return None, "weight is not a constant initializer"
+    if len(tensor.dims) not in (3, 4):
+        return None, f"{len(tensor.dims) - 2}-D convolution is not supported (only 1-D and 2-D)"
+    if tensor.data_type not in FLOAT_TYPES:
+        return None, f"weight '{tensor.name}' is not float32/float16"
+    return make(1, tensor, False, "conv")
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """The numpy value of initializer ``name``."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------- editing
+
+
+class NameScope:
+    """Hands out tensor/node names that do not clash with any name already in the graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used: set[str] = {t.name for t in g.initializer} | {v.name for v in g.input} | {n.name for n in g.node}
+        self.used |= {o for n in g.node for o in n.output} | {v.name for v in g.output}
+
+    def fresh(self, base: str) -> str:
+        base = re.sub(r"[^0-9A-Za-z_./:-]", "_", base)
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def remove_unused(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads (repeatedly) and initializers nobody reads."""
+    graph = model.graph
+    while True:
+        needed = {o.name for o in graph.output}
+        needed |= {i for n in graph.node for i in n.input}
+        needed |= _subgraph_inputs(graph)
+        dead = [n for n in graph.node if n.output and not any(o in needed for o in n.output if o)]
+        if not dead:
+            break
+        keep = [n for n in graph.node if n not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+    needed = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_inputs(graph)
+    keep_init = [t for t in graph.initializer if t.name in needed]
+    if len(keep_init) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes inside subgraphs (they may refer to outer-scope tensors)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                names |= {i for n in sub.node for i in n.input}
+                names |= _subgraph_inputs(sub)
+    return names
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The model's opset for ``domain`` (0 if not imported)."""
+    for op in model.opset_import:
+        if op.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return op.version
+    return 0
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    """Import ``domain`` at ``version`` at least (for custom domains, just add the import)."""
+    for op in model.opset_import:
+        if op.domain == domain:
+            op.version = max(op.version, version)
+            return
+    model.opset_import.append(onnx.helper.make_opsetid(domain, version))
