@@ -79,10 +79,10 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Total bytes of all initializers (weights), the measure of model size."""
-    return sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.HasField("raw_data") and tensor.raw_data:
         return len(tensor.raw_data)
     return int(np.prod(tensor.dims, dtype=np.int64)) * _element_size(tensor.data_type)

@@ -1,0 +1,62 @@
+"""The Python API: orchestration only (load, run a pass, save)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from onnxq.errors import OnnxqError
+from onnxq.graph import copy_model, load_model, save_model
+from onnxq.inspect import InspectReport, inspect_model
+from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
+
+ModelOrPath = onnx.ModelProto | str | os.PathLike
+
+
+def _load(model_or_path: ModelOrPath) -> onnx.ModelProto:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return copy_model(model_or_path)
+    return load_model(model_or_path)
+
+
+def check_output_path(model_or_path: ModelOrPath, output: str | os.PathLike | None) -> None:
+    """Refuse to overwrite the input, and fail early on an output folder that cannot be written."""
+    if output is None:
+        return
+    out = Path(output)
+    if not isinstance(model_or_path, onnx.ModelProto) and Path(model_or_path).resolve() == out.resolve():
+        raise OnnxqError(f"{out}: output path equals the input; choose another -o path (the input is never modified)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"{folder}: output folder does not exist; create it or choose another -o path")
+    if not os.access(folder, os.W_OK):
+        raise OnnxqError(f"{folder}: output folder is not writable; choose another -o path")
+
+
+def quantize_with_summary(
+    model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object
+) -> tuple[onnx.ModelProto, QuantizeSummary]:
+    """Like :func:`quantize`, also returning the summary (layers, bytes, notes, time)."""
+    config = QuantizeConfig(**options)  # type: ignore[arg-type]
+    config.validate()
+    check_output_path(model_or_path, output)
+    model = _load(model_or_path)
+    quantized, summary = quantize_model(model, config)
+    if output is not None:
+        save_model(quantized, output)
+    return quantized, summary
+
+
+def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object) -> onnx.ModelProto:
+    """Quantize MatMul/Gemm/Conv weights; options are the fields of :class:`QuantizeConfig`.
+
+    ``onnxq.quantize("m.onnx", "m.q.onnx", bits=2, group_size=64, format="matmulnbits")``
+    """
+    return quantize_with_summary(model_or_path, output, **options)[0]
+
+
+def inspect(model_or_path: ModelOrPath) -> InspectReport:
+    """Quantizable and quantized layers with shapes, parameters and stored bytes."""
+    return inspect_model(_load(model_or_path))

@@ -1,0 +1,134 @@
+"""``onnxq`` command line: parse, call the API, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from onnxq.errors import OnnxqError
+
+QUANTIZE_EXAMPLES = """examples:
+  onnxq quantize model.onnx -o model.q4.onnx --bits 4 --group-size 64
+  onnxq quantize model.onnx -o model.q2.onnx --method decoupleq --bits 2 --calib calib.npz
+  onnxq quantize model.onnx -o model.q8.onnx --bits 8 --group-size -1 --format qdq --exclude 'lm_head'
+  onnxq quantize model.onnx -o model.sim.onnx --bits 3 --format fake --clip-search
+"""
+INSPECT_EXAMPLES = """examples:
+  onnxq inspect model.onnx
+  onnxq inspect model.q4.onnx      # shows quantized layers and their stored bytes
+"""
+SPLIT_EXAMPLES = """examples:
+  onnxq split model.onnx -o model.split.onnx
+  onnxq split model.onnx -o model.split.onnx --activations --calib calib.npz
+"""
+DEMO_EXAMPLES = """examples:
+  onnxq demo                  # built-in digits models, 2/4/8 bits, every format
+  onnxq demo --model cnn --bits 2 4
+"""
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "decoupleq"], help="solver (default rtn)")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="columns per scale along the reduction axis; -1 = per output channel (default 64)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric grid (zero point 2^(b-1))")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid (default)")
+    p.add_argument("--format", default="matmulnbits", choices=["matmulnbits", "qdq", "fake"],
+                   help="matmulnbits: com.microsoft::MatMulNBits; qdq: ONNX DequantizeLinear; fake: float weights")
+    p.add_argument("--zero", dest="zero_convention", choices=["integer", "float"], default=None,
+                   help="integer zero-point w=s(q-zp) or float zero w=s*q+z (default: float for decoupleq)")
+    p.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal range shrinking per group")
+    p.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
+    p.add_argument("--exclude", metavar="REGEX", help="skip layers whose node name matches")
+    p.add_argument("--op-types", default="MatMul,Gemm,Conv", help="comma-separated (default MatMul,Gemm,Conv)")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="MatMulNBits accuracy_level: 0 exact fp32 (default), 4 int8 activations (faster)")
+    p.add_argument("--calib", dest="calibration", metavar="PATH",
+                   help="calibration inputs: .npz or folder of .npz (gptq/decoupleq)")
+    p.add_argument("--iters", type=int, default=4, help="decoupleq alternations (default 4)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ·mean(diag H) (default 0.01)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing Hessian diagonal")
+    p.add_argument("--round", dest="round_mode", choices=["gptq", "train"], default="gptq",
+                   help="decoupleq integer step (default gptq)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="bound for calibration Hessians")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxq", description="Low-bit weight quantization of ONNX models for ORT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list quantizable layers, shapes, params, bytes",
+                       epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+
+    p = sub.add_parser("quantize", help="quantize weights (rtn, gptq, decoupleq)",
+                       epilog=QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    _add_quant_options(p)
+
+    p = sub.add_parser("split", help="SplitQuant: split layers into three k-means branches joined by Add",
+                       epilog=SPLIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--activations", action="store_true", help="also split activations (needs --calib)")
+    p.add_argument("--calib", dest="calibration", metavar="PATH")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="quantize the built-in digits models and compare accuracy, size, latency",
+                       epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["mlp", "cnn", "all"], default="all")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    return parser
+
+
+def _quant_options(args: argparse.Namespace) -> dict:
+    options = {k: getattr(args, k) for k in (
+        "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
+        "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode")}
+    options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
+    if args.max_memory is not None:
+        options["max_memory"] = int(args.max_memory * (1 << 30))
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnxq.api as api
+
+    if args.command == "inspect":
+        print(api.inspect(args.model).table())
+    elif args.command == "quantize":
+        _, summary = api.quantize_with_summary(args.model, args.output, **_quant_options(args))
+        print("\n".join(summary.lines()))
+        print(f"wrote {args.output}")
+    elif args.command == "split":
+        from onnxq.passes import splitquant  # noqa: F401 - fails cleanly below if the pass is missing
+
+        _, report = api.split_with_report(args.model, args.output, activations=args.activations,
+                                          calibration=args.calibration, seed=args.seed)
+        print("\n".join(report.lines()))
+        print(f"wrote {args.output}")
+    elif args.command == "demo":
+        from onnxq.demo import run_demo
+
+        print(run_demo(models=("mlp", "cnn") if args.model == "all" else (args.model,), bits=tuple(args.bits)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxq: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Passes: graph rewrites (quantize, split) that know nothing of the solvers' math."""

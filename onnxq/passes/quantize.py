@@ -1,0 +1,285 @@
+"""The quantize pass: find targets, solve each distinct weight once, emit it in the chosen format."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxq.errors import OnnxqError
+from onnxq.formats.common import EmitContext, Rewrite
+from onnxq.formats.fake import emit_fake
+from onnxq.formats.matmulnbits import block_size_for, emit_matmulnbits
+from onnxq.formats.qdq import emit_qdq, required_opset
+from onnxq.graph import (
+    TARGET_OP_TYPES,
+    NameScope,
+    Skipped,
+    Target,
+    copy_model,
+    find_targets,
+    initializer_array,
+    model_bytes,
+    opset_version,
+    remove_unused,
+)
+from onnxq.progress import Progress
+from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
+from onnxq.solvers.grouping import resolve_group_size
+from onnxq.solvers.rtn import quantize_rtn
+
+FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = {
+    "matmulnbits": emit_matmulnbits,
+    "qdq": emit_qdq,
+    "fake": emit_fake,
+}
+METHODS = ("rtn", "gptq", "decoupleq")
+SPLIT_METADATA_KEY = "onnxq.split"  # JSON {original layer: [branch node names]} written by the split pass
+QUANT_METADATA_KEY = "onnxq.quantize"
+
+
+@dataclass
+class QuantizeConfig:
+    """Every option of ``onnxq quantize``; see the CLI help for their meaning."""
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+    format: str = "matmulnbits"
+    zero_convention: str | None = None  # "integer" | "float"; default: integer for rtn/gptq, float for decoupleq
+    clip_search: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    op_types: tuple[str, ...] = TARGET_OP_TYPES
+    accuracy_level: int = 0
+    calibration: object = None  # path or dict of arrays (gptq/decoupleq)
+    iters: int = 4
+    damp: float = 0.01
+    act_order: bool = False
+    round_mode: str = "gptq"
+    max_memory: int | None = None
+    progress: bool | None = None
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
+            raise OnnxqError(f"--group-size {self.group_size} is out of range; use -1 (per channel) or 2..65536")
+        if self.format not in FORMATS:
+            raise OnnxqError(f"--format {self.format} is unknown; use one of {', '.join(FORMATS)}")
+        if self.method not in METHODS:
+            raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(METHODS)}")
+        if self.method != "rtn" and self.calibration is None:
+            raise OnnxqError(f"--method {self.method} needs calibration data; pass --calib data.npz")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
+        bad = set(self.op_types) - set(TARGET_OP_TYPES)
+        if bad:
+            supported = ",".join(TARGET_OP_TYPES)
+            raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    op_type: str
+    weight: str
+    shape: tuple[int, int]
+    format: str
+    error: float  # relative Frobenius error of the dequantized weight
+    loss_before: float | None = None  # H-weighted loss of RTN (hessian methods)
+    loss_after: float | None = None
+
+
+@dataclass
+class QuantizeSummary:
+    layers: list[LayerRecord] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"quantized {len(self.layers)} layers in {self.seconds:.1f}s"
+               + (f" (calibration {self.calibration_seconds:.1f}s)" if self.calibration_seconds else "")]
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        before, after = self.bytes_before / 1e6, self.bytes_after / 1e6
+        out.append(f"weights: {before:.2f} MB -> {after:.2f} MB ({ratio:.2f}x smaller)")
+        if self.peak_memory_mb:
+            out.append(f"peak memory: {self.peak_memory_mb:.0f} MB")
+        for s in self.skipped:
+            out.append(f"skipped {s.op_type} '{s.name}': {s.reason}")
+        seen: set[str] = set()
+        for note in self.notes:
+            if note not in seen:
+                seen.add(note)
+                out.append(f"note: {note}")
+        return out
+
+
+def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx.ModelProto, QuantizeSummary]:
+    """Quantize a copy of ``model``; the input is never modified."""
+    config.validate()
+    start = time.perf_counter()
+    summary = QuantizeSummary(bytes_before=model_bytes(model))
+    model = copy_model(model)
+    report = find_targets(model, config.op_types, config.include, config.exclude)
+    if _needs_dequantize_linear(report.targets, config) and opset_version(model) < required_opset(config.bits):
+        model = _with_opset(model, required_opset(config.bits))
+        report = find_targets(model, config.op_types, config.include, config.exclude)
+    summary.skipped = report.skipped
+    if not report.targets:
+        raise OnnxqError(
+            "no quantizable layers found (MatMul/Gemm/Conv with a constant weight"
+            + (", matching --include/--exclude/--op-types" if config.include or config.exclude else "")
+            + "); run 'onnxq inspect' to see why"
+        )
+    branch_nodes = split_branch_nodes(model)
+    hessians = None
+    if config.method != "rtn":
+        hessians = _hessians(model, report.targets, config, summary)
+
+    solved: dict[str, QuantizedWeight] = {}
+    rewrites: dict[int, Rewrite] = {}
+    ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level, ranks=_ranks(model))
+    emit = FORMATS[config.format]
+    with Progress(len(report.targets), "quantize", config.progress) as bar:
+        for target in report.targets:
+            weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
+            if target.weight_name not in solved:
+                zero_mask = (weight == 0) if target.name in branch_nodes else None
+                qw, losses = _solve(weight, target, config, hessians, zero_mask)
+                if target.dtype == onnx.TensorProto.FLOAT16:
+                    qw = _round_to_float16(qw)
+                solved[target.weight_name] = qw
+                err = float(np.linalg.norm(qw.dequantize(np.float64) - weight) / max(np.linalg.norm(weight), 1e-30))
+                summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name,
+                                                  target.matrix_shape, config.format, err, *losses))
+            rewrites[target.node_index] = emit(target, solved[target.weight_name], ctx)
+            bar.step(target.name)
+    _apply_rewrites(model, rewrites)
+    remove_unused(model)
+    if config.format == "matmulnbits" and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _set_metadata(model, QUANT_METADATA_KEY, json.dumps(
+        {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
+         "symmetric": config.symmetric}, sort_keys=True))
+    summary.notes = ctx.notes
+    summary.bytes_after = model_bytes(model)
+    summary.seconds = time.perf_counter() - start
+    return model, summary
+
+
+def _solve(
+    weight: np.ndarray, target: Target, config: QuantizeConfig, hessians: dict | None, zero_mask: np.ndarray | None
+) -> tuple[QuantizedWeight, tuple[float | None, float | None]]:
+    """Solve one weight with the configured method; returns the weight and (loss RTN, loss method)."""
+    group_size = resolve_group_size(weight.shape[1], config.group_size)
+    zero_convention = config.zero_convention or ("float" if config.method == "decoupleq" else "integer")
+    if zero_mask is not None and zero_mask.any():
+        zero_convention = "integer"  # zeros of a split branch must dequantize to exactly 0
+    else:
+        zero_mask = None
+    if config.method == "rtn":
+        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, config.clip_search)
+        return qw, (None, None)
+    from onnxq.passes.hessian_solve import solve_with_hessian
+
+    return solve_with_hessian(weight, target, config, hessians, zero_mask, group_size, zero_convention)
+
+
+def _hessians(model: onnx.ModelProto, targets: list[Target], config: QuantizeConfig, summary: QuantizeSummary):
+    from onnxq.calibration import collect_hessians, iter_batches
+
+    hessians, stats = collect_hessians(model, targets, iter_batches(config.calibration), config.max_memory)
+    summary.calibration_seconds = getattr(stats, "seconds", 0.0)
+    summary.peak_memory_mb = getattr(stats, "peak_rss_mb", 0.0)
+    return hessians
+
+
+def _round_to_float16(qw: QuantizedWeight) -> QuantizedWeight:
+    """Scales/offsets as float16 will store them, so the reference equals what runs."""
+    offsets = None if qw.offsets is None else qw.offsets.astype(np.float16).astype(np.float32)
+    return QuantizedWeight(qw.codes, qw.scales.astype(np.float16).astype(np.float32), qw.zero_points, offsets,
+                           qw.bits, qw.group_size)
+
+
+def _apply_rewrites(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(model.graph.node):
+        rewrite = rewrites.get(index)
+        if rewrite is None:
+            nodes.append(node)
+            continue
+        nodes.extend(rewrite.before)
+        nodes.extend(rewrite.replacement if rewrite.replacement is not None else [node])
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes, strict=True):
+        copy.CopyFrom(node)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from shape inference (empty for models too large to infer in memory)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shape inference is best effort (huge models, custom ops)
+        inferred = model
+    ranks = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> bool:
+    """Whether the output will contain DequantizeLinear (qdq, or a matmulnbits fallback)."""
+    if config.format == "qdq":
+        return True
+    if config.format != "matmulnbits":
+        return False
+    return any(t.op_type == "Conv" or block_size_for(t.matrix_shape[1], resolve_group_size(t.matrix_shape[1],
+               config.group_size)) is None for t in targets)
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model at default-domain opset ≥ ``version`` (ONNX's version converter when needed)."""
+    current = opset_version(model)
+    if current >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise OnnxqError(
+            f"qdq format needs opset {version} but the model is opset {current} and ONNX's version converter "
+            f"failed ({str(exc).splitlines()[0][:120]}); use --format matmulnbits or fake"
+        ) from None
+    if converted.ir_version < 10:
+        converted.ir_version = 10 if version < 23 else 11
+    return converted
+
+
+def split_branch_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of nodes that are branches of a SplitQuant split (from the model's metadata)."""
+    for prop in model.metadata_props:
+        if prop.key == SPLIT_METADATA_KEY:
+            groups = json.loads(prop.value)
+            return {name for branches in groups.values() for name in branches}
+    return set()
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,64 @@
+"""Tiny ONNX graphs for emitter tests: MatMul (both sides, through Transpose), Gemm, Conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def matmul_model(k: int, n: int, seed: int = 0, dtype=np.float32, transpose: bool = False, rank: int = 2):
+    """Y = X·B with B [K, N] (or X·Transpose(W) with W [N, K])."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = rng.standard_normal((n, k) if transpose else (k, n)).astype(dtype)
+    shape = ["B", "S", k] if rank == 3 else ["M", k]
+    out_shape = shape[:-1] + [n]
+    nodes = [helper.make_node("MatMul", ["x", "wt" if transpose else "w"], ["y"], name="mm")]
+    if transpose:
+        nodes.insert(0, helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0], name="tr"))
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, shape)],
+                  [helper.make_tensor_value_info("y", elem, out_shape)], [numpy_helper.from_array(w, "w")])
+
+
+def left_matmul_model(k: int, n: int, cols: int = 5, seed: int = 0):
+    """Y = A·X with constant A [N, K] and X [B, K, cols]."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["a", "x"], ["y"], name="mm_left")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k, cols])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n, cols])],
+                  [numpy_helper.from_array(a, "a")])
+
+
+def gemm_model(k: int, n: int, trans_b: int, seed: int = 0, alpha: float = 1.0, beta: float = 1.0, bias=True):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "c"))
+        inputs.append("c")
+    nodes = [helper.make_node("Gemm", inputs, ["y"], name="gemm", transB=trans_b, alpha=alpha, beta=beta)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+
+
+def conv_model(cin: int, cout: int, kernel: tuple[int, ...], group: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout, cin // group, *kernel)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    spatial = [9] * len(kernel)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group,
+                              pads=[1] * (2 * len(kernel)))]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, *spatial])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, *spatial])],
+                  [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
