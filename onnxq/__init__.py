@@ -1,8 +1,16 @@
 """onnxq: 2/3/4/8-bit weight quantization of ONNX models for ONNX Runtime."""
 
-from onnxq.api import inspect, quantize, quantize_with_summary
+from onnxq.api import inspect, quantize, quantize_with_summary, split, split_with_report
 from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import QuantizedWeight
 
-__all__ = ["OnnxqError", "QuantizedWeight", "inspect", "quantize", "quantize_with_summary"]
+__all__ = [
+    "OnnxqError",
+    "QuantizedWeight",
+    "inspect",
+    "quantize",
+    "quantize_with_summary",
+    "split",
+    "split_with_report",
+]
 __version__ = "0.1.0"

@@ -60,3 +60,27 @@ def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None
 def inspect(model_or_path: ModelOrPath) -> InspectReport:
     """Quantizable and quantized layers with shapes, parameters and stored bytes."""
     return inspect_model(_load(model_or_path))
+
+
+def split_with_report(
+    model_or_path: ModelOrPath,
+    output: str | os.PathLike | None = None,
+    activations: bool = False,
+    calibration: object = None,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, object]:
+    """Like :func:`split`, also returning the cost report."""
+    from onnxq.passes.splitquant import split_model
+
+    if activations and calibration is None:
+        raise OnnxqError("--activations needs calibration data to place the thresholds; pass --calib data.npz")
+    check_output_path(model_or_path, output)
+    model, report = split_model(_load(model_or_path), activations=activations, calibration=calibration, seed=seed)
+    if output is not None:
+        save_model(model, output)
+    return model, report
+
+
+def split(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object) -> onnx.ModelProto:
+    """SplitQuant: each layer (and optionally activation) becomes three k-means branches summed by Add."""
+    return split_with_report(model_or_path, output, **options)[0]  # type: ignore[arg-type]

@@ -54,6 +54,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round", dest="round_mode", choices=["gptq", "train"], default="gptq",
                    help="decoupleq integer step (default gptq)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="bound for calibration Hessians")
+    p.add_argument("--split", action="store_true", help="run SplitQuant first, then quantize each branch")
+    p.add_argument("--split-activations", action="store_true", help="with --split: also split activations")
+    p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
+                   help="add per-tensor activation fake-quantization (QDQ) with calibrated ranges")
+    p.add_argument("--seed", type=int, default=0, help="random seed (k-means, sampling)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quant_options(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in (
         "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
-        "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode")}
+        "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode", "split",
+        "split_activations", "act_bits", "seed")}
     options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.max_memory is not None:
         options["max_memory"] = int(args.max_memory * (1 << 30))

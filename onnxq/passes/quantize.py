@@ -64,6 +64,10 @@ class QuantizeConfig:
     round_mode: str = "gptq"
     max_memory: int | None = None
     progress: bool | None = None
+    split: bool = False  # run SplitQuant first (onnxq quantize --split)
+    split_activations: bool = False
+    act_bits: int | None = None  # per-tensor activation fake-quantization (QDQ) after weight quantization
+    seed: int = 0
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -74,8 +78,12 @@ class QuantizeConfig:
             raise OnnxqError(f"--format {self.format} is unknown; use one of {', '.join(FORMATS)}")
         if self.method not in METHODS:
             raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(METHODS)}")
-        if self.method != "rtn" and self.calibration is None:
-            raise OnnxqError(f"--method {self.method} needs calibration data; pass --calib data.npz")
+        if self.act_bits not in (None, 4, 8):
+            raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
+        needs_calibration = self.method != "rtn" or self.act_bits is not None or self.split_activations
+        if needs_calibration and self.calibration is None:
+            raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
+                             "pass --calib data.npz")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
         bad = set(self.op_types) - set(TARGET_OP_TYPES)
@@ -131,6 +139,11 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
     model = copy_model(model)
+    if config.split:
+        from onnxq.passes.splitquant import split_model
+
+        model, _ = split_model(model, activations=config.split_activations, calibration=config.calibration,
+                               seed=config.seed)
     report = find_targets(model, config.op_types, config.include, config.exclude)
     if _needs_dequantize_linear(report.targets, config) and opset_version(model) < required_opset(config.bits):
         model = _with_opset(model, required_opset(config.bits))
@@ -172,6 +185,10 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     _set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
+    if config.act_bits is not None:
+        from onnxq.passes.activation_quant import add_activation_qdq
+
+        model = add_activation_qdq(model, config.act_bits, config.calibration)
     summary.notes = ctx.notes
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start

@@ -1,0 +1,192 @@
+"""GPTQ: round a weight column by column, pushing each column's rounding error onto the columns not yet rounded.
+
+For ``W[N, K]`` and the layer loss ``(w − q) H (w − q)ᵀ`` per row, let ``U`` be the upper Cholesky factor of
+``H_d⁻¹`` (damped ``H``, see :mod:`onnxq.solvers.hessian`).  In processing order ``c = 0 … K−1``::
+
+    q_c  = Q(w_c)                       # round column c on its group's grid
+    e_c  = (w_c − q_c) / U[c, c]
+    w_j ← w_j − e_c · U[c, j]   (j > c) # optimal update of the remaining columns
+
+Updates are applied lazily: within a block of ``block_size`` columns immediately, to the columns after the block
+once per block as one matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).  This is exact, not an approximation.
+
+Groups are contiguous runs of ``group_size`` columns in the ORIGINAL order (so act-order keeps the storage layout);
+a group's scale and zero are fitted (min/max, as RTN) when its first column is reached in processing order, from
+the current, error-updated weights of all its columns.  Act-order processes columns by decreasing ``diag H``.
+Dequantization: ``w = s·(q − zp) + z`` (see :mod:`onnxq.quantized_weight`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxq.errors import OnnxqError
+from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight, num_groups
+from onnxq.solvers.grouping import resolve_group_size
+from onnxq.solvers.hessian import PreparedHessian, prepare_hessian
+from onnxq.solvers.rtn import ZeroConvention, quantize_rtn
+
+# fit_group(current_values [N, cols], mask [N, cols] or None) -> (scales, zero_points, offsets), each [N]
+GroupFitter = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def quantize_gptq(
+    weight: np.ndarray,
+    hessian: np.ndarray | PreparedHessian,
+    bits: int,
+    group_size: int = 64,
+    symmetric: bool = False,
+    zero_convention: ZeroConvention = "integer",
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    zero_mask: np.ndarray | None = None,
+) -> QuantizedWeight:
+    """GPTQ-quantize ``weight[N, K]`` given ``H[K, K] = Σ xᵀx``; min/max group grids fitted on updated weights.
+
+    With ``zero_mask`` (bool ``[N, K]``) the masked entries are treated as 0 and get the code ``zp``, so they
+    dequantize to exactly 0; the integer zero-point convention is then used whatever ``zero_convention`` says.
+    """
+    weight = _check_weight(weight, bits)
+    n, k = weight.shape
+    group_size = resolve_group_size(k, group_size)
+    prepared = prepare_hessian(hessian, damp)
+    _check_hessian(prepared, k)
+    mask = _check_mask(zero_mask, weight.shape)
+    if mask is not None:
+        zero_convention = "integer"
+        weight = np.where(mask, 0.0, weight)
+
+    def fit_group(values: np.ndarray, group_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if group_mask is not None:
+            values = np.where(group_mask, 0.0, values)
+        rtn = quantize_rtn(values, bits, values.shape[1], symmetric=symmetric, zero_convention=zero_convention)
+        offsets = rtn.offsets[:, 0] if rtn.offsets is not None else np.zeros(n)
+        return rtn.scales[:, 0], rtn.zero_points[:, 0], offsets
+
+    groups = num_groups(k, group_size)
+    scales = np.zeros((n, groups))
+    zero_points = np.zeros((n, groups))
+    offsets = np.zeros((n, groups))
+    order = prepared.act_order() if act_order else None
+    codes = gptq_round(
+        weight,
+        prepared.inverse_cholesky_upper(order),
+        bits,
+        group_size,
+        scales,
+        zero_points,
+        offsets,
+        order=order,
+        zero_mask=mask,
+        fit_group=fit_group,
+        block_size=block_size,
+    )
+    return QuantizedWeight(
+        codes=codes,
+        scales=scales.astype(np.float32),
+        zero_points=zero_points.astype(np.uint8),
+        offsets=offsets.astype(np.float32) if zero_convention == "float" else None,
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def gptq_round(
+    weight: np.ndarray,
+    upper: np.ndarray,
+    bits: int,
+    group_size: int,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+    offsets: np.ndarray,
+    order: np.ndarray | None = None,
+    zero_mask: np.ndarray | None = None,
+    fit_group: GroupFitter | None = None,
+    block_size: int = 128,
+) -> np.ndarray:
+    """The GPTQ column sweep; returns uint8 codes ``[N, K]`` in the original column order.
+
+    ``upper`` is the upper Cholesky factor of ``H_d⁻¹`` in processing order ``order``.  ``scales``,
+    ``zero_points`` and ``offsets`` (float64 ``[N, G]``) give each group's grid ``s·(q − zp) + z``; with
+    ``fit_group`` they are filled in place when a group's first column is reached.  Masked entries get code ``zp``.
+    """
+    n, k = weight.shape
+    levels = (1 << bits) - 1
+    order = np.arange(k) if order is None else np.asarray(order)
+    position_of_column = np.argsort(order)
+    group_of_position = order // group_size
+    fitted = np.zeros(scales.shape[1], dtype=bool) if fit_group is not None else None
+    # transposed layout: row c of `work` is the current value of processing position c (contiguous updates)
+    work = np.ascontiguousarray(weight.T[order], dtype=np.float64)
+    mask_t = None if zero_mask is None else np.ascontiguousarray(zero_mask.T[order])
+    codes_t = np.empty((k, n), dtype=np.uint8)
+    inverse_scales = _safe_inverse(scales) if fit_group is None else np.zeros_like(scales)
+    block_size = max(1, int(block_size))
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        errors = np.empty((i2 - i1, n))
+        for c in range(i1, i2):
+            g = group_of_position[c]
+            if fitted is not None and not fitted[g]:
+                positions = position_of_column[g * group_size : min((g + 1) * group_size, k)]
+                current = work[positions]  # copy; columns past this block still miss this block's updates
+                late = positions >= i2
+                if np.any(late) and c > i1:
+                    current[late] -= upper[i1:c, positions[late]].T @ errors[: c - i1]
+                group_mask = None if mask_t is None else mask_t[positions].T
+                s, zp, z = fit_group(current.T, group_mask)
+                scales[:, g], zero_points[:, g], offsets[:, g] = s, zp, z
+                inverse_scales[:, g] = _safe_inverse(scales[:, g])
+                fitted[g] = True
+            w = work[c]
+            s, zp, z = scales[:, g], zero_points[:, g], offsets[:, g]
+            q = np.clip(np.round((w - z) * inverse_scales[:, g]) + zp, 0, levels)
+            if mask_t is not None:
+                q = np.where(mask_t[c], zp, q)
+            codes_t[c] = q
+            err = (w - (s * (q - zp) + z)) / upper[c, c]
+            errors[c - i1] = err
+            if c + 1 < i2:
+                work[c + 1 : i2] -= np.outer(upper[c, c + 1 : i2], err)
+        if i2 < k:
+            work[i2:] -= upper[i1:i2, i2:].T @ errors
+
+    codes = np.empty((n, k), dtype=np.uint8)
+    codes[:, order] = codes_t.T
+    return codes
+
+
+def _safe_inverse(scales: np.ndarray) -> np.ndarray:
+    """``1/s`` where ``s ≠ 0``, else 0 (a zero scale maps everything to code ``zp``)."""
+    out = np.zeros_like(scales, dtype=np.float64)
+    np.divide(1.0, scales, out=out, where=scales != 0)
+    return out
+
+
+def _check_weight(weight: np.ndarray, bits: int) -> np.ndarray:
+    if bits not in SUPPORTED_BITS:
+        raise OnnxqError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.ndim != 2 or weight.size == 0:
+        raise OnnxqError(f"weight must be a non-empty [N, K] matrix, got shape {weight.shape}")
+    if not np.all(np.isfinite(weight)):
+        raise OnnxqError("weight contains NaN or Inf; the model's initializer is corrupt")
+    return weight
+
+
+def _check_hessian(prepared: PreparedHessian, k: int) -> None:
+    if prepared.size != k:
+        raise OnnxqError(f"Hessian is [{prepared.size}, {prepared.size}] but the weight has K = {k} input columns")
+
+
+def _check_mask(zero_mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if zero_mask is None:
+        return None
+    mask = np.asarray(zero_mask, dtype=bool)
+    if mask.shape != shape:
+        raise OnnxqError(f"zero_mask must have the weight's shape {shape}, got {mask.shape}")
+    return mask

@@ -1,0 +1,112 @@
+"""Damping and factorisation of a layer Hessian ``H = Σ xᵀx`` (``[K, K]``, float64).
+
+The quadratic loss of a quantized weight row ``q`` against ``w`` is ``(w − q) H (w − q)ᵀ``.  Before it is used,
+``H`` is symmetrised and damped, ``H_d = H + λ·mean(diag H)·I``; when a Cholesky factorisation fails, ``λ`` is
+raised ×10 until it succeeds.  A dead column (``H_kk = 0``, an input that was always zero in calibration) keeps
+only the damping term, so its weights are simply rounded to nearest.
+
+GPTQ needs the upper Cholesky factor ``U`` of ``H_d⁻¹`` (``H_d⁻¹ = UᵀU``), in a chosen column order.  It is
+computed without forming the inverse: with ``J`` the reversal permutation and ``J H_d J = L Lᵀ`` (lower ``L``),
+``H_d = R Rᵀ`` for the upper-triangular ``R = J L J``, hence ``H_d⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹ = J L⁻¹ J``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from onnxq.errors import OnnxqError
+
+MAX_DAMP_RAISES = 8
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """A damped Hessian plus cached GPTQ factors; share one between layers that read the same input."""
+
+    damped: np.ndarray  # float64 [K, K], symmetric positive definite
+    damp: float  # the λ actually used (may exceed the requested one)
+    dead: np.ndarray  # bool [K], columns with H_kk = 0 before damping
+    shift: float  # λ·mean(diag H), added to the diagonal
+    _upper_cache: dict[bytes, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return self.damped.shape[0]
+
+    def undamped(self) -> np.ndarray:
+        """``H_d − λ·mean(diag H)·I``: the symmetrised input Hessian (``I`` if it was all zero)."""
+        raw = self.damped.copy()
+        raw[np.diag_indices_from(raw)] -= self.shift
+        return raw
+
+    def act_order(self) -> np.ndarray:
+        """Column order by decreasing ``diag H`` (stable, so ties keep their original order)."""
+        return np.argsort(-np.diag(self.damped), kind="stable")
+
+    def inverse_cholesky_upper(self, order: np.ndarray | None = None) -> np.ndarray:
+        """Upper ``U`` with ``UᵀU = (P H_d Pᵀ)⁻¹`` for the column order ``order`` (identity if None)."""
+        key = b"" if order is None else np.asarray(order, dtype=np.int64).tobytes()
+        if key not in self._upper_cache:
+            h = self.damped if order is None else self.damped[np.ix_(order, order)]
+            upper = _inverse_cholesky_upper(h)
+            if upper is None:
+                raise OnnxqError(
+                    "Hessian factorisation failed after damping: the calibration statistics are degenerate; "
+                    "use more calibration data or a larger --damp"
+                )
+            self._upper_cache[key] = upper
+        return self._upper_cache[key]
+
+
+def prepare_hessian(hessian: np.ndarray | PreparedHessian, damp: float = 0.01) -> PreparedHessian:
+    """Symmetrise and damp ``H`` (``H + λ·mean(diag H)·I``), raising ``λ`` ×10 until Cholesky succeeds."""
+    if isinstance(hessian, PreparedHessian):
+        return hessian
+    h = np.asarray(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise OnnxqError(f"Hessian must be a square [K, K] matrix, got shape {h.shape}; pass Σ xᵀx of the layer input")
+    if not np.all(np.isfinite(h)):
+        raise OnnxqError("Hessian contains NaN or Inf; check the calibration inputs for non-finite activations")
+    if damp <= 0:
+        raise OnnxqError(f"damp must be > 0, got {damp}; use e.g. 0.01")
+    h = (h + h.T) * 0.5
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    mean_diag = float(np.mean(np.where(dead, 0.0, diag)))
+    if mean_diag <= 0:  # no information at all: plain mean squared error
+        h = np.eye(h.shape[0])
+        mean_diag = 1.0
+    lam = float(damp)
+    for _ in range(MAX_DAMP_RAISES):
+        damped = h.copy()
+        damped[np.diag_indices_from(damped)] += lam * mean_diag
+        prepared = PreparedHessian(damped=damped, damp=lam, dead=dead, shift=lam * mean_diag)
+        upper = _inverse_cholesky_upper(damped)
+        if upper is not None:
+            prepared._upper_cache[b""] = upper
+            return prepared
+        lam *= 10.0
+    raise OnnxqError(
+        f"Hessian is not positive definite even with damping {lam / 10:g}; the calibration data is degenerate"
+    )
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
+    """``U`` upper with ``UᵀU = h⁻¹`` (``U = J L⁻¹ J``, ``J h J = L Lᵀ``); None if ``h`` is not numerically PD."""
+    try:
+        lower = scipy.linalg.cholesky(h[::-1, ::-1], lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    inv_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    if info != 0 or not np.all(np.isfinite(inv_lower)) or np.any(np.diag(inv_lower) <= 0):
+        return None
+    return np.ascontiguousarray(inv_lower[::-1, ::-1])
+
+
+def layer_loss(weight: np.ndarray, qweight_dequant: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` (float64 ``[N]``)."""
+    error = np.asarray(weight, dtype=np.float64) - np.asarray(qweight_dequant, dtype=np.float64)
+    return np.einsum("nk,nk->n", error @ np.asarray(hessian, dtype=np.float64), error)
