@@ -58,7 +58,7 @@ def conv_model(cin: int, cout: int, kernel: tuple[int, ...], group: int = 1, see
     b = rng.standard_normal(cout).astype(np.float32)
     spatial = [9] * len(kernel)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group,
-                              pads=[1] * (2 * len(kernel)))]
+                              pads=[k // 2 for k in kernel] * 2)]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, *spatial])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, *spatial])],
                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
