@@ -40,7 +40,8 @@ PINNED_INTEGRITY = "sha512-BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuG
 AAR_MEMBER = "package/Plugins/Android/onnxruntime.aar"
 LICENSE_MEMBER = "package/LICENSE"
 REQUIRED_HEADER = "onnxruntime_c_api.h"
-REGISTRY = "https://registry.npmjs.org"
+DEFAULT_REGISTRY = "https://registry.npmjs.org"
+ENV_REGISTRY = "ONNXQ_NPM_REGISTRY"  # a mirror of the npm registry, if any
 ENV_INCLUDE = "ONNXQ_ORT_INCLUDE"
 COMPLETE_MARKER = ".complete"
 
@@ -75,8 +76,12 @@ def _npm_executable() -> str | None:
     return shutil.which("npm")
 
 
+def _registry() -> str:
+    return os.environ.get(ENV_REGISTRY, DEFAULT_REGISTRY).rstrip("/")
+
+
 def _registry_metadata() -> dict:
-    url = f"{REGISTRY}/{NPM_PACKAGE}/{NPM_VERSION}"
+    url = f"{_registry()}/{NPM_PACKAGE}/{NPM_VERSION}"
     with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (fixed https URL)
         return json.load(response)
 
@@ -86,13 +91,16 @@ def _download_tarball(workdir: Path) -> tuple[Path, str]:
     npm = _npm_executable()
     if npm:
         spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
+        registry = ["--registry", _registry()]
         try:
             view = subprocess.run(
-                [npm, "view", spec, "dist.integrity", "--json"], capture_output=True, text=True, check=True, timeout=120
+                [npm, "view", spec, "dist.integrity", "--json", "--fetch-retries=0", *registry],
+                capture_output=True, text=True, check=True, timeout=120,
             )
             registry_integrity = json.loads(view.stdout)
             subprocess.run(
-                [npm, "pack", spec, "--silent"], cwd=workdir, capture_output=True, text=True, check=True, timeout=900
+                [npm, "pack", spec, "--silent", "--fetch-retries=1", *registry],
+                cwd=workdir, capture_output=True, text=True, check=True, timeout=900,
             )
         except (subprocess.SubprocessError, OSError, json.JSONDecodeError) as exc:
             log(f"npm failed ({exc}); trying the registry over HTTPS")
