@@ -1,7 +1,8 @@
 """Side-by-side CPU latency of one quantized linear layer ``Y = A·Wᵀ`` in ONNX Runtime.
 
 Variants, all in one process and measured round-robin (one run of each variant per round, so load
-changes hit every variant alike), median over the rounds after warm-up:
+changes hit every variant alike), median over the rounds after warm-up.  All sessions share ORT's global
+intra-op thread pool (``--threads`` threads), so no session's spinning workers slow down another's:
 
 - ``fp32``: MatMul with the fp32 weight;
 - ``nb2-acc0`` / ``nb2-acc4`` / ``nb2-lut``: com.microsoft::MatMulNBits bits=2, accuracy_level 0, 4,
@@ -95,17 +96,31 @@ def lowbit_model(weight: QuantizedWeight, m: int) -> bytes:
     return _model(nodes[0], m, k, n, initializers)
 
 
-def session(model: bytes, threads: int, config: dict[str, str] | None = None, custom: bool = False):
+_POOL = {"threads": 2, "global": False}
+
+
+def use_global_thread_pool(threads: int) -> None:
+    """One intra-op pool of ``threads`` threads for every session of this process (call before any session)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state
+
+    onnxruntime_pybind11_state.set_global_thread_pool_sizes(threads, 1)
+    _POOL["global"] = True
+
+
+def session(model: bytes, config: dict[str, str] | None = None, custom: bool = False):
     so = custom_ops.session_options() if custom else ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    if _POOL["global"]:
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = _POOL["threads"]
+        so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def build_variants(layer: Layer, m: int, threads: int) -> dict[str, Callable[[], np.ndarray]]:
+def build_variants(layer: Layer, m: int) -> dict[str, Callable[[], np.ndarray]]:
     w2, w4 = layer.weight[2], layer.weight[4]
     models = {
         "fp32": (fp32_model(w2, m), None, False),
@@ -119,7 +134,7 @@ def build_variants(layer: Layer, m: int, threads: int) -> dict[str, Callable[[],
     feeds = {"A": layer.activation}
     runs = {}
     for name, (model, config, custom) in models.items():
-        sess = session(model, threads, config, custom)
+        sess = session(model, config, custom)
         runs[name] = lambda s=sess: s.run(None, feeds)[0]
     return runs
 
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    _POOL["threads"] = args.threads
+    use_global_thread_pool(args.threads)
     print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, onnxq CPU kernels: "
           f"{custom_ops.cpu_isa()}; milliseconds (median of interleaved rounds)")
     header = ("| M | K=N | group | " + " | ".join(VARIANTS)
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in args.groups:
                 layer = Layer({b: random_weight(size, size, b, group, rng) for b in (2, 4)},
                               rng.standard_normal((m, size)).astype(np.float32))
-                runs = build_variants(layer, m, args.threads)
+                runs = build_variants(layer, m)
                 ms = measure(runs, args.warmup, args.min_rounds, args.max_rounds, args.budget)
                 errors = [relative_error(runs[v](), layer.weight[b], layer.activation)
                           for v, b in (("oq2", 2), ("oq4", 4), ("nb2-acc4", 2))]
