@@ -177,3 +177,35 @@ def test_bench_matmul_prints_a_table(capsys):
                               "--budget", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("| M | K=N | group | fp32 |") and lines[3].startswith("| 1 | 64 | 32 |")
+
+
+def test_cpp_application_loads_the_library(tmp_path):
+    """custom_ops/examples/run_model.cc (the C++ usage in docs/custom_ops.md) against the wheel's libonnxruntime."""
+    compiler = _compiler()
+    capi = Path(ort.__file__).parent / "capi"
+    runtime = sorted(capi.glob("libonnxruntime.so.1.*"))
+    if compiler is None or not runtime or not custom_ops.available("cpu"):
+        pytest.skip("needs a C++ compiler, a Linux onnxruntime wheel and the built library")
+    try:
+        include = fetch_ort_headers.resolve_include_dir(allow_download=False)
+    except fetch_ort_headers.FetchError:
+        pytest.skip("no ONNX Runtime headers")
+    (tmp_path / "libonnxruntime.so.1").symlink_to(runtime[0])
+    binary = tmp_path / "run_model"
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{include}", str(ROOT / "custom_ops/examples/run_model.cc"),
+                    str(tmp_path / "libonnxruntime.so.1"), f"-Wl,-rpath,{tmp_path}", "-o", str(binary)],
+                   check=True, capture_output=True, timeout=600)
+    weight = _weight(2, 32, True, n=6, k=96)
+    nodes, inits = emit_matmul_lowbit("A", "Y", weight, None, "fc")
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 96])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 6])], inits)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
+                           ir_version=10), tmp_path / "model.onnx")
+    result = subprocess.run([str(binary), custom_ops.library_path("cpu"), str(tmp_path / "model.onnx"), "96"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = np.array([float(v) for v in result.stdout.split()])
+    expected = weight.dequantize(np.float64).sum(axis=1)[:4]  # A = ones
+    np.testing.assert_allclose(printed, expected, rtol=1e-5, atol=1e-5)
