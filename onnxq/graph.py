@@ -83,9 +83,8 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data") and tensor.raw_data:
-        return len(tensor.raw_data)
-    return int(np.prod(tensor.dims, dtype=np.int64)) * _element_size(tensor.data_type)
+    """Stored bytes of a tensor, from its shape and type (no copy of the data)."""
+    return int(np.ceil(int(np.prod(tensor.dims, dtype=np.int64)) * _element_size(tensor.data_type)))
 
 
 def _element_size(data_type: int) -> float:
@@ -111,23 +110,56 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxq-", dir=folder))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxq-", dir=folder))
+    except OSError as exc:
+        raise OnnxqError(f"{folder}: cannot write the output ({exc.strerror}); choose another -o path") from None
     try:
         tmp_model = tmp_dir / path.name
         if external_data:
-            to_save = copy_model(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                to_save, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-            )
-            onnx.save_model(to_save, str(tmp_model))
+            _save_with_external_data(model, tmp_model, tmp_dir / data_name, data_name)
             os.replace(tmp_dir / data_name, folder / data_name)
         else:
             tmp_model.write_bytes(model.SerializeToString())
         os.replace(tmp_model, path)
+    except OSError as exc:
+        raise OnnxqError(f"{path}: writing failed ({exc.strerror}); check free space and permissions") from None
     finally:
         for leftover in tmp_dir.glob("*"):
             leftover.unlink()
         tmp_dir.rmdir()
+
+
+def _save_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, data_name: str) -> None:
+    """Write tensors ≥ 1 KiB to ``data_path`` and the rest to ``model_path``, without copying the model.
+
+    Tensors are moved out one at a time and restored afterwards, so peak memory stays at one
+    tensor beyond the model and the caller's model is unchanged.
+    """
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    try:
+        with open(data_path, "wb") as data:
+            for tensor in _all_tensors(model):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) < 1024:
+                    continue
+                if not tensor.HasField("raw_data"):
+                    tensor.raw_data = numpy_helper.to_array(tensor).tobytes()
+                    for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                        tensor.ClearField(typed)
+                raw = tensor.raw_data
+                offset = data.tell()
+                data.write(raw)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    tensor.external_data.add(key=key, value=value)
+                moved.append((tensor, raw))
+        model_path.write_bytes(model.SerializeToString())
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 # ----------------------------------------------------------------------------- targets
