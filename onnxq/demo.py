@@ -1,0 +1,105 @@
+"""``onnxq demo``: quantize the built-in digits models and compare accuracy, size and latency with fp32."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.graph import load_model, model_bytes
+from onnxq.passes.quantize import QuantizeConfig, quantize_model
+
+MODEL_INPUTS = {"mlp": "pixels", "cnn": "image"}
+FORMATS = ("matmulnbits", "qdq", "fake")
+DEMO_GROUP_SIZE = 32  # the digits layers are small (K = 9..128)
+
+
+@dataclass
+class DemoRow:
+    model: str
+    bits: int | None  # None: fp32
+    format: str
+    accuracy: float
+    weight_bytes: int
+    latency_ms: float
+
+
+def data_path(name: str) -> str:
+    """Path of a file shipped in ``onnxq/data``."""
+    return str(resources.files("onnxq") / "data" / name)
+
+
+def builtin_model(name: str) -> onnx.ModelProto:
+    """The committed digits model ``mlp`` or ``cnn`` (see models/digits.py for how it was trained)."""
+    return load_model(data_path(f"digits_{name}.onnx"))
+
+
+def builtin_test_set(name: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(data_path("digits_test.npz"))
+    return data[MODEL_INPUTS[name]], data["labels"]
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session; DequantizeLinear→MatMul fusion is told to stay exact (accuracy level 0)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def evaluate(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray, name: str,
+             repeats: int = 20) -> tuple[float, float]:
+    """(top-1 accuracy, median latency in ms of one batch of 16 samples)."""
+    sess = session(model)
+    feed = MODEL_INPUTS[name]
+    logits = sess.run(None, {feed: inputs})[0]
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    batch = {feed: inputs[:16]}
+    sess.run(None, batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    return accuracy, statistics.median(times)
+
+
+def demo_rows(models: tuple[str, ...] = ("mlp", "cnn"), bits: tuple[int, ...] = (2, 4, 8)) -> list[DemoRow]:
+    rows = []
+    for name in models:
+        model = builtin_model(name)
+        inputs, labels = builtin_test_set(name)
+        accuracy, latency = evaluate(model, inputs, labels, name)
+        rows.append(DemoRow(name, None, "fp32", accuracy, model_bytes(model), latency))
+        for b in bits:
+            for fmt in FORMATS:
+                config = QuantizeConfig(bits=b, group_size=DEMO_GROUP_SIZE, format=fmt, progress=False)
+                quantized, _ = quantize_model(model, config)
+                accuracy, latency = evaluate(quantized, inputs, labels, name)
+                rows.append(DemoRow(name, b, fmt, accuracy, model_bytes(quantized), latency))
+    return rows
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    lines = ["| model | bits | format | accuracy | Δ vs fp32 | weight bytes | size vs fp32 | latency (ms, 16 rows) |",
+             "|---|---|---|---|---|---|---|---|"]
+    base: dict[str, DemoRow] = {}
+    for r in rows:
+        if r.bits is None:
+            base[r.model] = r
+        ref = base[r.model]
+        lines.append(f"| {r.model} | {r.bits or 32} | {r.format} | {r.accuracy:.4f} | {r.accuracy - ref.accuracy:+.4f} "
+                     f"| {r.weight_bytes:,} | {r.weight_bytes / ref.weight_bytes:.3f} | {r.latency_ms:.3f} |")
+    return "\n".join(lines)
+
+
+def run_demo(models: tuple[str, ...] = ("mlp", "cnn"), bits: tuple[int, ...] = (2, 4, 8)) -> str:
+    """The table ``onnxq demo`` prints (RTN, asymmetric, group size 32, built-in held-out digits split)."""
+    header = (f"onnxq demo: RTN, asymmetric, group size {DEMO_GROUP_SIZE}, on the held-out split of scikit-learn's "
+              "digits (models/digits.py)\n")
+    return header + format_table(demo_rows(models, bits))
