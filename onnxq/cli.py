@@ -36,8 +36,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric grid (zero point 2^(b-1))")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid (default)")
-    p.add_argument("--format", default="matmulnbits", choices=["matmulnbits", "qdq", "fake"],
-                   help="matmulnbits: com.microsoft::MatMulNBits; qdq: ONNX DequantizeLinear; fake: float weights")
+    p.add_argument("--format", default="matmulnbits", choices=["matmulnbits", "qdq", "fake", "onnxq"],
+                   help="matmulnbits: com.microsoft::MatMulNBits; qdq: ONNX DequantizeLinear; fake: float weights; "
+                        "onnxq: the onnxq::MatMulLowBit custom op (needs the custom-op library)")
     p.add_argument("--zero", dest="zero_convention", choices=["integer", "float"], default=None,
                    help="integer zero-point w=s(q-zp) or float zero w=s*q+z (default: float for decoupleq)")
     p.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal range shrinking per group")

@@ -144,3 +144,41 @@ def test_enable_all_without_session_option_is_approximate():
     expected = x.astype(np.float64) @ w.T
     assert relative_error(run(quantized, {"x": x}, "enable_all", config={}), expected) > TOLERANCE
     assert relative_error(run(quantized, {"x": x}, "enable_all"), expected) <= TOLERANCE
+
+
+def _custom_op_session_options():
+    import os
+
+    from onnxq import custom_ops
+
+    if not custom_ops.available():
+        if os.environ.get("CI") == "true":
+            raise AssertionError("the custom-op library must be built in CI")
+        pytest.skip("custom-op library not built (see onnxq.custom_ops)")
+    return custom_ops.session_options()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("zero_convention", ["integer", "float"])
+@pytest.mark.parametrize("case", ["matmul", "gemm", "left", "conv"])
+def test_onnxq_custom_op_format_matches_fake(bits, zero_convention, case):
+    import onnxruntime as ort
+
+    options = _custom_op_session_options()
+    rng = np.random.default_rng(bits)
+    model, x = {
+        "matmul": (matmul_model(k=100, n=24, rank=3), rng.standard_normal((2, 3, 100))),
+        "gemm": (gemm_model(k=96, n=10, trans_b=0, alpha=0.5, beta=2.0), rng.standard_normal((3, 96))),
+        "left": (left_matmul_model(k=64, n=8), rng.standard_normal((2, 64, 5))),
+        "conv": (conv_model(cin=4, cout=6, kernel=(3, 3)), rng.standard_normal((2, 4, 9, 9))),
+    }[case]
+    feeds = {"x": x.astype(np.float32)}
+    options_kwargs = dict(bits=bits, group_size=32, zero_convention=zero_convention)
+    quantized = onnxq.quantize(model, format="onnxq", **options_kwargs)
+    onnx.checker.check_model(quantized)
+    expected = run(onnxq.quantize(model, format="fake", **options_kwargs), feeds)
+    got = ort.InferenceSession(quantized.SerializeToString(), options,
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert relative_error(got, expected) <= TOLERANCE
+    uses_op = any(n.op_type == "MatMulLowBit" for n in quantized.graph.node)
+    assert uses_op == (case != "conv")

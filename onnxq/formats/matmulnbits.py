@@ -9,6 +9,8 @@ float part is added exactly by the correction term ``(A·E)·Zᵀ``.  Conv falls
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 
@@ -17,6 +19,7 @@ from onnxq.formats.common import (
     Rewrite,
     attribute,
     float_dtype,
+    integer_part,
     offset_correction,
     scaled,
 )
@@ -52,63 +55,86 @@ def pack_matmulnbits(qw: QuantizedWeight, block: int) -> tuple[np.ndarray, np.nd
 
 def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     """Replace MatMul/Gemm by MatMulNBits (+ float-zero term, + bias); Conv goes to ``qdq``."""
-    node = target.node
-    n, k = qw.shape
+    k = qw.shape[1]
     block = block_size_for(k, qw.group_size)
-    left = target.op_type == "MatMul" and target.input_index == 0
-    reason = None
-    if target.op_type == "Conv":
-        reason = "Conv is not supported by MatMulNBits"
-    elif block is None:
+    reason = fused_product_unsupported(target, ctx, "MatMulNBits")
+    if reason is None and block is None:
         reason = f"group size {qw.group_size} is not a power of two ≥ {MIN_BLOCK}"
-    elif left and ctx.ranks.get(node.input[1], 0) < 2:
-        reason = "constant left operand and the other input's rank is unknown"
     if reason:
         ctx.notes.append(f"{target.name}: {reason}; emitted as qdq")
         return emit_qdq(target, qw, ctx)
     if qw.bits == 3:
         ctx.notes.append(f"{target.name}: 3-bit codes stored in a 4-bit MatMulNBits container")
-
     dtype = float_dtype(target)
+    alpha = float(attribute(target.node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
+
+    def build(a_input: str, output: str, weight: QuantizedWeight, bias: str | None) -> onnx.NodeProto:
+        key = ("matmulnbits", target.weight_name, target.orientation, target.through_transpose, alpha)
+        if key not in ctx.cache:
+            packed, zero_points, bits = pack_matmulnbits(weight, block)
+            base = target.weight_name
+            ctx.cache[key] = (ctx.add_initializer(f"{base}_nbits", packed),
+                              ctx.add_initializer(f"{base}_scale", weight.scales.astype(dtype)),
+                              ctx.add_initializer(f"{base}_zero_point", zero_points), bits)
+        b_name, s_name, zp_name, bits = ctx.cache[key]
+        inputs = [a_input, b_name, s_name, zp_name] + (["", bias] if bias else [])
+        n, k = weight.shape
+        return ctx.node("MatMulNBits", inputs, [output], f"{target.name}_MatMulNBits", domain="com.microsoft",
+                        K=k, N=n, bits=bits, block_size=block, accuracy_level=ctx.accuracy_level)
+
+    return emit_fused_product(target, qw, ctx, build, carries_offsets=False)
+
+
+def fused_product_unsupported(target: Target, ctx: EmitContext, op_name: str) -> str | None:
+    """Why ``target`` cannot become a fused ``Y = A·dequant(W)ᵀ`` op (``None`` if it can)."""
+    if target.op_type == "Conv":
+        return f"Conv is not supported by {op_name}"
+    left = target.op_type == "MatMul" and target.input_index == 0
+    if left and ctx.ranks.get(target.node.input[1], 0) < 2:
+        return "constant left operand and the other input's rank is unknown"
+    return None
+
+
+ProductBuilder = Callable[[str, str, QuantizedWeight, "str | None"], onnx.NodeProto]
+
+
+def emit_fused_product(
+    target: Target, qw: QuantizedWeight, ctx: EmitContext, build: ProductBuilder, carries_offsets: bool
+) -> Rewrite:
+    """Replace the target by one fused op ``Y = A·dequant(W)ᵀ (+ bias)`` built by ``build``.
+
+    Handles what every fused op needs around it: Gemm's alpha (folded into scales and zeros),
+    beta·C (as the op's bias when constant, else an Add), a constant left operand
+    (``Y = W·X ⇔ Yᵀ = Xᵀ·Wᵀ``, two Transposes) and, for ops that cannot carry float zeros,
+    the exact correction term ``(A·E)·Zᵀ``.
+    """
+    node = target.node
+    dtype = float_dtype(target)
+    left = target.op_type == "MatMul" and target.input_index == 0
     alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
     qw = scaled(qw, alpha)
-    key = ("matmulnbits", target.weight_name, target.orientation, target.through_transpose, alpha)
-    if key not in ctx.cache:
-        packed, zero_points, bits = pack_matmulnbits(qw, block)
-        base = target.weight_name
-        ctx.cache[key] = (
-            ctx.add_initializer(f"{base}_nbits", packed),
-            ctx.add_initializer(f"{base}_scale", qw.scales.astype(dtype)),
-            ctx.add_initializer(f"{base}_zero_point", zero_points),
-            bits,
-        )
-    b_name, s_name, zp_name, bits = ctx.cache[key]
 
     before: list[onnx.NodeProto] = []
     activation = node.input[1] if left else node.input[0]
     a_input = activation
-    if left:  # Y = W·X  ⇔  Yᵀ = Xᵀ·Wᵀ over the last two axes
+    if left:
         rank = ctx.ranks[activation]
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
         a_input = ctx.names.fresh(f"{activation}_transposed")
         before.append(ctx.node("Transpose", [activation], [a_input], f"{target.name}_transpose_in", perm=perm))
 
-    inputs = [a_input, b_name, s_name, zp_name]
     bias_terms: list[tuple[str, float]] = []  # (C, beta) added after the product
     bias_name = _constant_bias(target, ctx, dtype)
-    if bias_name:
-        inputs += ["", bias_name]
-    elif target.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+    if bias_name is None and target.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias_terms.append((node.input[2], float(attribute(node, "beta", 1.0))))
 
-    result = ctx.names.fresh(f"{target.name}_nbits_out")
-    nodes = [ctx.node("MatMulNBits", inputs, [result], f"{target.name}_MatMulNBits", domain="com.microsoft",
-                      K=k, N=n, bits=bits, block_size=block, accuracy_level=ctx.accuracy_level)]
+    result = ctx.names.fresh(f"{target.name}_product")
+    nodes = [build(a_input, result, qw if carries_offsets else integer_part(qw), bias_name)]
     if left:
         back = ctx.names.fresh(f"{result}_transposed")
         nodes.append(ctx.node("Transpose", [result], [back], f"{target.name}_transpose_out", perm=perm))
         result = back
-    if qw.has_offsets:
+    if qw.has_offsets and not carries_offsets:
         term_nodes, term = offset_correction(ctx, activation, qw, dtype, left, target.name)
         before += term_nodes
         summed = ctx.names.fresh(f"{target.name}_with_float_zero")

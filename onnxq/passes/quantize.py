@@ -14,6 +14,7 @@ from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
 from onnxq.formats.matmulnbits import block_size_for, emit_matmulnbits
+from onnxq.formats.onnxq_op import emit_onnxq
 from onnxq.formats.qdq import emit_qdq, required_opset
 from onnxq.graph import (
     TARGET_OP_TYPES,
@@ -36,6 +37,7 @@ FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = 
     "matmulnbits": emit_matmulnbits,
     "qdq": emit_qdq,
     "fake": emit_fake,
+    "onnxq": emit_onnxq,
 }
 METHODS = ("rtn", "gptq", "decoupleq")
 SPLIT_METADATA_KEY = "onnxq.split"  # JSON {original layer: [branch node names]} written by the split pass
@@ -180,8 +182,8 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
             bar.step(target.name)
     _apply_rewrites(model, rewrites)
     remove_unused(model)
-    if config.format == "matmulnbits" and not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
@@ -262,6 +264,8 @@ def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> b
     """Whether the output will contain DequantizeLinear (qdq, or a matmulnbits fallback)."""
     if config.format == "qdq":
         return True
+    if config.format == "onnxq":
+        return any(t.op_type == "Conv" for t in targets)
     if config.format != "matmulnbits":
         return False
     return any(t.op_type == "Conv" or block_size_for(t.matrix_shape[1], resolve_group_size(t.matrix_shape[1],

@@ -1,0 +1,40 @@
+"""``onnxq`` format: the custom op ``onnxq::MatMulLowBit`` (float zeros carried natively); Conv goes to ``qdq``.
+
+Running the output needs the custom-op library: ``onnxq.custom_ops.session_options()``.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxq.formats.common import EmitContext, Rewrite, attribute, float_dtype
+from onnxq.formats.custom_op import DOMAIN, OP_TYPE, lowbit_tensors
+from onnxq.formats.matmulnbits import emit_fused_product, fused_product_unsupported
+from onnxq.formats.qdq import emit_qdq
+from onnxq.graph import Target
+from onnxq.quantized_weight import QuantizedWeight
+
+
+def emit_onnxq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
+    """Replace MatMul/Gemm by MatMulLowBit ``Y = A·(s·q + z)ᵀ (+ bias)``."""
+    reason = fused_product_unsupported(target, ctx, OP_TYPE)
+    if reason:
+        ctx.notes.append(f"{target.name}: {reason}; emitted as qdq")
+        return emit_qdq(target, qw, ctx)
+    dtype = float_dtype(target)
+    alpha = float(attribute(target.node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
+
+    def build(a_input: str, output: str, weight: QuantizedWeight, bias: str | None) -> onnx.NodeProto:
+        key = ("onnxq", target.weight_name, target.orientation, target.through_transpose, alpha)
+        if key not in ctx.cache:
+            packed, scales, zeros = lowbit_tensors(weight, dtype)
+            base = target.weight_name
+            ctx.cache[key] = (ctx.add_initializer(f"{base}_lowbit", packed),
+                              ctx.add_initializer(f"{base}_scale", scales),
+                              ctx.add_initializer(f"{base}_zero", zeros))
+        inputs = list(ctx.cache[key]) + ([bias] if bias else [])
+        n, k = weight.shape
+        return ctx.node(OP_TYPE, [a_input, *inputs], [output], f"{target.name}_{OP_TYPE}", domain=DOMAIN,
+                        K=k, N=n, bits=weight.bits, group_size=weight.group_size)
+
+    return emit_fused_product(target, qw, ctx, build, carries_offsets=True)
