@@ -70,3 +70,38 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], compr
             np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
             archive.writestr(info, buffer.getvalue())
     return target
+
+
+def onnx_file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 over an ``.onnx`` file's bytes and then each external-data file it references (sorted by location)."""
+    import onnx
+
+    model_file = Path(path)
+    digest = hashlib.sha256()
+    digest.update(bytes.fromhex(file_sha256(model_file)))
+    model = onnx.load(str(model_file), load_external_data=False)
+    for location in sorted(_external_locations(model.graph)):
+        digest.update(location.encode())
+        digest.update(bytes.fromhex(file_sha256(model_file.parent / location)))
+    return digest.hexdigest()
+
+
+def _external_locations(graph) -> set[str]:
+    """External-data file names used by a graph's initializers, its Constant nodes and its subgraphs."""
+    import onnx
+
+    tensors = list(graph.initializer)
+    locations: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attribute.t)
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                locations |= _external_locations(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    locations |= _external_locations(subgraph)
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations |= {entry.value for entry in tensor.external_data if entry.key == "location"}
+    return locations

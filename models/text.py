@@ -8,6 +8,7 @@ test passage is never a near-copy of a neighbouring train passage except at the 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -15,11 +16,9 @@ from models.austen import NOVELS, novel_lines
 
 # A sentence ends at . ! or ? (plus closing quotes/brackets) followed by space and an opening quote or capital;
 # common abbreviations ("Mr.", "Mrs.", …) do not end a sentence.
-_ABBREVIATIONS = ("Mr", "Mrs", "Dr", "St", "Messrs", "Esq", "Col", "Capt", "Gen", "Rev", "Sir")
-_SENTENCE_END = re.compile(
-    "".join(rf"(?<!\b{abbreviation}\.)" for abbreviation in _ABBREVIATIONS)
-    + r"(?<=[.!?])([\"'\)\]]*)\s+(?=[\"'\(\[]?[A-Z])"
-)
+_ABBREVIATIONS = frozenset({"Mr", "Mrs", "Dr", "St", "Messrs", "Esq", "Col", "Capt", "Gen", "Rev", "Sir"})
+_SENTENCE_END = re.compile(r"[.!?][\"'\)\]]*(?=\s+[\"'\(\[]?[A-Z])")
+_LAST_WORD = re.compile(r"(\w+)\.$")
 _HEADING = re.compile(r"^(chapter|volume|vol\.)\b|^by jane austen$", re.IGNORECASE)
 
 
@@ -42,8 +41,7 @@ def paragraphs(lines: list[str]) -> list[str]:
             current.append(line.strip())
             continue
         if current:
-            paragraph = " ".join(current).replace("_", "")
-            paragraph = re.sub(r"\s+", " ", paragraph).strip()
+            paragraph = " ".join(" ".join(current).replace("_", "").split())
             if paragraph and not _HEADING.match(paragraph) and any(ch.islower() for ch in paragraph):
                 result.append(paragraph)
             current = []
@@ -52,13 +50,16 @@ def paragraphs(lines: list[str]) -> list[str]:
 
 def split_sentences(paragraph: str) -> list[str]:
     """Split a paragraph into sentences at ``[.!?]`` + closing quotes + space + capital (abbreviations kept)."""
-    pieces = _SENTENCE_END.split(paragraph)
-    # re.split keeps the captured closing quotes as separate items: glue them back onto the preceding sentence
-    sentences = [pieces[0]]
-    for closing, following in zip(pieces[1::2], pieces[2::2], strict=True):
-        sentences[-1] += closing
-        sentences.append(following)
-    return [sentence.strip() for sentence in sentences if sentence.strip()]
+    sentences = []
+    start = 0
+    for match in _SENTENCE_END.finditer(paragraph):
+        word = _LAST_WORD.search(paragraph, max(0, match.start() - 10), match.start() + 1)
+        if word and word.group(1) in _ABBREVIATIONS:
+            continue
+        sentences.append(paragraph[start : match.end()].strip())
+        start = match.end()
+    sentences.append(paragraph[start:].strip())
+    return [sentence for sentence in sentences if sentence]
 
 
 def novel_sentences(name: str) -> list[str]:
@@ -71,13 +72,18 @@ def novel_passages(
 ) -> list[Passage]:
     """Non-overlapping passages of consecutive sentences; passage ``i`` is test iff ``(i // block_size) % test_every
     == test_every - 1`` (every 5th block of 20 by default: a positional 80/20 split)."""
+    return list(_cached_passages(name, sentences_per_passage, block_size, test_every))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_passages(name: str, sentences_per_passage: int, block_size: int, test_every: int) -> tuple[Passage, ...]:
     sentences = novel_sentences(name)
     passages = []
     for index, start in enumerate(range(0, len(sentences) - sentences_per_passage + 1, sentences_per_passage)):
         text = " ".join(sentences[start : start + sentences_per_passage])
         split = "test" if (index // block_size) % test_every == test_every - 1 else "train"
         passages.append(Passage(text, name, index, split))
-    return passages
+    return tuple(passages)
 
 
 def all_passages(**options: int) -> list[Passage]:
