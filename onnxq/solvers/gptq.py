@@ -7,8 +7,9 @@ For ``W[N, K]`` and the layer loss ``(w − q) H (w − q)ᵀ`` per row, let ``U
     e_c  = (w_c − q_c) / U[c, c]
     w_j ← w_j − e_c · U[c, j]   (j > c) # optimal update of the remaining columns
 
-Updates are applied lazily: within a block of ``block_size`` columns immediately, to the columns after the block
-once per block as one matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).  This is exact, not an approximation.
+Updates are applied lazily (exact, not an approximation): immediately within a sub-block of 16 columns, to the rest
+of the block once per sub-block, and to the columns after a block of ``block_size`` once per block, each as one
+matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).
 
 Groups are contiguous runs of ``group_size`` columns in the ORIGINAL order (so act-order keeps the storage layout);
 a group's scale and zero are fitted (min/max, as RTN) when its first column is reached in processing order, from
@@ -26,7 +27,10 @@ from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight, num_groups
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.hessian import PreparedHessian, prepare_hessian
+from onnxq.solvers.rounding import safe_inverse
 from onnxq.solvers.rtn import ZeroConvention, quantize_rtn
+
+SUB_BLOCK = 16  # columns updated immediately; the rest of a block is updated per sub-block by one product
 
 # fit_group(current_values [N, cols], mask [N, cols] or None) -> (scales, zero_points, offsets), each [N]
 GroupFitter = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -49,12 +53,12 @@ def quantize_gptq(
     With ``zero_mask`` (bool ``[N, K]``) the masked entries are treated as 0 and get the code ``zp``, so they
     dequantize to exactly 0; the integer zero-point convention is then used whatever ``zero_convention`` says.
     """
-    weight = _check_weight(weight, bits)
+    weight = check_weight(weight, bits)
     n, k = weight.shape
     group_size = resolve_group_size(k, group_size)
     prepared = prepare_hessian(hessian, damp)
-    _check_hessian(prepared, k)
-    mask = _check_mask(zero_mask, weight.shape)
+    check_hessian_size(prepared, k)
+    mask = check_mask(zero_mask, weight.shape)
     if mask is not None:
         zero_convention = "integer"
         weight = np.where(mask, 0.0, weight)
@@ -71,7 +75,7 @@ def quantize_gptq(
     zero_points = np.zeros((n, groups))
     offsets = np.zeros((n, groups))
     order = prepared.act_order() if act_order else None
-    codes = gptq_round(
+    codes, _ = gptq_round(
         weight,
         prepared.inverse_cholesky_upper(order),
         bits,
@@ -106,68 +110,118 @@ def gptq_round(
     zero_mask: np.ndarray | None = None,
     fit_group: GroupFitter | None = None,
     block_size: int = 128,
-) -> np.ndarray:
-    """The GPTQ column sweep; returns uint8 codes ``[N, K]`` in the original column order.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The GPTQ column sweep; returns uint8 codes ``[N, K]`` (original column order) and the loss per row.
 
     ``upper`` is the upper Cholesky factor of ``H_d⁻¹`` in processing order ``order``.  ``scales``,
     ``zero_points`` and ``offsets`` (float64 ``[N, G]``) give each group's grid ``s·(q − zp) + z``; with
     ``fit_group`` they are filled in place when a group's first column is reached.  Masked entries get code ``zp``.
+    The loss comes free: ``w − q = e·U`` for the scaled errors ``e``, and ``U H_d Uᵀ = I``, so
+    ``(w − q) H_d (w − q)ᵀ = ‖e‖²``.
     """
     n, k = weight.shape
-    levels = (1 << bits) - 1
+    levels = float((1 << bits) - 1)
     order = np.arange(k) if order is None else np.asarray(order)
     position_of_column = np.argsort(order)
     group_of_position = order // group_size
-    fitted = np.zeros(scales.shape[1], dtype=bool) if fit_group is not None else None
-    # transposed layout: row c of `work` is the current value of processing position c (contiguous updates)
+    block_size = max(1, int(block_size))
+    sub_block = min(SUB_BLOCK, block_size)
+    # transposed layout: row c holds processing position c for all N rows (contiguous updates)
     work = np.ascontiguousarray(weight.T[order], dtype=np.float64)
     mask_t = None if zero_mask is None else np.ascontiguousarray(zero_mask.T[order])
+    params = _PositionParams(scales, zero_points, offsets, group_of_position)
+    fitted = None if fit_group is None else np.zeros(scales.shape[1], dtype=bool)
     codes_t = np.empty((k, n), dtype=np.uint8)
-    inverse_scales = _safe_inverse(scales) if fit_group is None else np.zeros_like(scales)
-    block_size = max(1, int(block_size))
-
+    loss = np.zeros(n)
+    value = np.empty(n)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         errors = np.empty((i2 - i1, n))
-        for c in range(i1, i2):
-            g = group_of_position[c]
-            if fitted is not None and not fitted[g]:
-                positions = position_of_column[g * group_size : min((g + 1) * group_size, k)]
-                current = work[positions]  # copy; columns past this block still miss this block's updates
-                late = positions >= i2
-                if np.any(late) and c > i1:
-                    current[late] -= upper[i1:c, positions[late]].T @ errors[: c - i1]
-                group_mask = None if mask_t is None else mask_t[positions].T
-                s, zp, z = fit_group(current.T, group_mask)
-                scales[:, g], zero_points[:, g], offsets[:, g] = s, zp, z
-                inverse_scales[:, g] = _safe_inverse(scales[:, g])
-                fitted[g] = True
-            w = work[c]
-            s, zp, z = scales[:, g], zero_points[:, g], offsets[:, g]
-            q = np.clip(np.round((w - z) * inverse_scales[:, g]) + zp, 0, levels)
-            if mask_t is not None:
-                q = np.where(mask_t[c], zp, q)
-            codes_t[c] = q
-            err = (w - (s * (q - zp) + z)) / upper[c, c]
-            errors[c - i1] = err
-            if c + 1 < i2:
-                work[c + 1 : i2] -= np.outer(upper[c, c + 1 : i2], err)
+        for j1 in range(i1, i2, sub_block):
+            j2 = min(j1 + sub_block, i2)
+            for c in range(j1, j2):
+                if fitted is not None and not fitted[group_of_position[c]]:
+                    g = group_of_position[c]
+                    positions = position_of_column[g * group_size : min((g + 1) * group_size, k)]
+                    current = _current_values(work, upper, errors, positions, c, i1, i2, j1, j2)
+                    group_mask = None if mask_t is None else mask_t[positions].T
+                    scales[:, g], zero_points[:, g], offsets[:, g] = fit_group(current.T, group_mask)
+                    params.refresh(g)
+                    fitted[g] = True
+                w = work[c]
+                # q = clip(round((w − z)/s) + zp, 0, L); value = s·(q − zp) + z
+                np.subtract(w, params.offsets[c], out=value)
+                value *= params.inverse_scales[c]
+                np.rint(value, out=value)
+                value += params.zero_points[c]
+                np.clip(value, 0.0, levels, out=value)
+                if mask_t is not None:
+                    np.copyto(value, params.zero_points[c], where=mask_t[c])
+                codes_t[c] = value
+                value -= params.zero_points[c]
+                value *= params.scales[c]
+                value += params.offsets[c]
+                err = errors[c - i1]
+                np.subtract(w, value, out=err)
+                err *= 1.0 / upper[c, c]
+                loss += err * err
+                if c + 1 < j2:
+                    work[c + 1 : j2] -= upper[c, c + 1 : j2, None] * err
+            if j2 < i2:
+                work[j2:i2] -= upper[j1:j2, j2:i2].T @ errors[j1 - i1 : j2 - i1]
         if i2 < k:
             work[i2:] -= upper[i1:i2, i2:].T @ errors
 
     codes = np.empty((n, k), dtype=np.uint8)
     codes[:, order] = codes_t.T
-    return codes
+    return codes, loss
 
 
-def _safe_inverse(scales: np.ndarray) -> np.ndarray:
-    """``1/s`` where ``s ≠ 0``, else 0 (a zero scale maps everything to code ``zp``)."""
-    out = np.zeros_like(scales, dtype=np.float64)
-    np.divide(1.0, scales, out=out, where=scales != 0)
-    return out
+class _PositionParams:
+    """Group parameters laid out per processing position (``[K, N]`` rows) for contiguous access."""
+
+    def __init__(
+        self, scales: np.ndarray, zero_points: np.ndarray, offsets: np.ndarray, group_of_position: np.ndarray
+    ) -> None:
+        self._source = (scales, zero_points, offsets)
+        self._group_of_position = group_of_position
+        self.scales = np.ascontiguousarray(scales.T[group_of_position], dtype=np.float64)
+        self.zero_points = np.ascontiguousarray(zero_points.T[group_of_position], dtype=np.float64)
+        self.offsets = np.ascontiguousarray(offsets.T[group_of_position], dtype=np.float64)
+        self.inverse_scales = safe_inverse(self.scales)
+
+    def refresh(self, group: int) -> None:
+        rows = np.flatnonzero(self._group_of_position == group)
+        scales, zero_points, offsets = self._source
+        self.scales[rows] = scales[:, group]
+        self.zero_points[rows] = zero_points[:, group]
+        self.offsets[rows] = offsets[:, group]
+        self.inverse_scales[rows] = safe_inverse(scales[:, group])
 
 
-def _check_weight(weight: np.ndarray, bits: int) -> np.ndarray:
+def _current_values(
+    work: np.ndarray,
+    upper: np.ndarray,
+    errors: np.ndarray,
+    positions: np.ndarray,
+    c: int,
+    i1: int,
+    i2: int,
+    j1: int,
+    j2: int,
+) -> np.ndarray:
+    """Error-updated values ``[len(positions), N]`` at step ``c`` (adds the updates still pending lazily)."""
+    current = work[positions]
+    in_block = (positions >= j2) & (positions < i2)  # pending: this sub-block's updates
+    if np.any(in_block) and c > j1:
+        current[in_block] -= upper[j1:c, positions[in_block]].T @ errors[j1 - i1 : c - i1]
+    late = positions >= i2  # pending: this block's updates
+    if np.any(late) and c > i1:
+        current[late] -= upper[i1:c, positions[late]].T @ errors[: c - i1]
+    return current
+
+
+def check_weight(weight: np.ndarray, bits: int) -> np.ndarray:
     if bits not in SUPPORTED_BITS:
         raise OnnxqError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     weight = np.asarray(weight, dtype=np.float64)
@@ -178,12 +232,12 @@ def _check_weight(weight: np.ndarray, bits: int) -> np.ndarray:
     return weight
 
 
-def _check_hessian(prepared: PreparedHessian, k: int) -> None:
+def check_hessian_size(prepared: PreparedHessian, k: int) -> None:
     if prepared.size != k:
         raise OnnxqError(f"Hessian is [{prepared.size}, {prepared.size}] but the weight has K = {k} input columns")
 
 
-def _check_mask(zero_mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+def check_mask(zero_mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     if zero_mask is None:
         return None
     mask = np.asarray(zero_mask, dtype=bool)

@@ -1,0 +1,105 @@
+"""The float step of decoupleQ: least-squares scales (and zeros) per group for fixed integer codes.
+
+For one row ``w`` with integers ``a`` and ``q_k = s_g·a_k + z_g``, ``q = A·θ`` with ``A = [a∘E | E]`` (``E`` the
+``K×G`` group indicator, ``θ = (s_1…s_G, z_1…z_G)``), or ``A = a∘E`` when the zeros are fixed at 0.  The loss
+``ℓ(θ) = (w − Aθ) H (w − Aθ)ᵀ`` is minimised by the normal equations ``AᵀHA·θ = AᵀH·wᵀ``, a ``2G×2G`` system per
+row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, :]`` and solved by batched LU in float64.  A
+tiny Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable parameters (e.g. of a constant group)
+where they are.  The loss of any ``θ`` follows from the same quantities: ``ℓ(θ) = wHwᵀ − 2θᵀAᵀHwᵀ + θᵀAᵀHAθ``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RIDGE = 1e-10  # relative ridge: θ = (M + εD)⁻¹(r + εDθ₀), D = diag(M)
+
+
+class ScaleLeastSquares:
+    """Normal equations of the float step for one weight ``[n, K]`` and Hessian (the parts that do not change)."""
+
+    def __init__(self, target: np.ndarray, hessian: np.ndarray, group_size: int) -> None:
+        n, k = target.shape
+        self.k = k
+        self.group_size = group_size
+        self.groups = -(-k // group_size)
+        padded = self.groups * group_size
+        self.h_pad = np.zeros((padded, padded))
+        self.h_pad[:k, :k] = hessian
+        hw = target @ hessian
+        self.hw_pad = np.zeros((n, padded))
+        self.hw_pad[:, :k] = hw
+        self.whw = np.einsum("nk,nk->n", hw, target)
+        self.h_group_sums = self.h_pad.reshape(padded, self.groups, group_size).sum(axis=2)  # Σ_{l∈h} H_kl
+        self.m22 = self.h_group_sums.reshape(self.groups, group_size, self.groups).sum(axis=1)
+
+    def fit(
+        self, ints: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Solve for ``(s, z)`` given integers ``a`` ``[n, K]`` (``z ≡ 0`` when ``offsets`` is None).
+
+        Returns the new scales and offsets (float64 holding float32-representable values, as they are stored),
+        the loss of the new ``θ`` and the loss of the current one, both from the same formula.
+        """
+        n = ints.shape[0]
+        groups, group_size = self.groups, self.group_size
+        padded = groups * group_size
+        with_offsets = offsets is not None
+        a_pad = np.zeros((n, padded))
+        a_pad[:, : self.k] = ints
+        a3 = a_pad.reshape(n, groups, group_size)
+        hw3 = self.hw_pad.reshape(n, groups, group_size)
+        rhs = np.einsum("ngj,ngj->ng", a3, hw3)
+        theta0 = np.asarray(scales, dtype=np.float64)
+        if with_offsets:
+            rhs = np.concatenate([rhs, hw3.sum(axis=2)], axis=1)
+            theta0 = np.concatenate([theta0, offsets], axis=1)
+        size = rhs.shape[1]
+        system = np.empty((n, size, size))
+        for g in range(groups):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            a_g = np.ascontiguousarray(a_pad[:, cols])
+            products = a_g @ self.h_pad[cols, :]  # [n, padded]: Σ_{k∈g} a_k H_kl
+            products *= a_pad
+            system[:, g, :groups] = products.reshape(n, groups, group_size).sum(axis=2)
+            if with_offsets:
+                system[:, g, groups:] = a_g @ self.h_group_sums[cols, :]
+        if with_offsets:
+            system[:, groups:, :groups] = system[:, :groups, groups:].transpose(0, 2, 1)
+            system[:, groups:, groups:] = self.m22
+        system = 0.5 * (system + system.transpose(0, 2, 1))
+
+        def loss(theta: np.ndarray) -> np.ndarray:
+            return self.whw - 2.0 * np.einsum("ni,ni->n", theta, rhs) + np.einsum("ni,nij,nj->n", theta, system, theta)
+
+        current_loss = loss(theta0)
+        diag = np.diagonal(system, axis1=1, axis2=2)
+        floor = np.maximum(diag.mean(axis=1, keepdims=True), 1e-300) * 1e-6
+        ridge = RIDGE * np.maximum(diag, floor)
+        regularised = system.copy()
+        regularised[:, np.arange(size), np.arange(size)] += ridge
+        theta = np.linalg.solve(regularised, (rhs + ridge * theta0)[..., None])[..., 0]
+        theta = theta.astype(np.float32).astype(np.float64)
+        bad = ~np.all(np.isfinite(theta), axis=1)
+        theta[bad] = theta0[bad]
+        candidate_loss = loss(theta)
+        if with_offsets:
+            return theta[:, :groups], theta[:, groups:], candidate_loss, current_loss
+        return theta, np.zeros_like(theta), candidate_loss, current_loss
+
+
+def fit_float_params(
+    target: np.ndarray,
+    ints: np.ndarray,
+    hessian: np.ndarray,
+    group_size: int,
+    scales: np.ndarray,
+    offsets: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares ``(s, z)`` per row and group for fixed integers ``a`` (``z = 0`` when ``offsets`` is None).
+
+    ``scales``/``offsets`` (``[n, G]``) are the current values the ridge pulls unidentifiable parameters toward.
+    """
+    least_squares = ScaleLeastSquares(np.asarray(target, np.float64), np.asarray(hessian, np.float64), group_size)
+    new_scales, new_offsets, _, _ = least_squares.fit(np.asarray(ints, np.float64), scales, offsets)
+    return new_scales, new_offsets
