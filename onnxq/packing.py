@@ -25,6 +25,17 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     if values.size and (values.min() < 0 or values.max() >= 1 << bits):
         raise ValueError(f"values out of range for {bits}-bit packing")
     count = values.shape[-1]
+    if 8 % bits == 0:  # whole values per byte: shift and add
+        per_byte = 8 // bits
+        pad = -count % per_byte
+        v = values.astype(np.uint8)
+        if pad:
+            v = np.concatenate([v, np.zeros((*v.shape[:-1], pad), np.uint8)], axis=-1)
+        v = v.reshape(*v.shape[:-1], -1, per_byte)
+        out = np.zeros(v.shape[:-1], np.uint8)
+        for i in range(per_byte):
+            out |= v[..., i] << np.uint8(i * bits)
+        return out
     # bit plane expansion: [..., count, bits] -> stream [..., count*bits]
     shifts = np.arange(bits, dtype=np.uint8)
     stream = ((values.astype(np.uint8)[..., None] >> shifts) & 1).reshape(*values.shape[:-1], count * bits)

@@ -21,7 +21,13 @@ class EmitContext:
     accuracy_level: int = 0
     cache: dict = field(default_factory=dict)  # artifacts shared between nodes (same weight)
     notes: list[str] = field(default_factory=list)  # what the summary must say (fallbacks, containers)
-    ranks: dict[str, int] = field(default_factory=dict)  # tensor name → rank, from shape inference
+    _ranks: dict[str, int] | None = None
+
+    def rank(self, tensor: str) -> int:
+        """Rank of ``tensor`` from shape inference (run once, on first use); 0 if unknown."""
+        if self._ranks is None:
+            self._ranks = infer_ranks(self.model)
+        return self._ranks.get(tensor, 0)
 
     def add_initializer(self, base: str, values: np.ndarray) -> str:
         name = self.names.fresh(base)
@@ -36,6 +42,19 @@ class EmitContext:
     def node(self, op_type: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
         domain = attrs.pop("domain", "")
         return helper.make_node(op_type, inputs, outputs, name=self.names.fresh(base), domain=domain, **attrs)
+
+
+def infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from ONNX shape inference (empty if inference fails, e.g. on > 2 GiB models)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shape inference is best effort
+        inferred = model
+    ranks = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    return ranks
 
 
 @dataclass

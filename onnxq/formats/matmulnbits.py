@@ -90,7 +90,7 @@ def fused_product_unsupported(target: Target, ctx: EmitContext, op_name: str) ->
     if target.op_type == "Conv":
         return f"Conv is not supported by {op_name}"
     left = target.op_type == "MatMul" and target.input_index == 0
-    if left and ctx.ranks.get(target.node.input[1], 0) < 2:
+    if left and ctx.rank(target.node.input[1]) < 2:
         return "constant left operand and the other input's rank is unknown"
     return None
 
@@ -118,7 +118,7 @@ def emit_fused_product(
     activation = node.input[1] if left else node.input[0]
     a_input = activation
     if left:
-        rank = ctx.ranks[activation]
+        rank = ctx.rank(activation)
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
         a_input = ctx.names.fresh(f"{activation}_transposed")
         before.append(ctx.node("Transpose", [activation], [a_input], f"{target.name}_transpose_in", perm=perm))

@@ -164,7 +164,7 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
 
     solved: dict[str, QuantizedWeight] = {}
     rewrites: dict[int, Rewrite] = {}
-    ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level, ranks=_ranks(model))
+    ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level)
     emit = FORMATS[config.format]
     with Progress(len(report.targets), "quantize", config.progress) as bar:
         for target in report.targets:
@@ -245,19 +245,6 @@ def _apply_rewrites(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> Non
         copy.CopyFrom(node)
     del model.graph.node[:]
     model.graph.node.extend(copies)
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor ranks from shape inference (empty for models too large to infer in memory)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shape inference is best effort (huge models, custom ops)
-        inferred = model
-    ranks = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            ranks[v.name] = len(v.type.tensor_type.shape.dim)
-    return ranks
 
 
 def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> bool:
