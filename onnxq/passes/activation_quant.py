@@ -26,7 +26,7 @@ from onnxq.graph import NameScope, copy_model, opset_version
 
 LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits")
 SPLIT_ACTIVATIONS_METADATA_KEY = "onnxq.split_activations"  # JSON {activation: {"output", "branches", ...}}
-ACT_QUANT_METADATA_KEY = "onnxq.act_quant"
+ACT_QUANT_METADATA_KEY = "onnxq.act_quant"  # JSON {"bits", "tensors": {activation: {range(s), "read_as"}}}
 CONSTANT_OP_TYPES = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze")
 
 
@@ -165,6 +165,7 @@ def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: objec
         else:
             replacement[tensor] = writer.fake_quantize(tensor, *ranges[tensor])
             record[tensor] = {"range": list(ranges[tensor])}
+        record[tensor]["read_as"] = replacement[tensor]
 
     nodes = list(model.graph.node)
     for index, input_index, tensor in sites:

@@ -20,6 +20,9 @@ import numpy as np
 
 SKLEARN_N_INIT = 4
 SKLEARN_THREADED_SIZE = 50_000  # below this, sklearn runs on one thread
+PRUNE_MIN_SIZE = 4096  # rows at least this long prune the last DP layer with block bounds
+PRUNE_BLOCK = 256  # grid stride of that pruning
+PRUNE_SLACK = 1e-9  # relative slack on the bound (prefix-sum rounding)
 
 
 @dataclass(frozen=True)
@@ -105,29 +108,20 @@ def _exact_centres(sorted_rows: np.ndarray, k: int) -> np.ndarray:
     p2 = np.zeros((r, n + 1))
     np.cumsum(centred, axis=1, out=p1[:, 1:])
     np.cumsum(centred * centred, axis=1, out=p2[:, 1:])
-    p1, p2 = p1.ravel(), p2.ravel()
-    base = np.arange(r, dtype=np.int64) * (n + 1)
-
-    def cost(flat_i: np.ndarray, flat_j: np.ndarray) -> np.ndarray:
-        """Cost of the run ``(i, j]``, ``i < j``, given flat indices into the prefix arrays (same row)."""
-        s1 = p1[flat_j] - p1[flat_i]
-        return (p2[flat_j] - p2[flat_i]) - s1 * s1 / (flat_j - flat_i)
+    prefix = _Prefix(p1.ravel(), p2.ravel(), np.arange(r, dtype=np.int64) * (n + 1), n)
 
     columns = np.arange(1, n + 1, dtype=np.float64)
     previous = np.full((r, n + 1), np.inf)  # D₁[j] = cost(0, j); D₁[0] is not a valid state
-    previous[:, 1:] = p2.reshape(r, n + 1)[:, 1:] - p1.reshape(r, n + 1)[:, 1:] ** 2 / columns
+    previous[:, 1:] = p2[:, 1:] - p1[:, 1:] ** 2 / columns
     choices: list[np.ndarray] = []  # opt_m[r, j] for m = 2 … k−1
     for m in range(2, k):
-        previous, opt = _dp_layer(previous, p1, p2, base, m, n)
+        if m == k - 1 and n >= PRUNE_MIN_SIZE:
+            previous, opt = _last_layer_pruned(previous, prefix, m)
+        else:
+            previous, opt = _dp_layer(previous, prefix, m)
         choices.append(opt)
 
-    # last layer: only j = n is needed
-    starts = np.arange(k - 1, n, dtype=np.int64)
-    flat_i = (base[:, None] + starts).ravel()
-    flat_n = np.repeat(base + n, len(starts))
-    total = previous[:, k - 1 : n] + cost(flat_i, flat_n).reshape(r, -1)
-    cut = np.argmin(total, axis=1) + k - 1
-
+    cut = np.argmin(_final_objective(previous, prefix, k - 1), axis=1) + k - 1  # start of the last cluster
     cuts = [np.full(r, n, dtype=np.int64), cut]
     for opt in reversed(choices):
         cut = opt[np.arange(r), cut]
@@ -144,30 +138,98 @@ def _exact_centres(sorted_rows: np.ndarray, k: int) -> np.ndarray:
     return np.sort(centres, axis=1)
 
 
-def _dp_layer(
-    previous: np.ndarray, p1: np.ndarray, p2: np.ndarray, base: np.ndarray, m: int, n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``D_m[j] = min_{m−1 ≤ i < j} D_{m−1}[i] + cost(i, j)`` for ``m ≤ j ≤ n``, all rows at once.
+@dataclass(frozen=True)
+class _Prefix:
+    """Flat prefix sums ``P₁``, ``P₂`` of R rows (row ``r`` starts at ``base[r]``, ``n + 1`` entries each)."""
 
-    Divide and conquer on ``j``: the argmin at the middle ``j`` bounds the argmin range of both
-    halves (monotone split points), so each of the ``log n`` levels costs ``O(n)`` per row.
-    Segments stay ordered by (row, j), so the gathers below read memory almost sequentially.
-    """
-    r = previous.shape[0]
+    p1: np.ndarray
+    p2: np.ndarray
+    base: np.ndarray
+    n: int
+
+    def cost(self, flat_i: np.ndarray, flat_j: np.ndarray) -> np.ndarray:
+        """Cost of the run ``(i, j]``, ``i < j``, from flat indices (same row)."""
+        s1 = self.p1[flat_j] - self.p1[flat_i]
+        return (self.p2[flat_j] - self.p2[flat_i]) - s1 * s1 / (flat_j - flat_i)
+
+
+def _final_objective(previous: np.ndarray, prefix: _Prefix, first: int) -> np.ndarray:
+    """``F[r, j] = D_{k−1}[j] + cost(j, n)`` for ``first ≤ j < n`` (``[R, n − first]``)."""
+    r, n = previous.shape[0], prefix.n
+    starts = np.arange(first, n, dtype=np.int64)
+    flat_i = (prefix.base[:, None] + starts).ravel()
+    flat_n = np.repeat(prefix.base + n, len(starts))
+    return previous[:, first:n] + prefix.cost(flat_i, flat_n).reshape(r, -1)
+
+
+def _dp_layer(previous: np.ndarray, prefix: _Prefix, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``D_m[j] = min_{m−1 ≤ i < j} D_{m−1}[i] + cost(i, j)`` for every ``m ≤ j ≤ n``, all rows at once."""
+    r, n = previous.shape[0], prefix.n
     current = np.full((r, n + 1), np.inf)
     opt = np.zeros((r, n + 1), dtype=np.int64)
+    full = np.ones(r, dtype=np.int64)
+    _divide_and_conquer(previous, prefix, current, opt, np.arange(n + 1, dtype=np.int64), prefix.base,
+                        full * m, full * n, full * (m - 1), full * (n - 1))
+    return current, opt
+
+
+def _last_layer_pruned(previous: np.ndarray, prefix: _Prefix, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``D_m[j]`` only where the final optimum can be (``inf`` elsewhere); same result as :func:`_dp_layer`.
+
+    ``D_m`` is non-decreasing in ``j`` and ``cost(j, n)`` non-increasing, so on a block ``g_t < j < g_{t+1}``
+    of a coarse grid ``F(j) = D_m[j] + cost(j, n) ≥ D_m[g_t] + cost(g_{t+1}, n)``; blocks whose bound exceeds
+    the best grid value cannot hold the optimum and are skipped.
+    """
+    r, n = previous.shape[0], prefix.n
+    current = np.full((r, n + 1), np.inf)
+    opt = np.zeros((r, n + 1), dtype=np.int64)
+    grid = np.unique(np.concatenate([np.arange(m, n, PRUNE_BLOCK, dtype=np.int64), [n - 1]]))
+    ones = np.ones(r, dtype=np.int64)
+    _divide_and_conquer(previous, prefix, current, opt, grid, prefix.base,
+                        ones * 0, ones * (len(grid) - 1), ones * (m - 1), ones * (n - 1))
+    flat_g = prefix.base[:, None] + grid
+    flat_n = (prefix.base + n)[:, None] + np.zeros_like(grid)
+    at_grid = current[:, grid] + prefix.cost(flat_g.ravel(), flat_n.ravel()).reshape(r, -1)
+    best = at_grid.min(axis=1, keepdims=True)
+    bound = current[:, grid[:-1]] + prefix.cost(flat_g[:, 1:].ravel(), flat_n[:, 1:].ravel()).reshape(r, -1)
+    rows, blocks = np.nonzero(bound <= best + PRUNE_SLACK * np.abs(best) + 1e-300)
+    lo, hi = grid[blocks] + 1, grid[blocks + 1] - 1
+    inner = lo <= hi
+    rows, blocks, lo, hi = rows[inner], blocks[inner], lo[inner], hi[inner]
+    _divide_and_conquer(previous, prefix, current, opt, np.arange(n + 1, dtype=np.int64), prefix.base[rows],
+                        lo, hi, opt[rows, grid[blocks]], opt[rows, grid[blocks + 1]])
+    return current, opt
+
+
+def _divide_and_conquer(
+    previous: np.ndarray,
+    prefix: _Prefix,
+    current: np.ndarray,
+    opt: np.ndarray,
+    js: np.ndarray,
+    row_base: np.ndarray,
+    p_lo: np.ndarray,
+    p_hi: np.ndarray,
+    i_lo: np.ndarray,
+    i_hi: np.ndarray,
+) -> None:
+    """Fill ``current``/``opt`` at ``j = js[p]`` for ``p_lo ≤ p ≤ p_hi`` per segment, argmin searched in
+    ``[i_lo, min(i_hi, j − 1)]``.
+
+    The argmin at the middle ``j`` bounds the argmin range of both halves (monotone split points), so each
+    of the ``log n`` levels costs ``O(n)`` per row.  Segments stay ordered by (row, j), so the gathers read
+    memory almost sequentially.
+    """
     # D_{m−1}[i] + cost(i, j) = (D_{m−1}[i] − P₂[i]) + P₂[j] − (P₁[j] − P₁[i])²/(j − i)
-    shifted = previous.ravel() - p2
-    row_base = base.copy()
-    j_lo = np.full(r, m, dtype=np.int64)
-    j_hi = np.full(r, n, dtype=np.int64)
-    i_lo = np.full(r, m - 1, dtype=np.int64)
-    i_hi = np.full(r, n - 1, dtype=np.int64)
+    shifted = previous.ravel() - prefix.p2
+    p1, p2 = prefix.p1, prefix.p2
+    current_flat, opt_flat = current.ravel(), opt.ravel()
     while row_base.size:
-        mid = (j_lo + j_hi) // 2
-        lengths = np.minimum(i_hi, mid - 1) - i_lo + 1
+        mid = (p_lo + p_hi) // 2
+        j = js[mid]
+        lengths = np.minimum(i_hi, j - 1) - i_lo + 1
         starts = np.cumsum(lengths) - lengths
-        flat_j = row_base + mid
+        flat_j = row_base + j
         seg = np.zeros(int(lengths.sum()), dtype=np.int64)  # segment of each candidate
         seg[starts[1:]] = 1
         np.cumsum(seg, out=seg)
@@ -177,17 +239,16 @@ def _dp_layer(
         best = np.minimum.reduceat(values, starts)
         hits = np.flatnonzero(values == best[seg])
         arg = flat_i[hits[np.searchsorted(hits, starts)]] - row_base  # leftmost argmin per segment
-        current.ravel()[flat_j] = best + p2[flat_j]
-        opt.ravel()[flat_j] = arg
+        current_flat[flat_j] = best + p2[flat_j]
+        opt_flat[flat_j] = arg
         # children, interleaved (left, right) per parent so the order by (row, j) is kept
-        child_lo = np.stack([j_lo, mid + 1], axis=1).ravel()
-        child_hi = np.stack([mid - 1, j_hi], axis=1).ravel()
+        child_lo = np.stack([p_lo, mid + 1], axis=1).ravel()
+        child_hi = np.stack([mid - 1, p_hi], axis=1).ravel()
         keep = child_lo <= child_hi
         row_base = np.repeat(row_base, 2)[keep]
         i_lo = np.stack([i_lo, arg], axis=1).ravel()[keep]
         i_hi = np.stack([arg, i_hi], axis=1).ravel()[keep]
-        j_lo, j_hi = child_lo[keep], child_hi[keep]
-    return current, opt
+        p_lo, p_hi = child_lo[keep], child_hi[keep]
 
 
 # ----------------------------------------------------------------------------- scikit-learn reference
