@@ -218,6 +218,11 @@ class Target:
             return matrix.reshape(self.weight_shape)
         return matrix if self.orientation == "nk" else matrix.T
 
+    def initializer_from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """The initializer's values (before the optional Transpose) from ``W[N, K]``."""
+        consumed = self.consumed_from_matrix(matrix)
+        return consumed.T if self.through_transpose else consumed
+
     @property
     def groups(self) -> int:
         """Conv groups (1 for MatMul/Gemm)."""

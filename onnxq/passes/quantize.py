@@ -70,6 +70,7 @@ class QuantizeConfig:
     split_activations: bool = False
     act_bits: int | None = None  # per-tensor activation fake-quantization (QDQ) after weight quantization
     seed: int = 0
+    sequential: bool | None = None  # None: on when affordable (see sequential_affordable)
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -158,28 +159,12 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
             + "); run 'onnxq inspect' to see why"
         )
     branch_nodes = split_branch_nodes(model)
-    hessians = None
-    if config.method != "rtn":
-        hessians = _hessians(model, report.targets, config, summary)
-
-    solved: dict[str, QuantizedWeight] = {}
+    solved = _solve_all(model, report.targets, config, branch_nodes, summary)
     rewrites: dict[int, Rewrite] = {}
     ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level)
     emit = FORMATS[config.format]
-    with Progress(len(report.targets), "quantize", config.progress) as bar:
-        for target in report.targets:
-            weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
-            if target.weight_name not in solved:
-                zero_mask = (weight == 0) if target.name in branch_nodes else None
-                qw, losses = _solve(weight, target, config, hessians, zero_mask)
-                if target.dtype == onnx.TensorProto.FLOAT16:
-                    qw = _round_to_float16(qw)
-                solved[target.weight_name] = qw
-                err = float(np.linalg.norm(qw.dequantize(np.float64) - weight) / max(np.linalg.norm(weight), 1e-30))
-                summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name,
-                                                  target.matrix_shape, config.format, err, *losses))
-            rewrites[target.node_index] = emit(target, solved[target.weight_name], ctx)
-            bar.step(target.name)
+    for target in report.targets:
+        rewrites[target.node_index] = emit(target, solved[target.weight_name], ctx)
     _apply_rewrites(model, rewrites)
     remove_unused(model)
     for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
@@ -191,37 +176,123 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
         from onnxq.passes.activation_quant import add_activation_qdq
 
         model = add_activation_qdq(model, config.act_bits, config.calibration)
-    summary.notes = ctx.notes
+    summary.notes += ctx.notes
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
     return model, summary
 
 
-def _solve(
-    weight: np.ndarray, target: Target, config: QuantizeConfig, hessians: dict | None, zero_mask: np.ndarray | None
-) -> tuple[QuantizedWeight, tuple[float | None, float | None]]:
-    """Solve one weight with the configured method; returns the weight and (loss RTN, loss method)."""
+def _solve_all(
+    model: onnx.ModelProto, targets: list[Target], config: QuantizeConfig, branch_nodes: set[str],
+    summary: QuantizeSummary,
+) -> dict[str, QuantizedWeight]:
+    """Solve every distinct weight once; Hessian methods calibrate first (group by group when sequential)."""
+    solved: dict[str, QuantizedWeight] = {}
+    store = working = None
+    groups = [targets]
+    if config.method != "rtn":
+        from onnxq.calibration import iter_batches
+        from onnxq.passes.hessian_solve import HessianStore
+
+        batches = iter_batches(config.calibration, model=model)
+        batches.check(model)
+        store = HessianStore({}, config.damp)
+        sequential = config.sequential
+        if sequential is None:
+            sequential = sequential_affordable(targets, batches)
+        if sequential:
+            groups = sequential_groups(targets)
+            working = copy_model(model)
+            summary.notes.append(f"sequential calibration: {len(groups)} layer groups")
+    with Progress(len(targets), "quantize", config.progress) as bar:
+        for group in groups:
+            if store is not None:
+                _calibrate(working or model, group, config, batches, store, summary)
+            for target in group:
+                if target.weight_name not in solved:
+                    solved[target.weight_name] = _solve_one(model, target, config, store, branch_nodes, summary)
+                    if working is not None:
+                        _write_dequantized(working, target, solved[target.weight_name])
+                bar.step(target.name)
+    return solved
+
+
+def _solve_one(
+    model: onnx.ModelProto, target: Target, config: QuantizeConfig, store, branch_nodes: set[str],
+    summary: QuantizeSummary,
+) -> QuantizedWeight:
+    weight = target.matrix_from_initializer(initializer_array(model, target.weight_name)).astype(np.float64)
     group_size = resolve_group_size(weight.shape[1], config.group_size)
     zero_convention = config.zero_convention or ("float" if config.method == "decoupleq" else "integer")
+    zero_mask = (weight == 0) if target.name in branch_nodes else None
     if zero_mask is not None and zero_mask.any():
         zero_convention = "integer"  # zeros of a split branch must dequantize to exactly 0
     else:
         zero_mask = None
+    losses: tuple[float | None, float | None] = (None, None)
     if config.method == "rtn":
         qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, config.clip_search)
-        return qw, (None, None)
-    from onnxq.passes.hessian_solve import solve_with_hessian
+    else:
+        from onnxq.passes.hessian_solve import solve_with_hessian
 
-    return solve_with_hessian(weight, target, config, hessians, zero_mask, group_size, zero_convention)
+        qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention)
+    if target.dtype == onnx.TensorProto.FLOAT16:
+        qw = _round_to_float16(qw)
+    err = float(np.linalg.norm(qw.dequantize(np.float64) - weight) / max(np.linalg.norm(weight), 1e-30))
+    summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
+                                      config.format, err, *losses))
+    return qw
 
 
-def _hessians(model: onnx.ModelProto, targets: list[Target], config: QuantizeConfig, summary: QuantizeSummary):
-    from onnxq.calibration import collect_hessians, iter_batches
+def _calibrate(model: onnx.ModelProto, group: list[Target], config: QuantizeConfig, batches, store,
+               summary: QuantizeSummary) -> None:
+    from onnxq.calibration import collect_hessians
 
-    hessians, stats = collect_hessians(model, targets, iter_batches(config.calibration), config.max_memory)
-    summary.calibration_seconds = getattr(stats, "seconds", 0.0)
-    summary.peak_memory_mb = getattr(stats, "peak_rss_mb", 0.0)
-    return hessians
+    hessians, stats = collect_hessians(model, group, batches, config.max_memory)
+    store.update(hessians)
+    summary.calibration_seconds += stats.seconds
+    summary.peak_memory_mb = max(summary.peak_memory_mb, stats.peak_rss_bytes / 2**20)
+
+
+def sequential_groups(targets: list[Target]) -> list[list[Target]]:
+    """Consecutive targets that read the same activation (q/k/v, gate/up) form one group, in graph order."""
+    from onnxq.calibration import hessian_key
+
+    groups: list[list[Target]] = []
+    last_key = None
+    for target in targets:
+        key = hessian_key(target)
+        if groups and key == last_key:
+            groups[-1].append(target)
+        else:
+            groups.append([target])
+        last_key = key
+    return groups
+
+
+SEQUENTIAL_FLOP_BUDGET = 2e13  # ≈ a few minutes of ORT on 2 cores
+
+
+def sequential_affordable(targets: list[Target], batches) -> bool:
+    """Sequential calibration runs the graph prefix once per group: ≈ groups/2 full forward passes.
+
+    Affordable when ``groups/2 · 2·params·rows`` stays under :data:`SEQUENTIAL_FLOP_BUDGET`, with
+    ``rows`` the calibration elements of the largest input (tokens for language models).
+    """
+    params = sum(int(np.prod(t.matrix_shape)) for t in targets)
+    rows = max((int(np.prod(shape)) for _, headers in batches._headers() for shape, _ in headers.values()),
+               default=0)
+    return len(sequential_groups(targets)) / 2 * 2 * params * rows <= SEQUENTIAL_FLOP_BUDGET
+
+
+def _write_dequantized(model: onnx.ModelProto, target: Target, qw: QuantizedWeight) -> None:
+    """Replace the weight initializer by its dequantized value (so later groups see quantized inputs)."""
+    for tensor in model.graph.initializer:
+        if tensor.name == target.weight_name:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            values = target.initializer_from_matrix(qw.dequantize(dtype))
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(values), tensor.name))
+            return
 
 
 def _round_to_float16(qw: QuantizedWeight) -> QuantizedWeight:
