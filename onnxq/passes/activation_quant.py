@@ -27,6 +27,7 @@ from onnxq.graph import NameScope, copy_model, opset_version
 LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits")
 SPLIT_ACTIVATIONS_METADATA_KEY = "onnxq.split_activations"  # JSON {activation: {"output", "branches", ...}}
 ACT_QUANT_METADATA_KEY = "onnxq.act_quant"  # JSON {"bits", "tensors": {activation: {range(s), "read_as"}}}
+RESHAPE_OP_TYPES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CONSTANT_OP_TYPES = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze")
 
 
@@ -149,7 +150,9 @@ def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: objec
     produced = {o for n in model.graph.node for o in n.output} | {v.name for v in model.graph.input}
     splits = {out: e for out, e in splits.items() if all(b in produced for b in e["branches"])}
     tensors = list(dict.fromkeys(name for _, _, name in sites))
-    measured = [b for t in tensors for b in (splits[t]["branches"] if t in splits else [t])]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sources = {t: _split_source(t, producers, splits) for t in tensors}  # (split activation, reshape chain)
+    measured = [b for t in tensors for b in (splits[sources[t][0]]["branches"] if sources[t] else [t])]
     ranges = calibrated_ranges(model, calibration, measured)
     ranges.update({t: (0.0, 0.0) for t in measured if t not in ranges})  # never seen a value: zero range
     dtypes = elem_types(model)
@@ -158,10 +161,12 @@ def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: objec
     replacement: dict[str, str] = {}  # activation → the tensor layers read instead
     record: dict[str, dict] = {}
     for tensor in tensors:
-        if tensor in splits:
-            branches = [writer.fake_quantize(b, *ranges[b]) for b in splits[tensor]["branches"]]
-            replacement[tensor] = writer.sum(branches, tensor)
-            record[tensor] = {"branches": {b: list(ranges[b]) for b in splits[tensor]["branches"]}}
+        if sources[tensor]:
+            source, chain = sources[tensor]
+            branch_names = splits[source]["branches"]
+            total = writer.sum([writer.fake_quantize(b, *ranges[b]) for b in branch_names], source)
+            replacement[tensor] = writer.replay(chain, total)
+            record[tensor] = {"branches": {b: list(ranges[b]) for b in branch_names}, "split_activation": source}
         else:
             replacement[tensor] = writer.fake_quantize(tensor, *ranges[tensor])
             record[tensor] = {"range": list(ranges[tensor])}
@@ -174,6 +179,20 @@ def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: objec
     toposort(model)
     set_metadata(model, ACT_QUANT_METADATA_KEY, json.dumps({"bits": act_bits, "tensors": record}, sort_keys=True))
     return model
+
+
+def _split_source(
+    tensor: str, producers: Mapping[str, onnx.NodeProto], splits: Mapping[str, dict]
+) -> tuple[str, list[onnx.NodeProto]] | None:
+    """The split activation ``tensor`` is, up to a chain of reshaping ops (per-tensor QDQ commutes with them)."""
+    chain: list[onnx.NodeProto] = []
+    while tensor not in splits:
+        node = producers.get(tensor)
+        if node is None or node.op_type not in RESHAPE_OP_TYPES:
+            return None
+        chain.append(node)
+        tensor = node.input[0]
+    return tensor, chain[::-1]
 
 
 class _QdqWriter:
@@ -225,6 +244,19 @@ class _QdqWriter:
                                       name=self.names.fresh(f"{base}_act_dequantize")))
         self.nodes.extend(nodes)
         return dequantized
+
+    def replay(self, chain: list[onnx.NodeProto], tensor: str) -> str:
+        """Copies of the reshaping ``chain`` applied to ``tensor`` (its first input replaced); returns the result."""
+        for node in chain:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = self.names.fresh(f"{node.name or node.op_type}_act_dq")
+            copy.input[0] = tensor
+            tensor = self.names.fresh(f"{node.output[0]}_act_dq")
+            del copy.output[:]
+            copy.output.append(tensor)
+            self.nodes.append(copy)
+        return tensor
 
     def sum(self, parts: list[str], tensor: str) -> str:
         base = tensor.replace("/", "_").strip("_")
