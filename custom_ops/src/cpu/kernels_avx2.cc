@@ -7,6 +7,7 @@
 
 #include "../common/lowbit_math.h"
 #include "cpu_kernels.h"
+#include "transpose_avx2.h"
 
 namespace {
 
@@ -77,6 +78,13 @@ struct V {
     memcpy(&w0, p, 4);
     memcpy(&w1, p + 4, 4);
     return F16{decode4_word(w0, l), decode4_word(w1, l)};
+  }
+
+  static void transpose16(const float* src, int64_t src_stride, float* dst) { transpose_16x16(src, src_stride, dst); }
+  // dst[i * 16 + r] = element i of w[r], for r < 8, i < 16
+  static void store_transposed8(const F16* w, float* dst) {
+    store_transposed_8x8(w[0].lo, w[1].lo, w[2].lo, w[3].lo, w[4].lo, w[5].lo, w[6].lo, w[7].lo, dst, 16);
+    store_transposed_8x8(w[0].hi, w[1].hi, w[2].hi, w[3].hi, w[4].hi, w[5].hi, w[6].hi, w[7].hi, dst + 8 * 16, 16);
   }
 
   static void half_to_float(const uint16_t* src, float* dst, size_t count) {

@@ -7,6 +7,7 @@
 
 #include "../common/lowbit_math.h"
 #include "cpu_kernels.h"
+#include "transpose_avx2.h"
 
 namespace {
 
@@ -63,6 +64,17 @@ struct V {
     const __m128i codes = _mm_unpacklo_epi8(low, high);  // code i in byte i
     const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
     return _mm512_fmadd_ps(q, l.s, l.z);
+  }
+
+  static void transpose16(const float* src, int64_t src_stride, float* dst) { transpose_16x16(src, src_stride, dst); }
+  static __m256 low8(F16 x) { return _mm512_castps512_ps256(x); }
+  static __m256 high8(F16 x) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)); }
+  // dst[i * 16 + r] = element i of w[r], for r < 8, i < 16
+  static void store_transposed8(const F16* w, float* dst) {
+    store_transposed_8x8(low8(w[0]), low8(w[1]), low8(w[2]), low8(w[3]), low8(w[4]), low8(w[5]), low8(w[6]),
+                         low8(w[7]), dst, 16);
+    store_transposed_8x8(high8(w[0]), high8(w[1]), high8(w[2]), high8(w[3]), high8(w[4]), high8(w[5]), high8(w[6]),
+                         high8(w[7]), dst + 8 * 16, 16);
   }
 
   static void half_to_float(const uint16_t* src, float* dst, size_t count) {

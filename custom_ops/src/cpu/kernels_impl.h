@@ -7,6 +7,8 @@
 //   zero/load/store/set1/fma/add/hsum on F16, nzero/nfma/nadd/nhsum on Narrow,
 //   Lut2 lut2(s, z) + F16 decode2(const uint8_t* 4 bytes, Lut2)   -> s * q + z for 16 2-bit codes,
 //   Lut4 lut4(s, z) + F16 decode4(const uint8_t* 8 bytes, Lut4)   -> s * q + z for 16 4-bit codes,
+//   transpose16(src, src_stride, dst): dst[c * 16 + r] = src[r * src_stride + c] for r, c < 16,
+//   store_transposed8(const F16 w[8], dst): dst[i * 16 + r] = w[r][i] for r < 8, i < 16,
 //   half_to_float / float_to_half over arrays.
 //
 // Algorithms
@@ -168,36 +170,73 @@ void micro_kernel_rows(int rows, const float* a, int64_t lda, const float* panel
   if constexpr (R > 1) micro_kernel_rows<R - 1>(rows, a, lda, panel, kb, c, ldc, accumulate);
 }
 
-// panel[kk, r] = w[n0 + r, k0 + kk] for kk < kb, r < 16 (0 beyond N).  BITS = 0: any layout, scalar decode.
+static inline void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address, 0, 3);
+#else
+  (void)address;
+#endif
+}
+
+// Start loading what dequantize_panel will read for columns [n0, n0 + 16) at reduction offset k0.
+void prefetch_panel(const onnxq::cpu::MatMulArgs& p, int64_t n0, int64_t k0) {
+  const int64_t bpg = onnxq::bytes_per_group(p.group_size, p.bits);
+  const int64_t g = k0 / p.group_size;
+  const int64_t offset = g * bpg + (k0 - g * p.group_size) * p.bits / 8;
+  for (int64_t n = n0; n < min_i64(p.n, n0 + kNR); ++n) {
+    prefetch(p.b + n * p.groups * bpg + offset);
+    prefetch(p.scales + n * p.groups + g);
+    prefetch(p.zeros + n * p.groups + g);
+  }
+}
+
+// panel[kk, r] = w[n0 + r, k0 + kk] for kk < kb, r < 16 (0 beyond N).
+// BITS = 2 or 4 (16-aligned groups): 8 columns are decoded per 16-code step and transposed in registers.
+// BITS = 0: any layout, scalar decode through rows_tmp.
 template <int BITS>
 void dequantize_panel(const onnxq::cpu::MatMulArgs& p, int64_t n0, int64_t k0, int64_t kb, float* rows_tmp,
                       float* panel) {
   const int64_t bpg = onnxq::bytes_per_group(p.group_size, p.bits);
-  for (int64_t r = 0; r < kNR; ++r) {
-    float* dst = rows_tmp + r * kKB;
-    const int64_t n = n0 + r;
-    if (n >= p.n) {
-      for (int64_t kk = 0; kk < kb; ++kk) dst[kk] = 0.f;
-      continue;
-    }
-    const uint8_t* row = p.b + n * p.groups * bpg;
-    const float* srow = p.scales + n * p.groups;
-    const float* zrow = p.zeros + n * p.groups;
-    if constexpr (BITS == 2 || BITS == 4) {
-      using C = Codec<BITS>;
-      int64_t current_group = -1;
-      typename C::Lut lut{};
-      for (int64_t kk = 0; kk < kb; kk += 16) {
-        const int64_t k = k0 + kk;
-        const int64_t g = k / p.group_size;
-        if (g != current_group) {
-          lut = C::lut(srow[g], zrow[g]);
-          current_group = g;
-        }
-        const int64_t j = k - g * p.group_size;
-        V::store(dst + kk, C::decode(row + g * bpg + j * BITS / 8, lut));
+  if constexpr (BITS == 2 || BITS == 4) {
+    using C = Codec<BITS>;
+    (void)rows_tmp;
+    for (int64_t half = 0; half < kNR; half += 8) {
+      const uint8_t* rows[8];
+      const float* srows[8];
+      const float* zrows[8];
+      for (int r = 0; r < 8; ++r) {
+        const int64_t n = min_i64(n0 + half + r, p.n - 1);  // rows beyond N: decoded, then zeroed
+        rows[r] = p.b + n * p.groups * bpg;
+        srows[r] = p.scales + n * p.groups;
+        zrows[r] = p.zeros + n * p.groups;
       }
-    } else {
+      const int valid = static_cast<int>(min_i64(8, max_i64(0, p.n - n0 - half)));
+      int64_t g = k0 / p.group_size;  // one division per panel; steps advance j by 16 inside the group
+      int64_t j = k0 - g * p.group_size;
+      for (int64_t kk = 0; kk < kb; kk += 16) {
+        if (j == p.group_size) {
+          j = 0;
+          ++g;
+        }
+        const int64_t offset = g * bpg + j * BITS / 8;
+        V::F16 w[8];
+        for (int r = 0; r < 8; ++r) w[r] = C::decode(rows[r] + offset, C::lut(srows[r][g], zrows[r][g]));
+        for (int r = valid; r < 8; ++r) w[r] = V::zero();
+        V::store_transposed8(w, panel + kk * kNR + half);
+        j += 16;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < kNR; ++r) {
+      float* dst = rows_tmp + r * kKB;
+      const int64_t n = n0 + r;
+      if (n >= p.n) {
+        for (int64_t kk = 0; kk < kb; ++kk) dst[kk] = 0.f;
+        continue;
+      }
+      const uint8_t* row = p.b + n * p.groups * bpg;
+      const float* srow = p.scales + n * p.groups;
+      const float* zrow = p.zeros + n * p.groups;
       for (int64_t kk = 0; kk < kb; ++kk) {
         const int64_t k = k0 + kk;
         const int64_t g = k / p.group_size;
@@ -205,9 +244,11 @@ void dequantize_panel(const onnxq::cpu::MatMulArgs& p, int64_t n0, int64_t k0, i
         dst[kk] = onnxq::dequant(srow[g], zrow[g], q);
       }
     }
+    int64_t kk = 0;
+    for (; kk + 16 <= kb; kk += 16) V::transpose16(rows_tmp + kk, kKB, panel + kk * kNR);
+    for (; kk < kb; ++kk)
+      for (int64_t r = 0; r < kNR; ++r) panel[kk * kNR + r] = rows_tmp[r * kKB + kk];
   }
-  for (int64_t kk = 0; kk < kb; ++kk)
-    for (int64_t r = 0; r < kNR; ++r) panel[kk * kNR + r] = rows_tmp[r * kKB + kk];
 }
 
 using PanelFn = void (*)(const onnxq::cpu::MatMulArgs&, int64_t, int64_t, int64_t, float*, float*);
@@ -251,6 +292,7 @@ void gemm_task(void* data, size_t task) {
     const int64_t kb = min_i64(kKB, k_padded - k0);
     for (int64_t pi = first_panel; pi < last_panel; ++pi) {
       const int64_t n0 = pi * kNR;
+      if (pi + 1 < last_panel) prefetch_panel(p, n0 + kNR, k0);
       job.dequantize(p, n0, k0, kb, rows_tmp, panel);
       for (int64_t m0 = 0; m0 < p.m; m0 += V::kMR) {
         const int rows = static_cast<int>(min_i64(V::kMR, p.m - m0));

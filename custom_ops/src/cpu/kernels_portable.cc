@@ -84,6 +84,16 @@ struct V {
     return r;
   }
 
+  static void transpose16(const float* src, int64_t src_stride, float* dst) {
+    for (int c = 0; c < 16; ++c)
+      for (int r = 0; r < 16; ++r) dst[c * 16 + r] = src[r * src_stride + c];
+  }
+
+  static void store_transposed8(const F16* w, float* dst) {
+    for (int i = 0; i < 16; ++i)
+      for (int r = 0; r < 8; ++r) dst[i * 16 + r] = w[r].v[i];
+  }
+
   static void half_to_float(const uint16_t* src, float* dst, size_t count) {
     for (size_t i = 0; i < count; ++i) dst[i] = onnxq::cpu::half_bits_to_float(src[i]);
   }
