@@ -432,13 +432,18 @@ def conv_patches(x: np.ndarray, unfold: Unfolding) -> Iterator[np.ndarray]:
     order = (0, *range(2, 2 + n_spatial), 1, *range(2 + n_spatial, 2 + 2 * n_spatial))
     windows = windows.transpose(order)
     out_shape = windows.shape[1 : 1 + n_spatial]
-    width = int(np.prod(windows.shape[1 + n_spatial :]))
-    rows_per_first_axis = int(np.prod(out_shape[1:], dtype=np.int64))
-    step_rows = max(1, PATCH_BLOCK_BYTES // (4 * width * max(rows_per_first_axis, 1)))
+    width = math.prod(windows.shape[1 + n_spatial :])
+    row_bytes = 4 * width
+    sample_bytes = row_bytes * math.prod(out_shape)
+    if sample_bytes <= PATCH_BLOCK_BYTES:  # whole samples per block
+        step = max(1, PATCH_BLOCK_BYTES // max(sample_bytes, 1))
+        for start in range(0, windows.shape[0], step):
+            yield np.ascontiguousarray(windows[start : start + step], dtype=np.float32).reshape(-1, width)
+        return
+    step = max(1, PATCH_BLOCK_BYTES // (row_bytes * math.prod(out_shape[1:])))  # slices of the first output axis
     for b in range(windows.shape[0]):
-        for start in range(0, out_shape[0], step_rows):
-            block = windows[b, start : start + step_rows]
-            yield np.ascontiguousarray(block, dtype=np.float32).reshape(-1, width)
+        for start in range(0, out_shape[0], step):
+            yield np.ascontiguousarray(windows[b, start : start + step], dtype=np.float32).reshape(-1, width)
 
 
 def unfold_rows(x: np.ndarray, unfold: Unfolding) -> Iterator[np.ndarray]:
@@ -447,7 +452,7 @@ def unfold_rows(x: np.ndarray, unfold: Unfolding) -> Iterator[np.ndarray]:
         yield from conv_patches(x, unfold)
         return
     if unfold.kind == "columns":
-        x = x.reshape(-1, 1) if x.ndim == 1 else np.swapaxes(x, -1, -2)
+        x = x.reshape(1, -1) if x.ndim == 1 else np.swapaxes(x, -1, -2)  # 1-D X is one column
     if x.shape[-1] != unfold.size:
         raise OnnxqError(
             f"activation '{unfold.tensor}' has shape {x.shape}; its reduction axis should have {unfold.size} "
@@ -559,7 +564,7 @@ class SessionFactory:
         pruned.graph.input.extend(graph.input)
         pruned.graph.initializer.extend(t for name, t in self.initializers.items() if name in needed)
         pruned.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
-        pruned.graph.value_info.extend(graph.value_info)
+        pruned.graph.value_info.extend(v for v in graph.value_info if v.name in needed)
         pruned.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
         self._count += 1
         path = self.folder / f"calibration_{self._count}.onnx"
@@ -621,16 +626,18 @@ class CalibrationStats:
     batches: int = 0  # batches per pass
     passes: int = 0
     keys_per_pass: list[int] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time
+    cpu_seconds: float = 0.0  # process user + system time (wall time misleads on a busy machine)
     peak_rss_bytes: int = 0  # process peak resident memory (getrusage), after calibration
     hessian_bytes: int = 0  # float64 bytes of all H returned
-    activation_bytes_per_batch: int = 0  # largest estimated extra-output bytes of one batch (0: not estimated)
+    activation_bytes_per_batch: int = 0  # largest extra-output bytes ORT returned for one batch
 
     def summary(self) -> str:
         return (
             f"calibration: {len(self.rows)} Hessians from {self.samples} samples in {self.batches} batches, "
-            f"{self.passes} pass(es), {self.seconds:.1f} s, Hessians {self.hessian_bytes / 2**20:.0f} MiB, "
-            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+            f"{self.passes} pass(es), {self.seconds:.1f} s (CPU {self.cpu_seconds:.1f} s), "
+            f"Hessians {self.hessian_bytes / 2**20:.0f} MiB, activations {self.activation_bytes_per_batch / 2**20:.0f} "
+            f"MiB per batch, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
 
     def merge(self, other: CalibrationStats) -> None:
@@ -639,6 +646,7 @@ class CalibrationStats:
         self.passes += other.passes
         self.keys_per_pass += other.keys_per_pass
         self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
         self.hessian_bytes += other.hessian_bytes
         self.activation_bytes_per_batch = max(self.activation_bytes_per_batch, other.activation_bytes_per_batch)
@@ -646,6 +654,11 @@ class CalibrationStats:
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _as_batches(batches, model: onnx.ModelProto) -> Iterable[Feed]:
@@ -690,8 +703,7 @@ def iter_hessian_groups(
         return
     specs = model_input_specs(model)
     if isinstance(batches, CalibrationBatches):
-        for origin, headers in batches._headers():
-            _check_headers(specs, headers, origin)
+        batches.check(model)  # every file's names, dtypes and ranks, before the first ORT run
     constants = {t.name: t for t in model.graph.initializer}
     factory = SessionFactory(model, threads)
     try:
@@ -718,7 +730,7 @@ def iter_hessian_groups(
         total = len(batches) * len(groups) if hasattr(batches, "__len__") else 0
         done = 0
         for index, group in enumerate(groups):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
             group_units = {key: keys[key] for key in group}
             needed = list(dict.fromkeys(u.tensor for u in group_units.values() if u.tensor in intermediates))
             if len(groups) == 1 and probe_session is not None:
@@ -726,10 +738,11 @@ def iter_hessian_groups(
             else:
                 session = factory.session(needed) if needed else None
             sums = {key: HessianSum(unit) for key, unit in group_units.items()}
-            samples = count = 0
+            samples = count = peak_outputs = 0
             for origin, batch in _origins(batches):
                 feed = check_feed(specs, batch, origin)
                 values = _run(session, needed, feed, origin)
+                peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
                 for tensor, users in _by_tensor(group_units).items():
                     x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
                     for key in users:
@@ -751,9 +764,10 @@ def iter_hessian_groups(
                 passes=1,
                 keys_per_pass=[len(group)],
                 seconds=time.perf_counter() - start,
+                cpu_seconds=_cpu_seconds() - cpu_start,
                 peak_rss_bytes=_peak_rss_bytes(),
                 hessian_bytes=sum(h.nbytes for h in hessians.values()),
-                activation_bytes_per_batch=sum(activation_bytes.get(t, 0) for t in needed),
+                activation_bytes_per_batch=peak_outputs,
             )
             del sums
             yield hessians, stats
@@ -776,13 +790,14 @@ def collect_hessians(
     path / folder / dict of arrays.  See :func:`iter_hessian_groups` for the memory bound; the returned dict holds
     every H at once.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     hessians: dict[HessianKey, np.ndarray] = {}
     stats = CalibrationStats()
     for group, group_stats in iter_hessian_groups(model, targets, batches, max_memory, progress, threads):
         hessians.update(group)
         stats.merge(group_stats)
     stats.seconds = time.perf_counter() - start
+    stats.cpu_seconds = _cpu_seconds() - cpu_start
     stats.peak_rss_bytes = _peak_rss_bytes()
     return hessians, stats
 

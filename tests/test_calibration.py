@@ -12,6 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibration import (
     CalibrationStats,
+    HessianSum,
+    Unfolding,
     collect_hessians,
     hessian_key,
     iter_batches,
@@ -542,3 +544,48 @@ def test_digits_hessians_are_psd_and_match_mean_squares(kind):
             rows = x.reshape(-1, x.shape[-1])
             assert stats.rows[key] == rows.shape[0]
             np.testing.assert_allclose(np.diag(h[0]) / stats.rows[key], np.mean(rows**2, axis=0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_model_over_2gb_with_external_data(tmp_path):
+    """A 2.2 GB embedding table (external data) feeding a MatMul: the session is built from files, not bytes."""
+    rows, width = 550_000, 1_000  # 2.2 GB of float32, written straight to the external-data file
+    row_values = np.arange(width, dtype=np.float32) / width
+    with open(tmp_path / "big.onnx.data", "wb") as data:
+        for start in range(0, rows, 50_000):
+            block = np.tile(row_values, (50_000, 1))
+            block[:, 0] = np.arange(start, start + 50_000)
+            data.write(block.tobytes())
+    table = onnx.TensorProto(name="table", data_type=TensorProto.FLOAT, dims=[rows, width])
+    table.data_location = onnx.TensorProto.EXTERNAL
+    table.external_data.add(key="location", value="big.onnx.data")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"]), helper.make_node("MatMul", ["emb", "W"], ["y"])]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        {"W": np.ones((width, 2), np.float32)},
+    )
+    model.graph.initializer.append(table)
+    (tmp_path / "big.onnx").write_bytes(model.SerializeToString())
+
+    loaded = load_model(tmp_path / "big.onnx")
+    ids = np.array([3, 7, 549_999], dtype=np.int64)
+    hessians, stats = collect_hessians(loaded, find_targets(loaded).targets, [{"ids": ids}])
+    emb = np.tile(row_values, (3, 1))
+    emb[:, 0] = ids
+    assert_hessian(hessians[("emb", "rows")], outer_sum(emb))
+    assert stats.rows[("emb", "rows")] == 3
+
+
+def test_hessian_sum_unit_cases():
+    """Direct checks of the unfoldings: a 1-D column operand, and float16 rows."""
+    column = HessianSum(Unfolding(tensor="v", kind="columns", size=3))
+    column.add(np.array([1.0, 2.0, 3.0], np.float32))
+    np.testing.assert_array_equal(column.result(), np.outer([1, 2, 3], [1, 2, 3]))
+    assert column.rows == 1
+    rows = HessianSum(Unfolding(tensor="x", kind="rows", size=2))
+    rows.add(np.array([[[1, 2], [3, 4]], [[5, 6], [7, 8]]], np.float16))
+    np.testing.assert_array_equal(rows.result(), outer_sum(np.arange(1, 9).reshape(4, 2)))
+    with pytest.raises(OnnxqError, match="reduction axis should have 2"):
+        rows.add(np.zeros((4, 3), np.float32))
