@@ -11,9 +11,12 @@ intra-op thread pool (``--threads`` threads), so no session's spinning workers s
 - ``oq2`` / ``oq4``: onnxq::MatMulLowBit bits 2 / 4 (exact fp32 accumulation).
 
 ``err`` columns: max |Y − Y_ref| / max |Y_ref| against the float64 product with the dequantized weight.
+``--timer thread-cpu`` runs one intra-op thread (ORT then computes on the calling thread) and measures that
+thread's CPU time: robust on a loaded, shared machine, where wall-clock medians are not.
 
-    python tools/bench_matmul.py                      # the full table (M 1 8 128, K=N 768 2048 4096, g 64 128)
-    python tools/bench_matmul.py --m 1 --sizes 4096 --groups 64
+    python -m tools.bench_matmul                      # the full table (M 1 8 128, K=N 768 2048 4096, g 64 128)
+    python -m tools.bench_matmul --m 1 --sizes 4096 --groups 64
+    python -m tools.bench_matmul --timer thread-cpu   # single-thread compute time
 """
 
 from __future__ import annotations
@@ -140,8 +143,8 @@ def build_variants(layer: Layer, m: int) -> dict[str, Callable[[], np.ndarray]]:
 
 
 def measure(runs: dict[str, Callable[[], np.ndarray]], warmup: int, min_rounds: int, max_rounds: int,
-            budget: float) -> dict[str, float]:
-    """Median milliseconds per variant, interleaving the variants round by round."""
+            budget: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median milliseconds per variant (by ``clock``), interleaving the variants round by round."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -149,9 +152,9 @@ def measure(runs: dict[str, Callable[[], np.ndarray]], warmup: int, min_rounds: 
     start = time.perf_counter()
     for round_index in range(max_rounds):
         for name, run in runs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             run()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
         if round_index + 1 >= min_rounds and time.perf_counter() - start > budget:
             break
     return {name: 1e3 * statistics.median(values) for name, values in times.items()}
@@ -168,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8, 128], help="rows of A")
     parser.add_argument("--sizes", type=int, nargs="+", default=[768, 2048, 4096], help="K = N")
     parser.add_argument("--groups", type=int, nargs="+", default=[64, 128], help="group (block) sizes")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (wall timer)")
+    parser.add_argument("--timer", choices=("wall", "thread-cpu"), default="wall",
+                        help="wall-clock with --threads threads, or 1 thread timed by its CPU time")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--min-rounds", type=int, default=7)
     parser.add_argument("--max-rounds", type=int, default=200)
@@ -176,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    _POOL["threads"] = args.threads
-    use_global_thread_pool(args.threads)
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, onnxq CPU kernels: "
-          f"{custom_ops.cpu_isa()}; milliseconds (median of interleaved rounds)")
+    threads = args.threads if args.timer == "wall" else 1
+    clock = time.perf_counter if args.timer == "wall" else time.thread_time
+    _POOL["threads"] = threads
+    use_global_thread_pool(threads)
+    timer = "wall-clock" if args.timer == "wall" else "CPU time of the computing thread"
+    print(f"onnxruntime {ort.__version__}, {threads} intra-op thread(s), onnxq CPU kernels: {custom_ops.cpu_isa()}; "
+          f"milliseconds, {timer}, median of interleaved rounds")
     header = ("| M | K=N | group | " + " | ".join(VARIANTS)
               + " | fp32/oq2 | nb2-acc4/oq2 | nb4-acc4/oq4 | fp32/oq4 | oq2 err | oq4 err | nb2-acc4 err |")
     print(header)
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer = Layer({b: random_weight(size, size, b, group, rng) for b in (2, 4)},
                               rng.standard_normal((m, size)).astype(np.float32))
                 runs = build_variants(layer, m)
-                ms = measure(runs, args.warmup, args.min_rounds, args.max_rounds, args.budget)
+                ms = measure(runs, args.warmup, args.min_rounds, args.max_rounds, args.budget, clock)
                 errors = [relative_error(runs[v](), layer.weight[b], layer.activation)
                           for v, b in (("oq2", 2), ("oq4", 4), ("nb2-acc4", 2))]
                 cells = [f"{ms[v]:.3f}" for v in VARIANTS]

@@ -19,7 +19,7 @@
 //     over all rows of A (the A block stays in L2).
 
 constexpr int64_t kNR = 16;   // GEMM panel width (one F16)
-constexpr int64_t kKB = 256;  // GEMM reduction block
+constexpr int64_t kKB = 512;  // GEMM reduction block
 constexpr int64_t kGemmTasksTarget = 32;
 constexpr int64_t kGemvTasksTarget = 64;
 
