@@ -14,6 +14,7 @@ from onnxq.solvers.decoupleq import quantize_decoupleq
 from onnxq.solvers.gptq import quantize_gptq
 from onnxq.solvers.hessian import layer_loss, prepare_hessian
 from onnxq.solvers.least_squares import fit_float_params
+from onnxq.solvers.rounding import GroupGrid, coordinate_descent
 from onnxq.solvers.rtn import quantize_rtn
 
 DIGITS_MODEL = Path(__file__).resolve().parents[1] / "onnxq" / "data" / "digits_mlp.onnx"
@@ -138,6 +139,32 @@ def test_zero_mask_gives_exact_zeros_with_integer_zero_points() -> None:
         rtn = quantize_rtn(branch, 2, 64)  # integer zero-point RTN also keeps zeros exact
         assert damped_loss(branch, qw, hessian) < 0.6 * damped_loss(branch, rtn, hessian)
         assert stats["loss_final"] <= stats["loss_init"] <= stats["loss_rtn"]
+
+
+def test_coordinate_descent_reaches_a_local_optimum_and_reports_the_exact_change() -> None:
+    weight, hessian = correlated_problem(n=10, k=40, seed=6)
+    damped = prepare_hessian(hessian).damped
+    rtn = quantize_rtn(weight, 3, 16, zero_convention="float")
+    grid = GroupGrid(
+        rtn.codes.copy(),
+        rtn.scales.astype(np.float64),
+        rtn.zero_points.astype(np.float64),
+        rtn.offsets.astype(np.float64),
+    )
+    before = layer_loss(weight, grid.dequantize(16), damped)
+    codes, change = coordinate_descent(weight, damped, grid, 16, 3, sweeps=30, block_size=8)
+    after_grid = grid.with_codes(codes)
+    after = layer_loss(weight, after_grid.dequantize(16), damped)
+    assert np.all(change <= 0) and np.all(after < before)
+    np.testing.assert_allclose(after - before, change, rtol=1e-8, atol=1e-12 * before.max())
+    for n, k in itertools.product(range(10), range(40)):  # no single code move improves any more
+        for step in (-1, 1):
+            code = int(codes[n, k]) + step
+            if 0 <= code <= 7:
+                moved = codes.copy()
+                moved[n, k] = code
+                loss = layer_loss(weight[n : n + 1], after_grid.with_codes(moved).dequantize(16)[n : n + 1], damped)
+                assert loss[0] >= after[n] * (1 - 1e-12)
 
 
 def test_deterministic() -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import expand_groups
-from onnxq.solvers.gptq import quantize_gptq
+from onnxq.solvers.gptq import gptq_round, quantize_gptq
 from onnxq.solvers.hessian import layer_loss, prepare_hessian
 from onnxq.solvers.rtn import quantize_rtn
 
@@ -174,3 +174,27 @@ def test_gptq_user_errors() -> None:
         quantize_gptq(weight, np.eye(10), 5)
     with pytest.raises(OnnxqError, match="NaN"):
         quantize_gptq(weight, np.full((10, 10), np.nan), 4)
+
+
+def test_gptq_sweep_reports_the_damped_loss() -> None:
+    """``w − q = e·U`` and ``U H_d Uᵀ = I``: the sum of squared scaled errors is the damped loss."""
+    weight, hessian = correlated_problem(n=12, k=72, seed=8)
+    prepared = prepare_hessian(hessian, act_order=True)
+    order = prepared.act_order()
+    start = quantize_rtn(weight, 3, 24, zero_convention="float")
+    groups = start.num_groups
+    codes, loss = gptq_round(
+        weight,
+        prepared.inverse_cholesky_upper(order),
+        3,
+        24,
+        start.scales.astype(np.float64),
+        np.full((12, groups), 4.0),
+        start.offsets.astype(np.float64),
+        order=order,
+        block_size=32,
+    )
+    deq = expand_groups(start.scales.astype(np.float64), 72, 24) * (codes - 4.0) + expand_groups(
+        start.offsets.astype(np.float64), 72, 24
+    )
+    np.testing.assert_allclose(loss, layer_loss(weight, deq, prepared.damped), rtol=1e-9)

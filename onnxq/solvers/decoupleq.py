@@ -11,8 +11,8 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
   ``2G×2G`` system per channel solved in float64 for all channels at once (:mod:`onnxq.solvers.least_squares`);
 * **integer step** (``s, z`` fixed): GPTQ rounding on the channel's grid (column sweep with error propagation through
   the Cholesky factor of ``H⁻¹``, act-order by default, :mod:`onnxq.solvers.gptq`), or ``round_mode="train"``:
-  projected gradient descent on the box-relaxed weights with progressive rounding; then ``refine_sweeps`` sweeps
-  of exact coordinate descent over single codes (:mod:`onnxq.solvers.rounding`);
+  projected gradient descent on the box-relaxed weights with progressive rounding; then, from the best codes so far,
+  ``refine_sweeps`` sweeps of exact coordinate descent over single codes (:mod:`onnxq.solvers.rounding`);
 * every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; the alternation
   stops after ``iters`` rounds or when at most ``min_improved_fraction`` of the channels improve.
 
@@ -74,7 +74,7 @@ def quantize_decoupleq(
     zero_mask: np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
     act_order: bool = True,
-    grid_points: int = 12,
+    grid_points: int = 8,
     min_shrink: float = 0.6,
     refine_sweeps: int = 1,
     min_improved_fraction: float = 1e-3,
@@ -97,7 +97,7 @@ def quantize_decoupleq(
     if iters < 0:
         raise OnnxqError(f"iters must be >= 0, got {iters}")
     group_size = resolve_group_size(k, group_size)
-    prepared = prepare_hessian(hessian, damp)
+    prepared = prepare_hessian(hessian, damp, act_order=act_order)
     check_hessian_size(prepared, k)
     mask = check_mask(zero_mask, weight.shape)
     target = weight if mask is None else np.where(mask, 0.0, weight)
@@ -141,7 +141,7 @@ def quantize_decoupleq(
     )
     raw_hessian = prepared.undamped()
     stats = _merge_stats(chunk_stats)
-    rtn_grid = _rtn_grid(target, mask, config, 1.0)
+    rtn_grid = _rtn_grid(target, mask, config)
     stats["raw_loss_rtn"] = float(layer_loss(target, rtn_grid.dequantize(group_size), raw_hessian).sum())
     stats["raw_loss_final"] = float(layer_loss(target, qweight.dequantize(np.float64), raw_hessian).sum())
     stats["damp"] = prepared.damp
@@ -173,6 +173,7 @@ def _solve_rows(
         return layer_loss(target, grid.dequantize(config.group_size), hessian)
 
     def integer_step(grid: GroupGrid) -> tuple[GroupGrid, np.ndarray]:
+        """Re-round all codes on ``grid``: GPTQ (loss for free) or relaxed rounding."""
         if config.round_mode == "train":
             codes = relaxed_rounding(
                 target,
@@ -186,27 +187,26 @@ def _solve_rows(
                 config.train_steps,
             )
             candidate = grid.with_codes(codes)
-            candidate_loss = loss_of(candidate)
-        else:
-            codes, candidate_loss = gptq_round(
-                target,
-                upper,
-                config.bits,
-                config.group_size,
-                grid.scales,
-                grid.zero_points,
-                grid.offsets,
-                order=order,
-                zero_mask=mask,
-            )
-            candidate = grid.with_codes(codes)
-        if config.refine_sweeps:
-            codes, change = coordinate_descent(
-                target, hessian, candidate, config.group_size, config.bits, mask, config.refine_sweeps
-            )
-            candidate = candidate.with_codes(codes)
-            candidate_loss = candidate_loss + change
-        return candidate, candidate_loss
+            return candidate, loss_of(candidate)
+        codes, candidate_loss = gptq_round(
+            target,
+            upper,
+            config.bits,
+            config.group_size,
+            grid.scales,
+            grid.zero_points,
+            grid.offsets,
+            order=order,
+            zero_mask=mask,
+        )
+        return grid.with_codes(codes), candidate_loss
+
+    def refine_step(grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:
+        """Coordinate descent over single codes from ``grid`` (its loss change is exact)."""
+        codes, change = coordinate_descent(
+            target, hessian, grid, config.group_size, config.bits, mask, config.refine_sweeps
+        )
+        return grid.with_codes(codes), grid_loss + change
 
     def float_step(grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray]:
         ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
@@ -229,13 +229,15 @@ def _solve_rows(
         best_loss[better] = candidate_loss[better]
         return better
 
-    best = _rtn_grid(target, mask, config, 1.0)
+    best = _rtn_grid(target, mask, config)
     loss = loss_of(best)
     stats: dict = {"loss_rtn": float(loss.sum())}
+    rtn = best.with_codes(best.codes.copy())
+    rtn_loss = loss.copy()
     accept(best, loss, *integer_step(best))
     if config.grid_search:
-        grid, grid_loss = _grid_search(target, mask, config, loss_of)
-        accept(best, loss, grid, grid_loss)
+        grid = _grid_search(target, mask, config, hessian, rtn, rtn_loss)
+        accept(best, loss, grid, loss_of(grid))
         fitted, fitted_loss, _ = float_step(grid)
         accept(best, loss, fitted, fitted_loss)
         accept(best, loss, *integer_step(fitted))
@@ -245,6 +247,8 @@ def _solve_rows(
     for _ in range(config.iters):
         changed = accept(best, loss, *float_step(best))
         changed |= accept(best, loss, *integer_step(best))
+        if config.refine_sweeps:
+            changed |= accept(best, loss, *refine_step(best, loss))
         losses.append(float(loss.sum()))
         improved.append(int(changed.sum()))
         if log is not None:
@@ -255,37 +259,59 @@ def _solve_rows(
     return best, stats
 
 
-def _rtn_grid(target: np.ndarray, mask: np.ndarray | None, config: _Config, shrink: float) -> GroupGrid:
-    """Min/max grid of the range shrunk by ``shrink`` (float zero; integer zero with a mask), codes by rounding."""
+def _rtn_grid(target: np.ndarray, mask: np.ndarray | None, config: _Config) -> GroupGrid:
+    """Min/max grid (float zero; integer zero with a mask), codes by rounding."""
     convention = "integer" if config.integer_zero else "float"
-    rtn = quantize_rtn(target * shrink, config.bits, config.group_size, zero_convention=convention)
+    rtn = quantize_rtn(target, config.bits, config.group_size, zero_convention=convention)
     scales = rtn.scales.astype(np.float64)
     zero_points = rtn.zero_points.astype(np.float64)
     offsets = np.zeros_like(scales) if rtn.offsets is None else rtn.offsets.astype(np.float64)
     grid = GroupGrid(np.empty(target.shape, dtype=np.uint8), scales, zero_points, offsets)
-    expanded_scales, expanded_zero_points, expanded_offsets = grid.expanded(config.group_size)
-    grid.codes[...] = nearest_codes(
-        target, safe_inverse(expanded_scales), expanded_zero_points, expanded_offsets, config.bits, mask
-    )
+    grid.codes = _rtn_codes(target, grid, config, mask)
     return grid
+
+
+def _rtn_codes(target: np.ndarray, grid: GroupGrid, config: _Config, mask: np.ndarray | None) -> np.ndarray:
+    """Nearest codes on ``grid``'s parameters."""
+    scales, zero_points, offsets = grid.expanded(config.group_size)
+    return nearest_codes(target, safe_inverse(scales), zero_points, offsets, config.bits, mask).astype(np.uint8)
 
 
 def _grid_search(
     target: np.ndarray,
     mask: np.ndarray | None,
     config: _Config,
-    loss_of: Callable[[GroupGrid], np.ndarray],
-) -> tuple[GroupGrid, np.ndarray]:
-    """The RTN grid whose range is shrunk by the ``p ∈ [min_shrink, 1]`` of least ``ℓ``, per channel."""
-    best = _rtn_grid(target, mask, config, 1.0)
-    best_loss = loss_of(best)
+    hessian: np.ndarray,
+    start: GroupGrid,
+    start_loss: np.ndarray,
+) -> GroupGrid:
+    """The min/max grid shrunk by the ``p ∈ [min_shrink, 1]`` of least ``ℓ`` (codes by rounding), per channel.
+
+    ``start`` is the ``p = 1`` grid with its loss.  Shrinking the range scales ``s`` and ``z`` by ``p`` (an integer
+    zero-point stays put).  The candidates are only ranked, so ``ℓ`` is evaluated in float32.
+    """
+    best = start.with_codes(start.codes.copy())
+    best_loss = start_loss.copy()
+    hessian32 = hessian.astype(np.float32)
+    scales, zero_points, offsets = start.expanded(config.group_size)
+    inverse_scales = safe_inverse(scales)
     for shrink in np.linspace(1.0, config.min_shrink, config.grid_points)[1:]:
-        candidate = _rtn_grid(target, mask, config, float(shrink))
-        candidate_loss = loss_of(candidate)
+        candidate = GroupGrid(
+            start.codes,
+            (start.scales * shrink).astype(np.float32).astype(np.float64),
+            start.zero_points,
+            (start.offsets * shrink).astype(np.float32).astype(np.float64),
+        )
+        codes = nearest_codes(target, inverse_scales / shrink, zero_points, offsets * shrink, config.bits, mask)
+        error = (target - shrink * (scales * (codes - zero_points) + offsets)).astype(np.float32)
+        candidate_loss = np.einsum("nk,nk->n", error @ hessian32, error, dtype=np.float64)
         better = candidate_loss < best_loss
-        best.take(better, candidate)
-        best_loss[better] = candidate_loss[better]
-    return best, best_loss
+        if np.any(better):
+            candidate.codes = codes.astype(np.uint8)
+            best.take(better, candidate)
+            best_loss[better] = candidate_loss[better]
+    best.codes = _rtn_codes(target, best, config, mask)  # the exact codes of the stored (float32) parameters
+    return best
 
 
 def _merge_stats(chunks: list[dict]) -> dict:

@@ -56,7 +56,7 @@ def quantize_gptq(
     weight = check_weight(weight, bits)
     n, k = weight.shape
     group_size = resolve_group_size(k, group_size)
-    prepared = prepare_hessian(hessian, damp)
+    prepared = prepare_hessian(hessian, damp, act_order=act_order)
     check_hessian_size(prepared, k)
     mask = check_mask(zero_mask, weight.shape)
     if mask is not None:

@@ -48,7 +48,7 @@ class PreparedHessian:
 
     def inverse_cholesky_upper(self, order: np.ndarray | None = None) -> np.ndarray:
         """Upper ``U`` with ``UᵀU = (P H_d Pᵀ)⁻¹`` for the column order ``order`` (identity if None)."""
-        key = b"" if order is None else np.asarray(order, dtype=np.int64).tobytes()
+        key = _order_key(order)
         if key not in self._upper_cache:
             h = self.damped if order is None else self.damped[np.ix_(order, order)]
             upper = _inverse_cholesky_upper(h)
@@ -61,8 +61,13 @@ class PreparedHessian:
         return self._upper_cache[key]
 
 
-def prepare_hessian(hessian: np.ndarray | PreparedHessian, damp: float = 0.01) -> PreparedHessian:
-    """Symmetrise and damp ``H`` (``H + λ·mean(diag H)·I``), raising ``λ`` ×10 until Cholesky succeeds."""
+def prepare_hessian(
+    hessian: np.ndarray | PreparedHessian, damp: float = 0.01, act_order: bool = False
+) -> PreparedHessian:
+    """Symmetrise and damp ``H`` (``H + λ·mean(diag H)·I``), raising ``λ`` ×10 until Cholesky succeeds.
+
+    The factor ``U`` for the order GPTQ will use (act-order or natural) is computed and cached on the way.
+    """
     if isinstance(hessian, PreparedHessian):
         return hessian
     h = np.asarray(hessian, dtype=np.float64)
@@ -84,14 +89,19 @@ def prepare_hessian(hessian: np.ndarray | PreparedHessian, damp: float = 0.01) -
         damped = h.copy()
         damped[np.diag_indices_from(damped)] += lam * mean_diag
         prepared = PreparedHessian(damped=damped, damp=lam, dead=dead, shift=lam * mean_diag)
-        upper = _inverse_cholesky_upper(damped)
+        order = prepared.act_order() if act_order else None
+        upper = _inverse_cholesky_upper(damped if order is None else damped[np.ix_(order, order)])
         if upper is not None:
-            prepared._upper_cache[b""] = upper
+            prepared._upper_cache[_order_key(order)] = upper
             return prepared
         lam *= 10.0
     raise OnnxqError(
         f"Hessian is not positive definite even with damping {lam / 10:g}; the calibration data is degenerate"
     )
+
+
+def _order_key(order: np.ndarray | None) -> bytes:
+    return b"" if order is None else np.asarray(order, dtype=np.int64).tobytes()
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
