@@ -690,12 +690,17 @@ def iter_hessian_groups(
     max_memory: int | None = None,
     progress: ProgressCallback | None = None,
     threads: int = ORT_THREADS,
+    token_mask: str | None = None,
 ) -> Iterator[tuple[dict[HessianKey, np.ndarray], CalibrationStats]]:
     """Yield ``(H per key, stats)`` one key group at a time, one pass over ``batches`` per group.
 
     Groups (contiguous in graph order) keep ``Σ H bytes + activation bytes of one batch + working memory`` under
     ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
     A caller that solves each group and drops its H stays within ``max_memory`` for the calibration data.
+
+    ``token_mask``: name of a ``[batch, sequence]`` model input (e.g. ``attention_mask``); rows of a MatMul/Gemm
+    activation laid out ``[batch, sequence, K]`` (or ``[batch·sequence, K]``) where it is 0 are left out of H,
+    so padding does not weigh on the solution.  Other activations are used whole.
     """
     batches = _as_batches(batches, model)
     keys = plan_keys(targets)
@@ -743,10 +748,11 @@ def iter_hessian_groups(
                 feed = check_feed(specs, batch, origin)
                 values = _run(session, needed, feed, origin)
                 peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
+                keep = _token_mask(feed, token_mask, origin)
                 for tensor, users in _by_tensor(group_units).items():
                     x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
                     for key in users:
-                        sums[key].add(x)
+                        sums[key].add(_masked_rows(x, keep) if keep is not None and keys[key].kind == "rows" else x)
                     del x
                 samples += _batch_samples(feed)
                 count += 1
@@ -783,6 +789,7 @@ def collect_hessians(
     max_memory: int | None = None,
     progress: ProgressCallback | None = None,
     threads: int = ORT_THREADS,
+    token_mask: str | None = None,
 ) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats]:
     """``H = Σ xᵀx`` (float64) for every :func:`hessian_key` of ``targets``, with rows, time and peak memory.
 
@@ -793,7 +800,8 @@ def collect_hessians(
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     hessians: dict[HessianKey, np.ndarray] = {}
     stats = CalibrationStats()
-    for group, group_stats in iter_hessian_groups(model, targets, batches, max_memory, progress, threads):
+    groups = iter_hessian_groups(model, targets, batches, max_memory, progress, threads, token_mask)
+    for group, group_stats in groups:
         hessians.update(group)
         stats.merge(group_stats)
     stats.seconds = time.perf_counter() - start
@@ -819,6 +827,26 @@ def _run(session: ort.InferenceSession | None, names: list[str], feed: Feed, ori
             f"{origin}: ONNX Runtime failed on this batch ({_first_line(exc)}); check the input shapes and values"
         ) from None
     return dict(zip(names, values, strict=True))
+
+
+def _token_mask(feed: Feed, name: str | None, origin: str) -> np.ndarray | None:
+    if name is None:
+        return None
+    if name not in feed or feed[name].ndim != 2:
+        raise OnnxqError(
+            f"{origin}: token mask '{name}' is not a [batch, sequence] input of this batch; "
+            "name a 2-D model input such as attention_mask, or leave the token mask unset"
+        )
+    return feed[name] != 0
+
+
+def _masked_rows(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` at kept tokens when ``x`` is ``[batch, sequence, K]`` or ``[batch·sequence, K]``."""
+    if x.shape[:-1] == keep.shape:
+        return x[keep]
+    if x.ndim == 2 and x.shape[0] == keep.size:
+        return x[keep.reshape(-1)]
+    return x
 
 
 def _source_value(tensor: str, feed: Feed, constants: Mapping[str, onnx.TensorProto], origin: str) -> np.ndarray:
