@@ -217,3 +217,22 @@ def test_real_digits_layers_far_below_rtn_and_gptq() -> None:
         dq = damped_loss(weight, qw, hessian)
         assert dq < 0.3 * damped_loss(weight, quantize_rtn(weight, 2, 32), hessian)
         assert dq < 0.8 * damped_loss(weight, quantize_gptq(weight, hessian, 2, 32, act_order=True), hessian)
+
+
+def test_weights_on_a_4bit_float_zero_grid_are_reproduced() -> None:
+    """Like SmolLM2 (shipped as Q4_1: w = d·q + m per block of 32): W4 g32 decoupleQ and float-zero GPTQ are exact."""
+    rng = np.random.default_rng(3)
+    n, k = 16, 96
+    codes = rng.integers(0, 16, size=(n, k))
+    codes[:, ::32] = 0  # every block spans its whole range
+    codes[:, 1::32] = 15
+    d = rng.uniform(0.01, 0.05, size=(n, k // 32)).astype(np.float32)
+    m = rng.uniform(-0.4, -0.1, size=(n, k // 32)).astype(np.float32)
+    weight = (np.repeat(d, 32, axis=1) * codes + np.repeat(m, 32, axis=1)).astype(np.float32).astype(np.float64)
+    _, hessian = correlated_problem(n, k, seed=3)
+    tolerance = 1e-6 * np.abs(weight).max()
+    qw, stats = quantize_decoupleq(weight, hessian, 4, 32)
+    assert np.abs(qw.dequantize(np.float64) - weight).max() <= tolerance
+    assert stats["loss_final"] <= stats["loss_rtn"]
+    gptq = quantize_gptq(weight, hessian, 4, 32, zero_convention="float", act_order=True)
+    assert np.abs(gptq.dequantize(np.float64) - weight).max() <= tolerance
