@@ -68,7 +68,7 @@ def novel_sentences(name: str) -> list[str]:
 
 
 def novel_passages(
-    name: str, sentences_per_passage: int = 3, block_size: int = 20, test_every: int = 5
+    name: str, sentences_per_passage: int = 4, block_size: int = 20, test_every: int = 5
 ) -> list[Passage]:
     """Non-overlapping passages of consecutive sentences; passage ``i`` is test iff ``(i // block_size) % test_every
     == test_every - 1`` (every 5th block of 20 by default: a positional 80/20 split)."""

@@ -1,13 +1,13 @@
 """MiniLM quality metrics for any ONNX file with the all-MiniLM-L6-v2 interface, plus its calibration data.
 
-Text: Jane Austen's six novels (``models.austen``), cut into passages of 3 consecutive sentences
+Text: Jane Austen's six novels (``models.austen``), cut into passages of 4 consecutive sentences
 (``models.text``); each novel's passages are split by position into train (4 of every 5 blocks of 20 passages)
 and test (the 5th block).
 
 * **Evaluation set**: ``EVAL_PER_NOVEL`` test passages per novel, evenly spaced through the book (300 in all).
 * (a) **cosine**: mean over the evaluation set of cos(e_model, e_fp32), where e is the mean-pooled sentence
   embedding ``e = Σ_t m_t·h_t / Σ_t m_t`` of ``last_hidden_state`` h under the attention mask m.
-* (b) **probe**: a 6-way "which novel" logistic regression (sklearn, L2, C=1) trained on fp32 features of
+* (b) **probe**: a 6-way "which novel" logistic regression (sklearn, L2, C=0.01) trained on fp32 features of
   ``PROBE_TRAIN_PER_NOVEL`` train passages per novel, where features are L2-normalized embeddings standardized
   with the train mean and deviation; the score is its accuracy on the evaluation set's features from the model
   under test, so quantization damage shows up as accuracy lost against the fp32 probe accuracy.
@@ -38,11 +38,11 @@ from onnxq.errors import OnnxqError
 from onnxq.progress import Progress
 
 EVAL_PER_NOVEL = 50
-PROBE_TRAIN_PER_NOVEL = 200
+PROBE_TRAIN_PER_NOVEL = 400
 MAX_LENGTH = 128
 BATCH_SIZE = 32
-PROBE_C = 1.0
-PASSAGE_OPTIONS = {"sentences_per_passage": 3, "block_size": 20, "test_every": 5}
+PROBE_C = 0.01
+PASSAGE_OPTIONS = {"sentences_per_passage": 4, "block_size": 20, "test_every": 5}
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 CACHE_VERSION = 1
@@ -172,7 +172,7 @@ def _normalize(embeddings: np.ndarray) -> np.ndarray:
 
 
 def fit_probe(embeddings: np.ndarray, labels: np.ndarray) -> Probe:
-    """Multinomial logistic regression (lbfgs, C=1) on standardized L2-normalized embeddings."""
+    """Multinomial logistic regression (lbfgs, C=PROBE_C) on standardized L2-normalized embeddings."""
     from sklearn.linear_model import LogisticRegression
 
     features = _normalize(embeddings.astype(np.float64))
