@@ -51,9 +51,19 @@ ONNXQ_HD uint32_t code_in_group(const uint8_t* group_bytes, int64_t j, int bits)
 // Code i (0-based) of a little-endian 32-bit word holding 32 / bits codes (bits = 2 or 4).
 ONNXQ_HD uint32_t code_in_word(uint32_t word, int i, int bits) { return (word >> (i * bits)) & ((1u << bits) - 1u); }
 
+// 32-bit little-endian word; the fast paths only call it at 4-byte aligned offsets of 4-byte aligned rows.
 ONNXQ_HD uint32_t load_word_le(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+#else
   return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
          (static_cast<uint32_t>(p[3]) << 24);
+#endif
+}
+
+// a / b for 0 <= a, 0 < b < 2^32 (K < 2^31 is checked by the op): 32-bit division is far cheaper on GPUs.
+ONNXQ_HD int64_t div_small(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
 }
 
 // w = s * q + z (fused where the hardware fuses; a software fmaf would be slow)
@@ -69,7 +79,7 @@ ONNXQ_HD float dequant(float scale, float zero, uint32_t code) {
 template <class T>
 ONNXQ_HD float weight_at(const uint8_t* b, const T* scales, const T* zeros, int64_t n, int64_t k, int64_t groups,
                          int64_t group_size, int bits) {
-  const int64_t g = k / group_size;
+  const int64_t g = div_small(k, group_size);
   const int64_t bpg = bytes_per_group(group_size, bits);
   const uint32_t q = code_in_group(b + (n * groups + g) * bpg, k - g * group_size, bits);
   return dequant(to_float(scales[n * groups + g]), to_float(zeros[n * groups + g]), q);
@@ -104,7 +114,7 @@ ONNXQ_HD void gemv_lane_partial(const LowBitProblem<T>& p, int64_t n, int lane, 
     const int64_t words_per_group = p.group_size / codes_per_word;
     const int64_t words = groups * words_per_group;
     for (int64_t w = lane; w < words; w += lanes) {
-      const int64_t g = w / words_per_group;
+      const int64_t g = div_small(w, words_per_group);
       const int64_t k0 = w * codes_per_word;
       if (k0 >= p.k) break;
       const uint32_t word = load_word_le(row + g * bpg + (w - g * words_per_group) * 4);
@@ -118,7 +128,7 @@ ONNXQ_HD void gemv_lane_partial(const LowBitProblem<T>& p, int64_t n, int lane, 
     }
   } else {
     for (int64_t k = lane; k < p.k; k += lanes) {
-      const int64_t g = k / p.group_size;
+      const int64_t g = div_small(k, p.group_size);
       const uint32_t q = code_in_group(row + g * bpg, k - g * p.group_size, p.bits);
       const float wv = dequant(to_float(srow[g]), to_float(zrow[g]), q);
       for (int r = 0; r < M; ++r) acc[r] = fmaf(to_float(p.a[r * p.k + k]), wv, acc[r]);

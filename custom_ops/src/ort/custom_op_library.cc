@@ -136,8 +136,8 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* /*api
   if (!status) status = read_int_attribute(info, "N", kernel->where, &kernel->n);
   if (!status) status = read_int_attribute(info, "bits", kernel->where, &kernel->bits);
   if (!status) status = read_int_attribute(info, "group_size", kernel->where, &kernel->group_size);
-  if (!status && (kernel->k < 1 || kernel->n < 1 || kernel->group_size < 1))
-    status = make_error(ORT_INVALID_GRAPH, kernel->where + ": K, N and group_size must be >= 1");
+  if (!status && (kernel->k < 1 || kernel->n < 1 || kernel->group_size < 1 || kernel->k > INT32_MAX))
+    status = make_error(ORT_INVALID_GRAPH, kernel->where + ": K, N and group_size must be >= 1 (and K < 2^31)");
   if (!status && kernel->bits != 2 && kernel->bits != 3 && kernel->bits != 4 && kernel->bits != 8)
     status = make_error(ORT_INVALID_GRAPH,
                         kernel->where + ": bits=" + std::to_string(kernel->bits) + " is not one of 2, 3, 4, 8");
