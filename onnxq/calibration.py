@@ -14,6 +14,7 @@ held beyond one batch; under ``max_memory`` the keys are split into groups, one 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -22,6 +23,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,11 @@ from scipy.linalg import blas
 
 from onnxq.errors import OnnxqError
 from onnxq.graph import Target
+
+try:  # ships with scikit-learn; without it BLAS keeps its own thread count
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
 
 DEFAULT_BATCH_SIZE = 8  # samples per ORT run when neither the caller nor the model fixes it
 ROW_BLOCK = 2048  # rows per float32 syrk before adding into the float64 sum
@@ -694,7 +701,7 @@ def iter_hessian_groups(
 ) -> Iterator[tuple[dict[HessianKey, np.ndarray], CalibrationStats]]:
     """Yield ``(H per key, stats)`` one key group at a time, one pass over ``batches`` per group.
 
-    Groups (contiguous in graph order) keep ``Σ H bytes + activation bytes of one batch + working memory`` under
+    Groups (contiguous in graph order) keep ``Σ H bytes + activations of two batches + working memory`` under
     ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
     A caller that solves each group and drops its H stays within ``max_memory`` for the calibration data.
 
@@ -732,8 +739,7 @@ def iter_hessian_groups(
                 f"calibration needs {len(groups)} passes over the data to fit in max_memory, but the batches are a "
                 "one-shot iterator; pass a list or iter_batches(...), or raise max_memory"
             )
-        total = len(batches) * len(groups) if hasattr(batches, "__len__") else 0
-        done = 0
+        counter = _BatchCounter(progress, len(batches) * len(groups) if hasattr(batches, "__len__") else 0)
         for index, group in enumerate(groups):
             start, cpu_start = time.perf_counter(), _cpu_seconds()
             group_units = {key: keys[key] for key in group}
@@ -742,23 +748,10 @@ def iter_hessian_groups(
                 session = probe_session
             else:
                 session = factory.session(needed) if needed else None
-            sums = {key: HessianSum(unit) for key, unit in group_units.items()}
-            samples = count = peak_outputs = 0
-            for origin, batch in _origins(batches):
-                feed = check_feed(specs, batch, origin)
-                values = _run(session, needed, feed, origin)
-                peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
-                keep = _token_mask(feed, token_mask, origin)
-                for tensor, users in _by_tensor(group_units).items():
-                    x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
-                    for key in users:
-                        sums[key].add(_masked_rows(x, keep) if keep is not None and keys[key].kind == "rows" else x)
-                    del x
-                samples += _batch_samples(feed)
-                count += 1
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"calibration pass {index + 1}/{len(groups)}, {origin}")
+            counter.label = f"calibration pass {index + 1}/{len(groups)}"
+            sums, samples, count, peak_outputs = _accumulate_pass(
+                session, needed, batches, specs, constants, group_units, token_mask, counter.step
+            )
             if count == 0:
                 raise OnnxqError("calibration data holds no batches; pass at least one sample")
             session = None
@@ -780,6 +773,71 @@ def iter_hessian_groups(
         probe_session = None
     finally:
         factory.close()
+
+
+class _BatchCounter:
+    """Calls ``progress(done, total, message)`` once per processed batch."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self.progress, self.total, self.done, self.label = progress, total, 0, ""
+
+    def step(self, origin: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, f"{self.label}, {origin}")
+
+
+def _accumulate_pass(
+    session: ort.InferenceSession | None,
+    needed: list[str],
+    batches: Iterable[Feed],
+    specs: Mapping[str, InputSpec],
+    constants: Mapping[str, onnx.TensorProto],
+    units: Mapping[HessianKey, Unfolding],
+    token_mask: str | None,
+    report: Callable[[str], None],
+) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
+    """One pass over the batches: ORT runs batch i+1 in a worker thread while batch i is added to the sums.
+
+    The sums are updated in batch order on the calling thread with single-threaded BLAS (many mid-sized
+    ``syrk`` calls: threading them costs more than it gains, and ORT has the other core), so results do not
+    depend on timing.  At most two batches of activations are alive at once.
+    """
+    sums = {key: HessianSum(unit) for key, unit in units.items()}
+    users = _by_tensor(units)
+    samples = count = peak_outputs = 0
+
+    def accumulate(origin: str, feed: Feed, values: dict[str, np.ndarray]) -> None:
+        nonlocal samples, count, peak_outputs
+        peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
+        keep = _token_mask(feed, token_mask, origin)
+        for tensor, keys in users.items():
+            x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
+            for key in keys:
+                sums[key].add(_masked_rows(x, keep) if keep is not None and units[key].kind == "rows" else x)
+            del x
+        samples += _batch_samples(feed)
+        count += 1
+        report(origin)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool, _single_threaded_blas():
+        pending = None
+        for origin, batch in _origins(batches):
+            feed = check_feed(specs, batch, origin)
+            running = pool.submit(_run, session, needed, feed, origin)
+            if pending is not None:
+                accumulate(*pending)
+            pending = (origin, feed, running.result())
+            del running
+        if pending is not None:
+            accumulate(*pending)
+    return sums, samples, count, peak_outputs
+
+
+def _single_threaded_blas():
+    if threadpool_limits is None:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def collect_hessians(
@@ -906,7 +964,7 @@ def _group_keys(
         tensors = {keys[k].tensor for k in members}
         return (
             sum(keys[k].hessian_bytes for k in members)
-            + sum(activation_bytes.get(t, 0) for t in tensors)
+            + 2 * sum(activation_bytes.get(t, 0) for t in tensors)  # two batches in flight
             + max(_working_bytes(keys[k], activation_bytes.get(keys[k].tensor, 0)) for k in members)
         )
 

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from threadpoolctl import threadpool_limits
 
 from onnxq.calibration import (
     CalibrationStats,
@@ -503,6 +504,24 @@ def test_unreadable_or_missing_calibration(tmp_path, matmul_model):
         collect_hessians(matmul_model, targets, [{"x": np.zeros((2, 4), np.float32)}])
 
 
+def test_ort_failure_names_the_batch():
+    """A batch that passes the input checks but fails inside ORT (a Reshape that does not divide)."""
+    inits = {"shape": np.array([-1, 5], np.int64), "W": np.ones((5, 2), np.float32)}
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["y"])]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    targets = find_targets(model).targets
+    good = {"x": np.ones((2, 10), np.float32)}
+    hessians, _ = collect_hessians(model, targets, [good, good])
+    np.testing.assert_array_equal(hessians[("r", "rows")], np.full((5, 5), 8.0))  # 4 rows of ones per batch
+    with pytest.raises(OnnxqError, match=r"calibration batch 1: ONNX Runtime failed on this batch"):
+        collect_hessians(model, targets, [good, {"x": np.ones((2, 10), np.float32)[:, :7]}, good])
+
+
 # ----------------------------------------------------------------------------- a real model
 
 
@@ -565,7 +584,8 @@ def test_digits_hessians_are_psd_and_match_mean_squares(kind):
         h = hessians[key].reshape(-1, *hessians[key].shape[-2:])
         np.testing.assert_array_equal(h, np.swapaxes(h, -1, -2))
         # PSD up to float32 rounding (the flattened CNN features are rank-deficient: 512 columns, 128 samples)
-        assert all(np.linalg.eigvalsh(g).min() >= -1e-6 * np.abs(g).max() for g in h)
+        with threadpool_limits(1):  # small eigenproblems: threaded BLAS only adds overhead
+            assert all(np.linalg.eigvalsh(g).min() >= -1e-6 * np.abs(g).max() for g in h)
         x = activations[key[0]].astype(np.float64)
         if target.op_type == "Conv":
             # centre taps of the kernel see every input pixel exactly once at stride 1; in general compare the
