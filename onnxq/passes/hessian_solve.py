@@ -20,9 +20,10 @@ from onnxq.solvers.rtn import quantize_rtn
 class HessianStore:
     """Hessians by key, each damped and factorised once and shared by the layers that read it."""
 
-    def __init__(self, hessians: dict, damp: float) -> None:
+    def __init__(self, hessians: dict, damp: float, act_order: bool) -> None:
         self.raw = hessians
         self.damp = damp
+        self.act_order = act_order  # the column order the solver factorises for
         self.prepared: dict[tuple, PreparedHessian] = {}
 
     def get(self, target: Target, conv_group: int | None = None) -> PreparedHessian:
@@ -30,7 +31,7 @@ class HessianStore:
         slot = (key, conv_group)
         if slot not in self.prepared:
             h = self.raw[key] if conv_group is None else self.raw[key][conv_group]
-            self.prepared[slot] = prepare_hessian(h, self.damp)
+            self.prepared[slot] = prepare_hessian(h, self.damp, act_order=self.act_order)
         return self.prepared[slot]
 
     def update(self, hessians: dict) -> None:

@@ -196,7 +196,7 @@ def _solve_all(
 
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
-        store = HessianStore({}, config.damp)
+        store = HessianStore({}, config.damp, act_order=config.method == "decoupleq" or config.act_order)
         sequential = config.sequential
         if sequential is None:
             sequential = sequential_affordable(targets, batches)

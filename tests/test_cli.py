@@ -1,0 +1,132 @@
+"""The command line: every user error is one line, a non-zero exit, no traceback, no output file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from graphs import conv_model, matmul_model
+from onnx import TensorProto, helper
+
+from onnxq.graph import save_model
+
+
+def onnxq_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxq", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("onnxq: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    save_model(matmul_model(k=64, n=32), path)
+    return path
+
+
+def test_quantize_and_inspect(model_path, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = onnxq_cli("quantize", str(model_path), "-o", str(out), "--bits", "2", "--group-size", "32")
+    assert result.returncode == 0, result.stderr
+    assert "quantized 1 layers" in result.stdout and "weights:" in result.stdout
+    onnx.checker.check_model(str(out))
+    inspected = onnxq_cli("inspect", str(out))
+    assert inspected.returncode == 0 and "MatMulNBits" in inspected.stdout and "quantized" in inspected.stdout
+
+
+def test_help_has_examples():
+    for command in ("quantize", "inspect", "split", "demo"):
+        result = onnxq_cli(command, "-h")
+        assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(onnxq_cli("inspect", str(tmp_path / "nope.onnx")), "nope.onnx", "no such file")
+
+
+def test_not_onnx(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model\n" * 10)
+    result = onnxq_cli("quantize", str(bad), "-o", str(tmp_path / "o.onnx"))
+    assert_one_line_error(result, "notes.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_truncated_protobuf(model_path, tmp_path):
+    data = model_path.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(onnxq_cli("inspect", str(cut)), "cut.onnx", "truncated")
+
+
+def test_missing_external_data(tmp_path):
+    path = tmp_path / "ext.onnx"
+    save_model(matmul_model(k=64, n=32), path, external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    assert_one_line_error(onnxq_cli("inspect", str(path)), "ext.onnx.data", "missing")
+
+
+def test_no_quantizable_layers(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    save_model(helper.make_model(graph), path)
+    out = tmp_path / "o.onnx"
+    assert_one_line_error(onnxq_cli("quantize", str(path), "-o", str(out)), "no quantizable layers")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--bits", "5"], "--bits 5"),
+    (["--bits", "1"], "--bits 1"),
+    (["--group-size", "0"], "--group-size 0"),
+    (["--group-size", "1"], "--group-size 1"),
+    (["--method", "decoupleq"], "calibration"),
+])
+def test_bad_options(model_path, tmp_path, args, fragment):
+    out = tmp_path / "o.onnx"
+    assert_one_line_error(onnxq_cli("quantize", str(model_path), "-o", str(out), *args), fragment)
+    assert not out.exists()
+
+
+def test_output_equal_to_input(model_path):
+    before = model_path.read_bytes()
+    assert_one_line_error(onnxq_cli("quantize", str(model_path), "-o", str(model_path)), "equals the input")
+    assert model_path.read_bytes() == before
+
+
+def test_unwritable_output_directory(model_path, tmp_path):
+    if os.geteuid() == 0:
+        folder = Path("/sys")  # root writes anywhere else; sysfs refuses new files
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+    result = onnxq_cli("quantize", str(model_path), "-o", str(folder / "o.onnx"))
+    assert_one_line_error(result, str(folder))
+    assert not (folder / "o.onnx").exists()
+
+
+def test_missing_output_directory(model_path, tmp_path):
+    result = onnxq_cli("quantize", str(model_path), "-o", str(tmp_path / "no" / "dir" / "o.onnx"))
+    assert_one_line_error(result, "does not exist")
+
+
+def test_conv_fallback_is_reported(tmp_path):
+    path = tmp_path / "conv.onnx"
+    save_model(conv_model(cin=4, cout=8, kernel=(3, 3)), path)
+    result = onnxq_cli("quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--format", "matmulnbits")
+    assert result.returncode == 0, result.stderr
+    assert "Conv is not supported by MatMulNBits; emitted as qdq" in result.stdout
