@@ -1,6 +1,7 @@
 """onnxq: 2/3/4/8-bit weight quantization of ONNX models for ONNX Runtime."""
 
 from onnxq.api import inspect, quantize, quantize_with_summary, split, split_with_report
+from onnxq.custom_ops import library_path, session_options
 from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import QuantizedWeight
 
@@ -8,8 +9,10 @@ __all__ = [
     "OnnxqError",
     "QuantizedWeight",
     "inspect",
+    "library_path",
     "quantize",
     "quantize_with_summary",
+    "session_options",
     "split",
     "split_with_report",
 ]
