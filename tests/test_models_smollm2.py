@@ -41,6 +41,14 @@ def test_score_windows_matches_log_softmax() -> None:
     np.testing.assert_array_equal(argmax, z.argmax(axis=2))
 
 
+def test_evaluate_lm_reports_a_missing_model_in_one_line(tmp_path) -> None:
+    from onnxq.errors import OnnxqError
+    from tools.lm_metrics import evaluate_lm
+
+    with pytest.raises(OnnxqError, match="no such ONNX file"):
+        evaluate_lm(tmp_path / "missing.onnx", reference="")
+
+
 # ----------------------------------------------------------------------------- real model (slow)
 
 

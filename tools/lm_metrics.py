@@ -22,6 +22,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -64,11 +65,14 @@ class LMEvaluation:
 # ----------------------------------------------------------------------------- text and tokens
 
 
+@functools.lru_cache(maxsize=len(NOVELS))
 def novel_token_ids(name: str) -> np.ndarray:
     """The novel ``name`` (its lines joined by ``\\n``, as distributed) as SmolLM2 token ids (int64, no BOS)."""
     from models.smollm2 import load_tokenizer
 
-    return np.asarray(load_tokenizer().encode(novel_text(name)).ids, dtype=np.int64)
+    ids = np.asarray(load_tokenizer().encode(novel_text(name)).ids, dtype=np.int64)
+    ids.flags.writeable = False  # cached and shared between callers
+    return ids
 
 
 def evaluation_windows(n_windows: int = N_WINDOWS, window: int = WINDOW, novel: str = EVAL_NOVEL) -> np.ndarray:
@@ -204,6 +208,9 @@ def evaluate_lm(
 
     if reference is None:
         reference = fp32_path() if fp32_path().exists() else ""
+    for path in (model, reference):
+        if path and not Path(path).is_file():
+            raise OnnxqError(f"{path}: no such ONNX file; check the path (fp32: python -m models.smollm2)")
     if windows is None:
         windows = evaluation_windows(n_windows)
     reference_hash = onnx_model_sha256(reference) if reference else None
