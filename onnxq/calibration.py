@@ -7,9 +7,11 @@ Each target layer computes ``y = W x`` for rows ``x`` (length ``K``) of its unfo
 * Conv (1-D/2-D): the im2col patches, ordered ``(cin, kh, kw)`` like ``W = weight.reshape(Cout, -1)``; conv group
   ``g`` has its own ``H_g`` over its ``Cin/groups·kh·kw`` inputs, so a grouped conv's H is ``[groups, K', K']``.
 
-``H`` is accumulated in float64 (per block of rows: float32 BLAS ``syrk``, relative error ~1e-7), one ``H`` per
-:func:`hessian_key`, so layers that read the same tensor with the same unfolding share it.  Activations are never
-held beyond one batch; under ``max_memory`` the keys are split into groups, one pass over the data per group.
+``H`` is accumulated in float64 (per block of ≤ 2048 rows: float32 BLAS ``syrk``, relative error ~1e-7), one ``H``
+per :func:`hessian_key`, so layers that read the same tensor with the same unfolding share it.  Activations live for
+at most two batches (ORT computes batch i+1 while batch i is accumulated); under ``max_memory`` the keys are split
+into groups, one pass over the data per group.  ORT runs a copy of the model saved with external data in a temp
+folder, pruned to the nodes the requested activations need, so models over 2 GB work.
 """
 
 from __future__ import annotations
