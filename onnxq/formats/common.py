@@ -97,6 +97,7 @@ def offset_correction(
     """Nodes computing the float-zero term exactly, without materialising ``Z`` per weight.
 
     Right product ``Y = A·Wᵀ``: ``A·Z_expᵀ = (A·E)·Zᵀ``.  Left product ``Y = W·X``: ``Z·(Eᵀ·X)``.
+    The group sums ``A·E`` are computed once per activation and shared by the layers that read it.
     """
     k = qw.shape[1]
     key = ("group_indicator", k, qw.group_size, dtype.str, left)
@@ -106,14 +107,17 @@ def offset_correction(
     indicator = ctx.cache[key]
     zeros = qw.offsets.astype(dtype)
     zero_name = ctx.add_initializer(f"{base}_float_zero", zeros if left else zeros.T.copy())
-    sums = ctx.names.fresh(f"{base}_group_sums")
+    nodes = []
+    sums_key = ("group_sums", activation, k, qw.group_size, dtype.str, left)  # shared by layers reading A
+    if sums_key not in ctx.cache:
+        sums = ctx.names.fresh(f"{base}_group_sums")
+        operands = [indicator, activation] if left else [activation, indicator]
+        nodes.append(ctx.node("MatMul", operands, [sums], f"{base}_group_sum"))
+        ctx.cache[sums_key] = sums
+    sums = ctx.cache[sums_key]
     out = ctx.names.fresh(f"{base}_zero_term")
-    if left:
-        nodes = [ctx.node("MatMul", [indicator, activation], [sums], f"{base}_group_sum"),
-                 ctx.node("MatMul", [zero_name, sums], [out], f"{base}_zero_term")]
-    else:
-        nodes = [ctx.node("MatMul", [activation, indicator], [sums], f"{base}_group_sum"),
-                 ctx.node("MatMul", [sums, zero_name], [out], f"{base}_zero_term")]
+    operands = [zero_name, sums] if left else [sums, zero_name]
+    nodes.append(ctx.node("MatMul", operands, [out], f"{base}_zero_term"))
     return nodes, out
 
 
