@@ -330,6 +330,22 @@ def test_quantized_branches_keep_exact_zeros(fmt, bits):
             assert np.all(dequantized[original == 0] == 0), name  # exactly zero where the branch is zero
 
 
+@pytest.mark.parametrize("method", ["gptq", "decoupleq"])
+def test_hessian_methods_keep_branch_zeros(method):
+    model = onnx.load(str(DATA / "digits_mlp.onnx"))
+    split, _ = split_model(model)
+    quantized = onnxq.quantize(split, method=method, bits=2, group_size=-1, format="fake",
+                               calibration=str(DATA / "digits_calib.npz"))
+    nodes, inits = nodes_by_name(quantized), initializers(quantized)
+    split_nodes, split_inits = nodes_by_name(split), initializers(split)
+    for branches in metadata(quantized, SPLIT_METADATA_KEY).values():
+        for name in branches:
+            original = split_inits[split_nodes[name].input[1]]
+            assert np.all(inits[nodes[name].input[1]][original == 0] == 0), name
+    test = np.load(DATA / "digits_test.npz")
+    assert (run(quantized, {"pixels": test["pixels"]}, "disable_all").argmax(1) == test["labels"]).mean() >= 0.95
+
+
 def test_split_then_quantize_improves_int2_on_digits_cnn():
     model = onnx.load(str(DATA / "digits_cnn.onnx"))
     test = np.load(DATA / "digits_test.npz")
@@ -387,3 +403,14 @@ def test_minilm_split_is_exact_at_every_level():
     passages = [p.text for p in all_passages()[:: 997][:8]]
     feeds = tokenize(load_tokenizer(), passages)
     check_exact(model, split, feeds)
+
+
+def test_split_eval_tool_prints_the_table():
+    from tools.split_eval import main as split_eval
+
+    lines: list[str] = []
+    assert split_eval(["--models", "mlp", "--bits", "2", "--group-sizes", "-1", "--act-bits"], out=lines.append) == 0
+    row = next(line for line in lines if line.startswith("| INT2 | per-channel |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    rtn_accuracy, split_accuracy = float(cells[2]), float(cells[3])
+    assert split_accuracy > rtn_accuracy + 0.02
