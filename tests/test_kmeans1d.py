@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from models.cache import cache_root
+from onnxq.solvers import kmeans1d
 from onnxq.solvers.kmeans1d import (
     assign,
     clustering_of_row,
@@ -35,9 +36,13 @@ def minilm_path() -> Path:
 
 
 def brute_force_loss(values: np.ndarray, k: int) -> float:
-    """Least loss over every labelling of the values (no contiguity assumed)."""
+    """Least loss over every labelling of the values (no contiguity assumed): Σx² − Σ_c (Σ_c x)²/n_c."""
     labellings = np.array(list(itertools.product(range(k), repeat=len(values))))
-    return min(partition_loss(values, labels, k) for labels in labellings)
+    onehot = labellings[:, :, None] == np.arange(k)
+    counts = onehot.sum(axis=1)
+    sums = np.einsum("mnk,n->mk", onehot, values)
+    between = np.divide(sums**2, counts, out=np.zeros_like(sums), where=counts > 0).sum(axis=1)
+    return float(np.sum(values**2) - between.max())
 
 
 @settings(max_examples=60, deadline=None)
@@ -64,6 +69,8 @@ def test_boundaries_are_midpoints_and_labels_follow_them():
     np.testing.assert_allclose(clustering.centres, [-4.5, 0.5, 9.5])
     np.testing.assert_allclose(clustering.boundaries, [-2.0, 5.0])
     np.testing.assert_array_equal(clustering.labels(values), [0, 0, 1, 1, 1, 2, 2])
+    assert clustering.loss == pytest.approx(partition_loss(values, clustering.labels(values), 3))
+    assert clustering.loss == pytest.approx(0.5 + 0.5 + 0.5, rel=1e-12)  # each cluster: two values ±0.5 off
     np.testing.assert_array_equal(assign(np.array([-2.0, -1.999, 5.0, 5.001]), clustering.boundaries), [0, 1, 1, 2])
 
 
@@ -96,6 +103,23 @@ def test_exact_is_never_worse_than_sklearn_on_real_weights(model):
         sklearn_rows = kmeans_1d_rows(rows, 3, "sklearn")
         for row, a, b in zip(rows, exact_rows, sklearn_rows, strict=True):
             assert clustering_of_row(row, a).loss <= clustering_of_row(row, b).loss * (1 + 1e-9) + 1e-15
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "three_modes", "heavy_tail", "integers"])
+def test_pruned_last_layer_equals_the_full_dp(kind, monkeypatch):
+    rng = np.random.default_rng(5)
+    values = {
+        "gaussian": rng.standard_normal(9000),
+        "three_modes": np.concatenate([rng.standard_normal(3000) + shift for shift in (-6, 0, 5)]),
+        "heavy_tail": rng.standard_t(1.5, 9000),
+        "integers": rng.integers(0, 40, 9000).astype(np.float64),
+    }[kind]
+    for k in (3, 4):
+        pruned = kmeans_1d(values, k)
+        monkeypatch.setattr(kmeans1d, "PRUNE_MIN_SIZE", 10**9)
+        full = kmeans_1d(values, k)
+        monkeypatch.undo()
+        assert pruned.loss == pytest.approx(full.loss, rel=1e-12)
 
 
 def test_rows_equal_one_at_a_time():
