@@ -414,3 +414,16 @@ def test_split_eval_tool_prints_the_table():
     cells = [c.strip() for c in row.strip("|").split("|")]
     rtn_accuracy, split_accuracy = float(cells[2]), float(cells[3])
     assert split_accuracy > rtn_accuracy + 0.02
+
+
+def test_cli_quantize_with_split_activations_and_act_bits(tmp_path):
+    source, calib = str(DATA / "digits_cnn.onnx"), str(DATA / "digits_calib.npz")
+    out = tmp_path / "q.onnx"
+    args = ["quantize", source, "-o", str(out), "--split", "--split-activations", "--act-bits", "4", "--calib", calib,
+            "--bits", "4", "--group-size", "-1", "--format", "fake"]
+    assert main(args) == 0
+    model = onnx.load(str(out))
+    assert len(metadata(model, SPLIT_ACTIVATIONS_METADATA_KEY)) == 2
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 1 + 2 * 3  # image + 2 split ReLUs
+    test = np.load(DATA / "digits_test.npz")
+    assert (run(model, {"image": test["image"]}, "disable_all").argmax(1) == test["labels"]).mean() >= 0.95
