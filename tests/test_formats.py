@@ -182,3 +182,15 @@ def test_onnxq_custom_op_format_matches_fake(bits, zero_convention, case):
     assert relative_error(got, expected) <= TOLERANCE
     uses_op = any(n.op_type == "MatMulLowBit" for n in quantized.graph.node)
     assert uses_op == (case != "conv")
+
+
+@pytest.mark.parametrize("k,group_size", [(384, -1), (1536, -1), (1024, 512)])
+def test_matmulnbits_large_groups_use_blocks_ort_accepts(k, group_size):
+    """ORT refuses MatMulNBits blocks above 256: per-channel/large groups repeat their scale per block."""
+    model = matmul_model(k=k, n=8, seed=k)
+    x = np.random.default_rng(3).standard_normal((2, k)).astype(np.float32)
+    w, _ = reference_weight(model, 2, group_size)
+    quantized = onnxq.quantize(model, bits=2, group_size=group_size, format="matmulnbits")
+    node = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
+    assert next(a.i for a in node.attribute if a.name == "block_size") <= 256
+    check_all_levels(quantized, {"x": x}, x.astype(np.float64) @ w.T)

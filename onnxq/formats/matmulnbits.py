@@ -29,15 +29,33 @@ from onnxq.packing import pack_bits
 from onnxq.quantized_weight import QuantizedWeight
 
 MIN_BLOCK = 16
+MAX_BLOCK = 256  # ORT 1.31 refuses larger MatMulNBits blocks
 
 
 def block_size_for(k: int, group_size: int) -> int | None:
     """MatMulNBits block size for a solver group size (``None`` if ORT cannot take it)."""
-    if group_size >= k:  # per channel: one block covering K
-        return max(MIN_BLOCK, 1 << (k - 1).bit_length())
-    if group_size >= MIN_BLOCK and group_size & (group_size - 1) == 0:
+    if group_size >= k:  # per channel: the channel's scale repeated over blocks of ≤ MAX_BLOCK
+        return min(MAX_BLOCK, max(MIN_BLOCK, 1 << (k - 1).bit_length()))
+    if MIN_BLOCK <= group_size <= MAX_BLOCK and group_size & (group_size - 1) == 0:
         return group_size
+    if group_size > MAX_BLOCK and group_size % MAX_BLOCK == 0:
+        return MAX_BLOCK
     return None
+
+
+def regroup(qw: QuantizedWeight, block: int) -> QuantizedWeight:
+    """The same weight with parameters repeated so that groups are ``block`` columns (``block`` divides them)."""
+    if block == qw.group_size:
+        return qw
+    k = qw.shape[1]
+    groups = -(-k // block)
+    repeat = qw.group_size // block if qw.group_size < k else groups
+
+    def expand(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, repeat, axis=1)[:, :groups].copy()
+
+    offsets = None if qw.offsets is None else expand(qw.offsets)
+    return QuantizedWeight(qw.codes, expand(qw.scales), expand(qw.zero_points), offsets, qw.bits, block)
 
 
 def pack_matmulnbits(qw: QuantizedWeight, block: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -69,6 +87,7 @@ def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> R
     alpha = float(attribute(target.node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
 
     def build(a_input: str, output: str, weight: QuantizedWeight, bias: str | None) -> onnx.NodeProto:
+        weight = regroup(weight, block)
         key = ("matmulnbits", target.weight_name, target.orientation, target.through_transpose, alpha)
         if key not in ctx.cache:
             packed, zero_points, bits = pack_matmulnbits(weight, block)
