@@ -231,7 +231,10 @@ def _solve_one(
         zero_mask = None
     losses: tuple[float | None, float | None] = (None, None)
     if config.method == "rtn":
-        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, config.clip_search)
+        # a split branch's zeros are always on the grid, so shrinking its range costs them nothing:
+        # branches get the MSE range search by default (docs/splitquant.md measures why)
+        clip = config.clip_search or zero_mask is not None
+        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, clip)
     else:
         from onnxq.passes.hessian_solve import solve_with_hessian
 
