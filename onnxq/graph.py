@@ -433,3 +433,12 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
             op.version = max(op.version, version)
             return
     model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set (or replace) one ``metadata_props`` entry."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
-from onnxq.graph import NameScope, copy_model, opset_version
+from onnxq.graph import NameScope, copy_model, opset_version, set_metadata
 
 LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits")
 SPLIT_ACTIVATIONS_METADATA_KEY = "onnxq.split_activations"  # JSON {activation: {"output", "branches", ...}}
@@ -323,12 +323,3 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
         if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
             types[v.name] = v.type.tensor_type.elem_type
     return types
-
-
-def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    """Set (or replace) one ``metadata_props`` entry."""
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)

@@ -27,6 +27,7 @@ from onnxq.graph import (
     model_bytes,
     opset_version,
     remove_unused,
+    set_metadata,
 )
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
@@ -169,7 +170,7 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     remove_unused(model)
     for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    _set_metadata(model, QUANT_METADATA_KEY, json.dumps(
+    set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
     if config.act_bits is not None:
@@ -357,11 +358,3 @@ def split_branch_nodes(model: onnx.ModelProto) -> set[str]:
             groups = json.loads(prop.value)
             return {name for branches in groups.values() for name in branches}
     return set()
-
-
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)

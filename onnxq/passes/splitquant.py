@@ -38,12 +38,12 @@ from onnxq.graph import (
     model_bytes,
     opset_version,
     remove_unused,
+    set_metadata,
 )
 from onnxq.passes.activation_quant import (
     SPLIT_ACTIVATIONS_METADATA_KEY,
     elem_types,
     run_calibration,
-    set_metadata,
     split_activations,
 )
 from onnxq.passes.quantize import SPLIT_METADATA_KEY, split_branch_nodes
