@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from onnxq.errors import OnnxqError
 
@@ -60,6 +62,8 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
                    help="add per-tensor activation fake-quantization (QDQ) with calibrated ranges")
     p.add_argument("--seed", type=int, default=0, help="random seed (k-means, sampling)")
+    p.add_argument("--log", metavar="PATH", help="write a per-layer table (weight error, H-weighted loss of RTN "
+                   "and of the method) as tab-separated text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,15 +106,26 @@ def _quant_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run(args: argparse.Namespace) -> int:
     import onnxq.api as api
 
     if args.command == "inspect":
         print(api.inspect(args.model).table())
     elif args.command == "quantize":
+        if args.log and not Path(args.log).resolve().parent.is_dir():
+            raise OnnxqError(f"--log {args.log}: folder {Path(args.log).resolve().parent} does not exist")
         _, summary = api.quantize_with_summary(args.model, args.output, **_quant_options(args))
         print("\n".join(summary.lines()))
         print(f"wrote {args.output}")
+        if args.log:
+            _write_text_atomically(Path(args.log), summary.layer_log())
+            print(f"wrote {args.log} (per-layer losses)")
     elif args.command == "split":
         from onnxq.passes import splitquant  # noqa: F401 - fails cleanly below if the pass is missing
 

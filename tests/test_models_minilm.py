@@ -65,3 +65,19 @@ def test_noisy_weights_score_lower(fp32_path: Path, tmp_path: Path) -> None:
     result = evaluation.evaluate_minilm(noisy, fp32_path)
     assert result.mean_cosine < 0.99
     assert result.probe_accuracy < result.fp32_probe_accuracy - 0.02
+
+
+def test_compare_4bit_end_to_end_matches_ort(fp32_path: Path, tmp_path: Path) -> None:
+    """tools/compare.py at W4 g64: onnxq RTN and ORT's default quantizer are the same algorithm, so they
+    must score alike, close to fp32, at ~4.5 bits per weight; the JSON and the plot are written."""
+    from tools import compare
+
+    rows, table = compare.compare("minilm", [(4, 64)], ["rtn", "ort-default"], tmp_path)
+    fp32, rtn, ort_default = rows
+    assert fp32.metrics["cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert rtn.metrics["cosine"] > 0.94
+    assert rtn.metrics["probe"] >= fp32.metrics["probe"] - 0.05
+    assert rtn.metrics["cosine"] == pytest.approx(ort_default.metrics["cosine"], abs=2e-3)
+    assert 4.0 < rtn.bits_per_weight < 5.0
+    assert "| rtn | 4 | 64 |" in table
+    assert (tmp_path / "compare_minilm.json").exists() and (tmp_path / "compare_minilm.png").stat().st_size > 0

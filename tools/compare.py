@@ -6,7 +6,12 @@ held-out novel and top-1 agreement), and prints one markdown table: metric, quan
 bits per weight, quantization time. A PNG plots the metric against bits per weight.
 
     python tools/compare.py minilm --bits 2 3 4 --group-size 64 128
-    python tools/compare.py smollm2 --bits 2 4 --group-size 64 128 --methods rtn decoupleq
+    python tools/compare.py smollm2 --bits 2 4 --group-size 64 128
+    python tools/compare.py smollm2 --configs 2:64 3:128 --methods rtn decoupleq
+
+SmolLM2's lm_head is left in float by every method: it is tied to the embedding (a Transpose of the Gather
+table, which ORT's quantizer cannot see as a constant) and ships as Q8_0, so quantizing it only on the onnxq
+side would not compare like with like.
 
 Quantized-weight bytes: every initializer of the output that the fp32 model does not have under the
 same name (codes, scales, zero points, correction terms), i.e. the cost of the quantized layers.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +42,11 @@ from onnxq.graph import find_targets, load_model, tensor_nbytes  # noqa: E402
 
 ONNXQ_METHODS = ("rtn", "gptq", "decoupleq")
 ORT_METHODS = ("ort-default", "ort-hqq", "ort-gptq")
+# ORT's GPTQ runs the full model once per distinct MatMul input per sample (SmolLM2: ~120 inputs x 128 samples
+# of 512 tokens, over an hour per setting); it gets the first 16 calibration samples. Its weights come out equal
+# to its RTN's at any sample count (the error update reads the zero triangle of the Cholesky factor), which
+# every run re-checks against ort-default's output (code_differences).
+ORT_GPTQ_SAMPLES = 16
 
 
 @dataclass
@@ -53,7 +65,8 @@ class Row:
 
 
 def model_spec(name: str):
-    """(fp32 path, evaluate(path) -> metrics dict, calibration dict, primary metric, higher is better)."""
+    """(fp32 path, evaluate(path) -> metrics dict, calibration dict, primary metric, higher is better,
+    node-name regex left in float by every method)."""
     if name == "minilm":
         from models.minilm import build_minilm
         from tools.evaluation import evaluate_minilm, make_minilm_calibration
@@ -64,7 +77,7 @@ def model_spec(name: str):
             r = evaluate_minilm(p, reference=path)
             return {"cosine": r.mean_cosine, "probe": r.probe_accuracy}
 
-        return path, evaluate, lambda: make_minilm_calibration(128, 128, 0), "cosine", True
+        return path, evaluate, lambda: make_minilm_calibration(128, 128, 0), "cosine", True, None
     if name == "smollm2":
         from models.smollm2 import build_smollm2
         from tools.lm_metrics import evaluate_lm, make_smollm2_calibration
@@ -75,24 +88,26 @@ def model_spec(name: str):
             r = evaluate_lm(p, reference=path)
             return {"perplexity": r.perplexity, "top1": r.top1_agreement}
 
-        return path, evaluate, lambda: make_smollm2_calibration(128, 512, 0), "perplexity", False
+        return path, evaluate, lambda: make_smollm2_calibration(128, 512, 0), "perplexity", False, \
+            "lm_head"
     raise SystemExit(f"unknown model {name!r}; use minilm or smollm2")
 
 
-def quantized_weight_bytes(fp32: onnx.ModelProto, quantized_path: Path) -> tuple[int, int]:
+def quantized_weight_bytes(fp32: onnx.ModelProto, quantized_path: Path, exclude: str | None) -> tuple[int, int]:
     """(bytes of initializers new in the quantized model, parameters of the quantized layers)."""
     quantized = onnx.load(str(quantized_path), load_external_data=False)
     old = {t.name for t in fp32.graph.initializer}
-    params = sum(int(np.prod(t.matrix_shape)) for t in find_targets(fp32).targets)
+    params = sum(int(np.prod(t.matrix_shape)) for t in find_targets(fp32, exclude=exclude).targets)
     return sum(tensor_nbytes(t) for t in quantized.graph.initializer if t.name not in old), params
 
 
 # ----------------------------------------------------------------------------- quantizers
 
 
-def run_onnxq(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: Path) -> str:
+def run_onnxq(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: Path,
+              exclude: str | None) -> str:
     """Quantize with onnxq (matmulnbits format, accuracy level 0); returns a note."""
-    options = dict(method=method, bits=bits, group_size=group_size, format="matmulnbits", progress=False)
+    options = dict(method=method, bits=bits, group_size=group_size, format="matmulnbits", exclude=exclude)
     if method != "rtn":
         options["calibration"] = str(calib)
     _, summary = onnxq.quantize_with_summary(fp32_path, out, **options)
@@ -120,7 +135,8 @@ class _Reader:
         self.index = 0
 
 
-def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: dict, external: bool) -> str:
+def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: dict, external: bool,
+            exclude: str | None) -> str:
     """Quantize with ORT's MatMulNBitsQuantizer (default/HQQ/GPTQ); returns a note."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.calibrate import CalibrationDataReader
@@ -130,11 +146,15 @@ def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int,
     elif method == "ort-hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=group_size, bits=bits)
     else:
-        reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
+        # ORT's GPTQ reruns the whole model once per distinct layer input and sample: cap its samples
+        subset = {k: v[:ORT_GPTQ_SAMPLES] for k, v in calib.items()}
+        reader = type("Reader", (_Reader, CalibrationDataReader), {})(subset)
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=group_size)
         config.bits = bits
+    excluded = [n.name for n in onnx.load(str(fp32_path), load_external_data=False).graph.node
+                if exclude and re.search(exclude, n.name)]
     quantizer = mnq.MatMulNBitsQuantizer(str(fp32_path), bits=bits, block_size=group_size, is_symmetric=False,
-                                         algo_config=config)
+                                         nodes_to_exclude=excluded, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=external)
     model = onnx.load(str(out), load_external_data=False)
@@ -148,12 +168,28 @@ def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int,
     return ""
 
 
+def code_differences(path: Path, reference: Path) -> tuple[int, int] | None:
+    """(differing, total) bytes of MatMulNBits codes and zero points between two ORT outputs, or None when
+    their layouts differ. ORT's GPTQ computes scales in another order than its RTN (last-bit differences),
+    which flips a rounding tie here and there; everything else is the same."""
+    def quantized(p: Path) -> list[np.ndarray]:
+        model = onnx.load(str(p))
+        inits = {t.name: t for t in model.graph.initializer}
+        return [numpy_helper.to_array(inits[name]) for node in model.graph.node
+                if node.op_type == "MatMulNBits" for name in node.input[1:] if name in inits]
+
+    a, b = quantized(path), quantized(reference)
+    if len(a) != len(b) or not a or any(x.shape != y.shape or x.dtype != y.dtype for x, y in zip(a, b, strict=True)):
+        return None
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x.dtype.kind in "iu"]
+    return sum(int((x != y).sum()) for x, y in pairs), sum(x.size for x, _ in pairs)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
-def compare(name: str, bits_list: list[int], group_sizes: list[int], methods: list[str],
-            out_dir: Path) -> tuple[list[Row], str]:
-    fp32_path, evaluate, make_calib, primary, higher_better = model_spec(name)
+def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_dir: Path) -> tuple[list[Row], str]:
+    fp32_path, evaluate, make_calib, primary, higher_better, exclude = model_spec(name)
     fp32 = load_model(fp32_path)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
                    for t in onnx.load(str(fp32_path), load_external_data=False).graph.initializer)
@@ -162,32 +198,39 @@ def compare(name: str, bits_list: list[int], group_sizes: list[int], methods: li
     rows = [Row("fp32", None, None, evaluate(fp32_path))]
     print(_row_line(rows[0]), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"onnxq-compare-{name}-"))
-    for bits in bits_list:
-        for group_size in group_sizes:
-            for method in methods:
-                out = workdir / f"{method}_w{bits}_g{group_size}.onnx"
-                row = Row(method, bits, group_size)
-                start = time.perf_counter()
-                try:
-                    if method in ONNXQ_METHODS:
-                        row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path)
-                    else:
-                        row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external)
-                    row.seconds = time.perf_counter() - start
-                    if not row.note.startswith("refused"):
-                        row.weight_bytes, params = quantized_weight_bytes(fp32, out)
-                        row.bits_per_weight = 8 * row.weight_bytes / params
-                        row.metrics = evaluate(out)
-                except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
-                    row.seconds = time.perf_counter() - start
-                    row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-                    traceback.print_exc(limit=2, file=sys.stderr)
-                rows.append(row)
-                print(_row_line(row), flush=True)
-                for leftover in workdir.glob(f"{out.name}*"):
-                    leftover.unlink()
+    json_path = out_dir / f"compare_{name}.json"
+    for bits, group_size in configs:
+        for method in methods:
+            out = workdir / f"{method}_w{bits}_g{group_size}.onnx"
+            row = Row(method, bits, group_size)
+            print(f"[{method} w{bits} g{group_size}] running ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                if method in ONNXQ_METHODS:
+                    row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path, exclude)
+                else:
+                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, exclude)
+                row.seconds = time.perf_counter() - start
+                if not row.note.startswith("refused"):
+                    row.weight_bytes, params = quantized_weight_bytes(fp32, out, exclude)
+                    row.bits_per_weight = 8 * row.weight_bytes / params
+                    row.metrics = evaluate(out)
+            except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
+                row.seconds = time.perf_counter() - start
+                row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                traceback.print_exc(limit=2, file=sys.stderr)
+            if method == "ort-gptq" and out.exists() and "ort-default" in methods:
+                reference = workdir / f"ort-default_w{bits}_g{group_size}.onnx"
+                diff = code_differences(out, reference) if reference.exists() else None
+                if diff is not None:
+                    row.note = "; ".join(filter(None, [row.note, f"codes differ from ort-default's in {diff[0]:,} "
+                                                                 f"of {diff[1]:,} bytes"]))
+            rows.append(row)
+            print(_row_line(row), flush=True)
+            json_path.write_text(json.dumps([asdict(r) for r in rows], indent=1))  # partial results survive
+        for leftover in workdir.glob("*"):
+            leftover.unlink()
     table = markdown_table(rows)
-    (out_dir / f"compare_{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     plot(rows, primary, higher_better, out_dir / f"compare_{name}.png", name)
     return rows, table
 
@@ -247,10 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--methods", nargs="+", default=["rtn", "decoupleq", *ORT_METHODS],
                         choices=[*ONNXQ_METHODS, *ORT_METHODS])
+    parser.add_argument("--configs", nargs="+", metavar="BITS:GROUP",
+                        help="explicit (bits, group) pairs instead of the --bits x --group-size grid")
     parser.add_argument("--out-dir", default="docs")
     args = parser.parse_args(argv)
+    if args.configs:
+        try:
+            configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
+        except ValueError:
+            parser.error("--configs takes BITS:GROUP pairs, e.g. 2:64 4:128")
+    else:
+        configs = [(b, g) for b in args.bits for g in args.group_size]
     start = time.perf_counter()
-    _, table = compare(args.model, args.bits, args.group_size, args.methods, Path(args.out_dir))
+    _, table = compare(args.model, configs, args.methods, Path(args.out_dir))
     print()
     print(table)
     print(f"\ntotal time {time.perf_counter() - start:.0f}s")

@@ -127,14 +127,40 @@ class QuantizeSummary:
         out.append(f"weights: {before:.2f} MB -> {after:.2f} MB ({ratio:.2f}x smaller)")
         if self.peak_memory_mb:
             out.append(f"peak memory: {self.peak_memory_mb:.0f} MB")
+        solved = [r for r in self.layers if r.loss_before is not None and r.loss_after is not None]
+        if solved:
+            before = sum(r.loss_before for r in solved)
+            after = sum(r.loss_after for r in solved)
+            ratios = sorted(r.loss_after / r.loss_before for r in solved if r.loss_before > 0)
+            median = ratios[len(ratios) // 2] if ratios else float("nan")
+            out.append(f"H-weighted layer loss vs RTN: total {before:.4g} -> {after:.4g} "
+                       f"({before / max(after, 1e-300):.2f}x lower), median layer ratio {median:.3f}")
+        by_reason: dict[tuple[str, str], list[str]] = {}
         for s in self.skipped:
-            out.append(f"skipped {s.op_type} '{s.name}': {s.reason}")
+            by_reason.setdefault((s.op_type, s.reason), []).append(s.name)
+        for (op_type, reason), names in by_reason.items():
+            if len(names) <= 3:
+                out.extend(f"skipped {op_type} '{name}': {reason}" for name in names)
+            else:
+                out.append(f"skipped {len(names)} {op_type} nodes ({reason}): '{names[0]}', '{names[1]}', ...")
         seen: set[str] = set()
         for note in self.notes:
             if note not in seen:
                 seen.add(note)
                 out.append(f"note: {note}")
         return out
+
+
+    def layer_log(self) -> str:
+        """Tab-separated per-layer table: relative weight error and the H-weighted loss
+        tr((W − Ŵ) H (W − Ŵ)ᵀ) of RTN and of the method (hessian methods only)."""
+        rows = ["layer\top\tshape\terror\tloss_rtn\tloss_method\tratio"]
+        for r in self.layers:
+            ratio = r.loss_after / r.loss_before if r.loss_before and r.loss_after is not None else None
+            cells = [r.name, r.op_type, "x".join(map(str, r.shape)), f"{r.error:.5g}",
+                     *("" if v is None else f"{v:.6g}" for v in (r.loss_before, r.loss_after, ratio))]
+            rows.append("\t".join(cells))
+        return "\n".join(rows) + "\n"
 
 
 def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx.ModelProto, QuantizeSummary]:
