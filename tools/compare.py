@@ -42,11 +42,11 @@ from onnxq.graph import find_targets, load_model, tensor_nbytes  # noqa: E402
 
 ONNXQ_METHODS = ("rtn", "gptq", "decoupleq")
 ORT_METHODS = ("ort-default", "ort-hqq", "ort-gptq")
-# ORT's GPTQ runs the full model once per distinct MatMul input per sample (SmolLM2: ~120 inputs x 128 samples
-# of 512 tokens, over an hour per setting); it gets the first 16 calibration samples. Its weights come out equal
-# to its RTN's at any sample count (the error update reads the zero triangle of the Cholesky factor), which
-# every run re-checks against ort-default's output (code_differences).
-ORT_GPTQ_SAMPLES = 16
+# ORT's GPTQ runs the whole model once per distinct MatMul input per sample (SmolLM2: ~120 inputs x ~2.7 s per
+# 512-token window, over an hour per setting at 16 samples), so it gets only the first few calibration samples.
+# Its weights come out equal to its RTN's at any sample count (the error update reads the zero triangle of the
+# Cholesky factor), which every run re-checks against ort-default's output (code_differences).
+ORT_GPTQ_SAMPLES = {"minilm": 16, "smollm2": 2}
 
 
 @dataclass
@@ -136,7 +136,7 @@ class _Reader:
 
 
 def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: dict, external: bool,
-            exclude: str | None) -> str:
+            exclude: str | None, gptq_samples: int = 16) -> str:
     """Quantize with ORT's MatMulNBitsQuantizer (default/HQQ/GPTQ); returns a note."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.calibrate import CalibrationDataReader
@@ -147,13 +147,16 @@ def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int,
         config = mnq.HQQWeightOnlyQuantConfig(block_size=group_size, bits=bits)
     else:
         # ORT's GPTQ reruns the whole model once per distinct layer input and sample: cap its samples
-        subset = {k: v[:ORT_GPTQ_SAMPLES] for k, v in calib.items()}
+        subset = {k: v[:gptq_samples] for k, v in calib.items()}
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(subset)
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=group_size)
         config.bits = bits
     excluded = [n.name for n in onnx.load(str(fp32_path), load_external_data=False).graph.node
                 if exclude and re.search(exclude, n.name)]
-    quantizer = mnq.MatMulNBitsQuantizer(str(fp32_path), bits=bits, block_size=group_size, is_symmetric=False,
+    # given a path to a model with external data, ORT's GPTQ serializes the model without its tensors and
+    # fails ("External data path validation failed"): hand it the loaded model instead
+    source = onnx.load(str(fp32_path)) if method == "ort-gptq" and external else str(fp32_path)
+    quantizer = mnq.MatMulNBitsQuantizer(source, bits=bits, block_size=group_size, is_symmetric=False,
                                          nodes_to_exclude=excluded, algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=external)
@@ -209,7 +212,10 @@ def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_d
                 if method in ONNXQ_METHODS:
                     row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path, exclude)
                 else:
-                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, exclude)
+                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, exclude,
+                                       ORT_GPTQ_SAMPLES[name])
+                    if method == "ort-gptq":
+                        row.note = "; ".join(filter(None, [row.note, f"{ORT_GPTQ_SAMPLES[name]} calibration samples"]))
                 row.seconds = time.perf_counter() - start
                 if not row.note.startswith("refused"):
                     row.weight_bytes, params = quantized_weight_bytes(fp32, out, exclude)
