@@ -154,3 +154,14 @@ def test_log_folder_missing_fails_before_work(model_path, tmp_path):
                        str(tmp_path / "no" / "log.tsv"))
     assert_one_line_error(result, "--log", "does not exist")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_summary_groups_many_skipped_nodes():
+    from onnxq.graph import Skipped
+    from onnxq.passes.quantize import QuantizeSummary
+
+    skipped = [Skipped(f"attn_{i}", "MatMul", "no constant weight input") for i in range(60)]
+    lines = QuantizeSummary(skipped=[*skipped, Skipped("c", "Conv", "dynamic weight")]).lines()
+    assert "skipped 60 MatMul nodes (no constant weight input): 'attn_0', 'attn_1', ..." in lines
+    assert "skipped Conv 'c': dynamic weight" in lines
+    assert sum(line.startswith("skipped") for line in lines) == 2
