@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from onnxq.errors import OnnxqError
-from onnxq.graph import copy_model, load_model, save_model
+from onnxq.graph import check_output_folder, copy_model, load_model, save_model, write_text
 from onnxq.inspect import InspectReport, inspect_model
 from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
 
@@ -28,24 +28,26 @@ def check_output_path(model_or_path: ModelOrPath, output: str | os.PathLike | No
     out = Path(output)
     if not isinstance(model_or_path, onnx.ModelProto) and Path(model_or_path).resolve() == out.resolve():
         raise OnnxqError(f"{out}: output path equals the input; choose another -o path (the input is never modified)")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxqError(f"{folder}: output folder does not exist; create it or choose another -o path")
-    if not os.access(folder, os.W_OK):
-        raise OnnxqError(f"{folder}: output folder is not writable; choose another -o path")
+    check_output_folder(out)
 
 
 def quantize_with_summary(
-    model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object
+    model_or_path: ModelOrPath, output: str | os.PathLike | None = None, layer_log: str | os.PathLike | None = None,
+    **options: object,
 ) -> tuple[onnx.ModelProto, QuantizeSummary]:
-    """Like :func:`quantize`, also returning the summary (layers, bytes, notes, time)."""
+    """Like :func:`quantize`, also returning the summary (layers, bytes, notes, time); ``layer_log`` gets the
+    per-layer table of :meth:`QuantizeSummary.layer_log`."""
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
     check_output_path(model_or_path, output)
+    if layer_log is not None:
+        check_output_folder(layer_log, "--log")
     model = _load(model_or_path)
     quantized, summary = quantize_model(model, config)
     if output is not None:
         save_model(quantized, output)
+    if layer_log is not None:
+        write_text(layer_log, summary.layer_log(), "--log")
     return quantized, summary
 
 

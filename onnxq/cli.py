@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from onnxq.errors import OnnxqError
 
@@ -106,25 +104,16 @@ def _quant_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     import onnxq.api as api
 
     if args.command == "inspect":
         print(api.inspect(args.model).table())
     elif args.command == "quantize":
-        if args.log and not Path(args.log).resolve().parent.is_dir():
-            raise OnnxqError(f"--log {args.log}: folder {Path(args.log).resolve().parent} does not exist")
-        _, summary = api.quantize_with_summary(args.model, args.output, **_quant_options(args))
+        _, summary = api.quantize_with_summary(args.model, args.output, args.log, **_quant_options(args))
         print("\n".join(summary.lines()))
         print(f"wrote {args.output}")
         if args.log:
-            _write_text_atomically(Path(args.log), summary.layer_log())
             print(f"wrote {args.log} (per-layer losses)")
     elif args.command == "split":
         from onnxq.passes import splitquant  # noqa: F401 - fails cleanly below if the pass is missing

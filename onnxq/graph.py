@@ -95,6 +95,30 @@ def _element_size(data_type: int) -> float:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
 
 
+def check_output_folder(path: str | os.PathLike, option: str = "-o") -> Path:
+    """The folder ``path`` will be written into; an error naming ``option`` if it is missing or read-only."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"{folder}: output folder does not exist; create it or choose another {option} path")
+    if not os.access(folder, os.W_OK):
+        raise OnnxqError(f"{folder}: output folder is not writable; choose another {option} path")
+    return folder
+
+
+def write_text(path: str | os.PathLike, text: str, option: str = "-o") -> None:
+    """Write a text file atomically (temp file in the same folder, then rename)."""
+    folder = check_output_folder(path, option)
+    handle, tmp = tempfile.mkstemp(prefix=".onnxq-", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
     """Write ``model`` atomically: temp files in the target folder, then rename (data first).
 
@@ -102,11 +126,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     default) when they exceed 1 GiB, since a protobuf cannot exceed 2 GiB.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxqError(f"{folder}: output folder does not exist; create it or choose another -o path")
-    if not os.access(folder, os.W_OK):
-        raise OnnxqError(f"{folder}: output folder is not writable; choose another -o path")
+    folder = check_output_folder(path)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"

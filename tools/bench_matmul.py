@@ -110,7 +110,8 @@ def use_global_thread_pool(threads: int) -> None:
     _POOL["global"] = True
 
 
-def session(model: bytes, config: dict[str, str] | None = None, custom: bool = False):
+def session(model: bytes | str, config: dict[str, str] | None = None, custom: bool = False):
+    """An ORT CPU session (serialized model or path) on the shared pool, with optional session config."""
     so = custom_ops.session_options() if custom else ort.SessionOptions()
     if _POOL["global"]:
         so.use_per_session_threads = False

@@ -136,7 +136,7 @@ class _Reader:
 
 
 def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: dict, external: bool,
-            exclude: str | None, gptq_samples: int = 16) -> str:
+            excluded: list[str], gptq_samples: int = 16) -> str:
     """Quantize with ORT's MatMulNBitsQuantizer (default/HQQ/GPTQ); returns a note."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.calibrate import CalibrationDataReader
@@ -151,8 +151,6 @@ def run_ort(method: str, fp32_path: Path, out: Path, bits: int, group_size: int,
         reader = type("Reader", (_Reader, CalibrationDataReader), {})(subset)
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=group_size)
         config.bits = bits
-    excluded = [n.name for n in onnx.load(str(fp32_path), load_external_data=False).graph.node
-                if exclude and re.search(exclude, n.name)]
     # given a path to a model with external data, ORT's GPTQ serializes the model without its tensors and
     # fails ("External data path validation failed"): hand it the loaded model instead
     source = onnx.load(str(fp32_path)) if method == "ort-gptq" and external else str(fp32_path)
@@ -194,6 +192,7 @@ def code_differences(path: Path, reference: Path) -> tuple[int, int] | None:
 def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_dir: Path) -> tuple[list[Row], str]:
     fp32_path, evaluate, make_calib, primary, higher_better, exclude = model_spec(name)
     fp32 = load_model(fp32_path)
+    excluded = [n.name for n in fp32.graph.node if exclude and re.search(exclude, n.name)]  # ORT takes node names
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
                    for t in onnx.load(str(fp32_path), load_external_data=False).graph.initializer)
     calib = make_calib()
@@ -212,7 +211,7 @@ def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_d
                 if method in ONNXQ_METHODS:
                     row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path, exclude)
                 else:
-                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, exclude,
+                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, excluded,
                                        ORT_GPTQ_SAMPLES[name])
                     if method == "ort-gptq":
                         row.note = "; ".join(filter(None, [row.note, f"{ORT_GPTQ_SAMPLES[name]} calibration samples"]))

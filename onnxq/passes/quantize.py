@@ -150,7 +150,6 @@ class QuantizeSummary:
                 out.append(f"note: {note}")
         return out
 
-
     def layer_log(self) -> str:
         """Tab-separated per-layer table: relative weight error and the H-weighted loss
         tr((W − Ŵ) H (W − Ŵ)ᵀ) of RTN and of the method (hessian methods only)."""
