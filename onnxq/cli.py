@@ -54,7 +54,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing Hessian diagonal")
     p.add_argument("--round", dest="round_mode", choices=["gptq", "train"], default="gptq",
                    help="decoupleq integer step (default gptq)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="bound for calibration Hessians")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="bound for calibration Hessians and kept activations (beyond it they go to temp files)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each layer group on the outputs of the already-quantized earlier layers "
+                        "(default on; costs one forward pass over the calibration data, like --no-sequential)")
     p.add_argument("--split", action="store_true", help="run SplitQuant first, then quantize each branch")
     p.add_argument("--split-activations", action="store_true", help="with --split: also split activations")
     p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
@@ -97,7 +101,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in (
         "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
         "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode", "split",
-        "split_activations", "act_bits", "seed")}
+        "split_activations", "act_bits", "seed", "sequential")}
     options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.max_memory is not None:
         options["max_memory"] = int(args.max_memory * (1 << 30))

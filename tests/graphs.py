@@ -1,4 +1,4 @@
-"""Tiny ONNX graphs for emitter tests: MatMul (both sides, through Transpose), Gemm, Conv."""
+"""Tiny ONNX graphs for tests: MatMul (both sides, through Transpose), Gemm, Conv, deep and residual stacks."""
 
 from __future__ import annotations
 
@@ -62,3 +62,50 @@ def conv_model(cin: int, cout: int, kernel: tuple[int, ...], group: int = 1, see
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, *spatial])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, *spatial])],
                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+
+
+def deep_model() -> onnx.ModelProto:
+    """Four MatMul+Relu layers and a conv head: several keys with different sizes."""
+    rng = np.random.default_rng(9)
+    widths = [16, 24, 32, 24, 16]
+    inits, nodes, current = [], [], "x"
+    for i in range(4):
+        inits.append(numpy_helper.from_array((rng.standard_normal((widths[i], widths[i + 1])) / 4).astype(np.float32),
+                                             f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"], name=f"mm{i}"),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+        ]
+        current = f"r{i}"
+    inits.append(numpy_helper.from_array(np.array([0, 1, 4, 4], dtype=np.int64), "shape"))
+    inits.append(numpy_helper.from_array(rng.standard_normal((3, 1, 3, 3)).astype(np.float32), "Wc"))
+    nodes += [
+        helper.make_node("Reshape", [current, "shape"], ["img"]),
+        helper.make_node("Conv", ["img", "Wc"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 4, 4])], inits)
+
+
+def residual_model(width: int = 24, blocks: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A residual stream through ``blocks`` blocks ``h ← h + W2·relu(W1a·h ⊙ W1b·h)`` (W1a, W1b read one tensor),
+    with a mask-like tensor computed once from the input and used by every block, and a float head."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half")]
+    nodes = [helper.make_node("Mul", ["x", "half"], ["scale"], name="shared"),
+             helper.make_node("Identity", ["x"], ["h0"])]
+    for b in range(blocks):
+        for name in ("a", "b", "o"):
+            w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"W{b}{name}"))
+        nodes += [
+            helper.make_node("Mul", [f"h{b}", "scale"], [f"n{b}"], name=f"norm{b}"),
+            helper.make_node("MatMul", [f"n{b}", f"W{b}a"], [f"a{b}"], name=f"mm{b}a"),
+            helper.make_node("MatMul", [f"n{b}", f"W{b}b"], [f"b{b}"], name=f"mm{b}b"),
+            helper.make_node("Mul", [f"a{b}", f"b{b}"], [f"p{b}"]),
+            helper.make_node("Relu", [f"p{b}"], [f"r{b}"]),
+            helper.make_node("MatMul", [f"r{b}", f"W{b}o"], [f"o{b}"], name=f"mm{b}o"),
+            helper.make_node("Add", [f"h{b}", f"o{b}"], [f"h{b + 1}"]),
+        ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+                  [helper.make_tensor_value_info(f"h{blocks}", TensorProto.FLOAT, ["b", width])], inits)

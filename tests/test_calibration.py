@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import graphs
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -348,29 +349,7 @@ def test_conv_keys_distinguish_unfoldings():
 
 @pytest.fixture(scope="module")
 def deep_model():
-    """Four MatMul+Relu layers and a conv head: several keys with different sizes."""
-    rng = np.random.default_rng(9)
-    widths = [16, 24, 32, 24, 16]
-    inits, nodes, current = {}, [], "x"
-    for i in range(4):
-        inits[f"W{i}"] = (rng.standard_normal((widths[i], widths[i + 1])) / 4).astype(np.float32)
-        nodes += [
-            helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"], name=f"mm{i}"),
-            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
-        ]
-        current = f"r{i}"
-    inits["shape"] = np.array([0, 1, 4, 4], dtype=np.int64)
-    inits["Wc"] = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
-    nodes += [
-        helper.make_node("Reshape", [current, "shape"], ["img"]),
-        helper.make_node("Conv", ["img", "Wc"], ["y"], name="conv", pads=[1, 1, 1, 1]),
-    ]
-    return make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
+    return graphs.deep_model()
 
 
 def test_memory_grouped_passes_give_the_same_hessians(deep_model):

@@ -13,7 +13,7 @@ from onnxq.graph import Target
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.decoupleq import quantize_decoupleq
 from onnxq.solvers.gptq import quantize_gptq
-from onnxq.solvers.hessian import PreparedHessian, layer_loss, prepare_hessian
+from onnxq.solvers.hessian import PreparedHessian, float_output_target, layer_loss, prepare_hessian
 from onnxq.solvers.rtn import quantize_rtn
 
 
@@ -22,6 +22,7 @@ class HessianStore:
 
     def __init__(self, hessians: dict, damp: float, act_order: bool) -> None:
         self.raw = hessians
+        self.crosses: dict = {}  # C = Σ xᵀx_float per key (sequential mode with float targets)
         self.damp = damp
         self.act_order = act_order  # the column order the solver factorises for
         self.prepared: dict[tuple, PreparedHessian] = {}
@@ -34,9 +35,14 @@ class HessianStore:
             self.prepared[slot] = prepare_hessian(h, self.damp, act_order=self.act_order)
         return self.prepared[slot]
 
-    def update(self, hessians: dict) -> None:
+    def cross(self, target: Target, conv_group: int | None = None) -> np.ndarray | None:
+        c = self.crosses.get(hessian_key(target))
+        return c if c is None or conv_group is None else c[conv_group]
+
+    def update(self, hessians: dict, crosses: dict | None = None) -> None:
         """New statistics (sequential mode): forget the factorisations of the keys that changed."""
         self.raw.update(hessians)
+        self.crosses.update(crosses or {})
         self.prepared = {slot: p for slot, p in self.prepared.items() if slot[0] not in hessians}
 
 
@@ -49,14 +55,19 @@ def solve_with_hessian(
     group_size: int,
     zero_convention: str,
 ) -> tuple[QuantizedWeight, tuple[float, float]]:
-    """Solve ``weight[N, K]`` with GPTQ or decoupleQ; returns it and the H-weighted losses (RTN, method)."""
+    """Solve ``weight[N, K]`` with GPTQ or decoupleQ; returns it and the H-weighted losses (RTN, method).
+
+    With float targets (the store holds ``C``) the solvers fit :func:`float_output_target`'s ``W̃``, and both
+    losses are measured against it (RTN still rounds ``W``)."""
     groups = target.groups
     rows = weight.shape[0] // groups
     pieces, loss_rtn, loss_method = [], 0.0, 0.0
     for g in range(groups):
         part = slice(g * rows, (g + 1) * rows)
         hessian = store.get(target, g if groups > 1 else None)
-        w = weight[part]
+        cross = store.cross(target, g if groups > 1 else None)
+        original = weight[part]
+        w = original if cross is None else float_output_target(original, hessian, cross)
         mask = None if zero_mask is None else zero_mask[part]
         if config.method == "gptq":
             qw = quantize_gptq(w, hessian, config.bits, group_size, config.symmetric, zero_convention, config.damp,
@@ -65,7 +76,7 @@ def solve_with_hessian(
             qw, _ = quantize_decoupleq(w, hessian, config.bits, group_size, iters=config.iters, damp=config.damp,
                                        round_mode=config.round_mode, zero_mask=mask)
         raw_h = hessian.undamped()
-        rtn = quantize_rtn(w, config.bits, group_size, config.symmetric,
+        rtn = quantize_rtn(original, config.bits, group_size, config.symmetric,
                            "integer" if mask is not None else zero_convention)
         loss_rtn += float(layer_loss(w, rtn.dequantize(np.float64), raw_h).sum())
         loss_method += float(layer_loss(w, qw.dequantize(np.float64), raw_h).sum())

@@ -71,7 +71,8 @@ class QuantizeConfig:
     split_activations: bool = False
     act_bits: int | None = None  # per-tensor activation fake-quantization (QDQ) after weight quantization
     seed: int = 0
-    sequential: bool | None = None  # None: on when affordable (see sequential_affordable)
+    sequential: bool | None = None  # None/True: calibrate layer groups in order on quantized inputs (onnxq.sequential)
+    float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
 
     def validate(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -214,32 +215,43 @@ def _solve_all(
 ) -> dict[str, QuantizedWeight]:
     """Solve every distinct weight once; Hessian methods calibrate first (group by group when sequential)."""
     solved: dict[str, QuantizedWeight] = {}
-    store = working = None
+    store = working = sequential = None
     groups = [targets]
     if config.method != "rtn":
         from onnxq.calibration import iter_batches
         from onnxq.passes.hessian_solve import HessianStore
+        from onnxq.sequential import SequentialCalibration
 
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
         store = HessianStore({}, config.damp, act_order=config.method == "decoupleq" or config.act_order)
-        sequential = config.sequential
-        if sequential is None:
-            sequential = sequential_affordable(targets, batches)
-        if sequential:
+        if config.sequential is not False:
             groups = sequential_groups(targets)
             working = copy_model(model)
-            summary.notes.append(f"sequential calibration: {len(groups)} layer groups")
-    with Progress(len(targets), "quantize", config.progress) as bar:
-        for group in groups:
-            if store is not None:
-                _calibrate(working or model, group, config, batches, store, summary)
-            for target in group:
-                if target.weight_name not in solved:
-                    solved[target.weight_name] = _solve_one(model, target, config, store, branch_nodes, summary)
-                    if working is not None:
-                        _write_dequantized(working, target, solved[target.weight_name])
-                bar.step(target.name)
+            frontier_limit = None if config.max_memory is None else config.max_memory // 2
+            reference = model if config.float_target else None
+            sequential = SequentialCalibration(working, groups, batches, frontier_limit, reference=reference)
+            fit = ", each layer fit to the float model's output" if config.float_target else ""
+            summary.notes.append(f"sequential calibration: {len(groups)} layer groups{fit}")
+    try:
+        with Progress(len(targets), "quantize", config.progress) as bar:
+            for index, group in enumerate(groups):
+                if sequential is not None:
+                    hessians, stats, crosses = sequential.step(index)
+                    _record_calibration(store, summary, hessians, stats, crosses)
+                elif store is not None:
+                    from onnxq.calibration import collect_hessians
+
+                    _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
+                for target in group:
+                    if target.weight_name not in solved:
+                        solved[target.weight_name] = _solve_one(model, target, config, store, branch_nodes, summary)
+                        if working is not None:
+                            _write_dequantized(working, target, solved[target.weight_name])
+                    bar.step(target.name)
+    finally:
+        if sequential is not None:
+            sequential.close()
     return solved
 
 
@@ -273,12 +285,8 @@ def _solve_one(
     return qw
 
 
-def _calibrate(model: onnx.ModelProto, group: list[Target], config: QuantizeConfig, batches, store,
-               summary: QuantizeSummary) -> None:
-    from onnxq.calibration import collect_hessians
-
-    hessians, stats = collect_hessians(model, group, batches, config.max_memory)
-    store.update(hessians)
+def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, crosses: dict | None = None) -> None:
+    store.update(hessians, crosses)
     summary.calibration_seconds += stats.seconds
     summary.peak_memory_mb = max(summary.peak_memory_mb, stats.peak_rss_bytes / 2**20)
 
@@ -297,21 +305,6 @@ def sequential_groups(targets: list[Target]) -> list[list[Target]]:
             groups.append([target])
         last_key = key
     return groups
-
-
-SEQUENTIAL_FLOP_BUDGET = 2e13  # ≈ a few minutes of ORT on 2 cores
-
-
-def sequential_affordable(targets: list[Target], batches) -> bool:
-    """Sequential calibration runs the graph prefix once per group: ≈ groups/2 full forward passes.
-
-    Affordable when ``groups/2 · 2·params·rows`` stays under :data:`SEQUENTIAL_FLOP_BUDGET`, with
-    ``rows`` the calibration elements of the largest input (tokens for language models).
-    """
-    params = sum(int(np.prod(t.matrix_shape)) for t in targets)
-    rows = max((int(np.prod(shape)) for _, headers in batches._headers() for shape, _ in headers.values()),
-               default=0)
-    return len(sequential_groups(targets)) / 2 * 2 * params * rows <= SEQUENTIAL_FLOP_BUDGET
 
 
 def _write_dequantized(model: onnx.ModelProto, target: Target, qw: QuantizedWeight) -> None:

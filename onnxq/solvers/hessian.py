@@ -120,3 +120,19 @@ def layer_loss(weight: np.ndarray, qweight_dequant: np.ndarray, hessian: np.ndar
     """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` (float64 ``[N]``)."""
     error = np.asarray(weight, dtype=np.float64) - np.asarray(qweight_dequant, dtype=np.float64)
     return np.einsum("nk,nk->n", error @ np.asarray(hessian, dtype=np.float64), error)
+
+
+def float_output_target(weight: np.ndarray, hessian: PreparedHessian, cross: np.ndarray) -> np.ndarray:
+    """The weight ``W̃`` whose H-weighted distance to ``Q`` is the float-output error of ``Q`` (asymmetric
+    calibration, sequential mode).
+
+    With ``X`` the layer's inputs in the partially quantized model, ``X_f`` the same inputs in the float model,
+    ``H = XᵀX``, ``C = XᵀX_f`` and the damping ``μ = λ·mean(diag H)`` (``H_d = H + μI``), every row ``q`` of ``Q``
+    has ``‖X qᵀ − X_f wᵀ‖² + μ‖q − w‖² = (q − w̃) H_d (q − w̃)ᵀ + const`` for ``w̃ᵀ = H_d⁻¹ (C + μI) wᵀ``,
+    so the solvers, given ``W̃``, fit the quantized layer on quantized inputs to the float layer on float inputs.
+    ``W̃ = W`` when ``X = X_f``.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    rhs = np.asarray(cross, dtype=np.float64) @ w.T + hessian.shift * w.T
+    factor = scipy.linalg.cho_factor(hessian.damped, lower=True, check_finite=False)
+    return scipy.linalg.cho_solve(factor, rhs, check_finite=False).T

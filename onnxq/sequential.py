@@ -1,0 +1,256 @@
+"""Sequential calibration: each layer group's ``H`` from the activations of the already-quantized earlier groups.
+
+Groups are solved in graph order; before group ``i`` is calibrated, the weights of groups ``< i`` hold their
+dequantized values (the caller writes them into the working model).  A tensor is *stale* while it depends on a
+weight that is still to be solved (groups ``≥ i``), *settled* otherwise.  The *frontier* ``F_i`` is the set of
+settled, computed tensors that stale nodes still need (on the way to a later group's input).  Its values are kept
+for every calibration batch, so step ``i`` runs only the nodes whose outputs settled since step ``i − 1``, fed by
+``F_{i−1}`` and the graph inputs: over all steps every node runs once, i.e. sequential calibration costs one
+forward pass over the calibration data, the same as calibrating every layer on float inputs.
+
+For a transformer the frontier is the residual stream plus whatever a block's partial results the next group needs
+(attention output before ``o_proj``, the MLP product before ``down_proj``) and shared tensors such as masks: a few
+activations of the hidden size per token.  It is held in memory up to ``memory_limit`` bytes, beyond that in
+memory-mapped temp files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxq.calibration import (
+    INLINE_TENSOR_BYTES,
+    ORT_THREADS,
+    REFERENCE_SUFFIX,
+    CalibrationBatches,
+    CalibrationStats,
+    Feed,
+    HessianKey,
+    _cpu_seconds,
+    _run,
+    _subgraph_names,
+    accumulate_pass,
+    finish_pass,
+    model_input_specs,
+    model_shell,
+    open_session,
+    plan_keys,
+)
+from onnxq.graph import Target
+
+DEFAULT_MEMORY_LIMIT = 4 << 30  # frontier bytes kept in RAM before spilling to temp files
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads, including outer-scope names used inside its subgraphs."""
+    return {name for name in node.input if name} | _subgraph_names([node])
+
+
+class FrontierStore:
+    """Frontier activations per calibration batch; arrays past ``memory_limit`` bytes go to memory-mapped files."""
+
+    def __init__(self, memory_limit: int) -> None:
+        self.memory_limit = memory_limit
+        self.values: dict[tuple[int, str], np.ndarray] = {}
+        self.memory_bytes = 0
+        self.peak_bytes = 0
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._files = 0
+
+    def put(self, batch: int, name: str, value: np.ndarray) -> None:
+        if self.memory_bytes + value.nbytes > self.memory_limit:
+            value = self._spill(value)
+        else:
+            self.memory_bytes += value.nbytes
+        self.values[(batch, name)] = value
+        self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self.values.values()))
+
+    def get(self, batch: int, name: str) -> np.ndarray:
+        return np.asarray(self.values[(batch, name)])
+
+    def names(self) -> set[str]:
+        return {name for _, name in self.values}
+
+    def keep(self, names: set[str]) -> None:
+        """Drop every tensor not in ``names``."""
+        for key in [k for k in self.values if k[1] not in names]:
+            value = self.values.pop(key)
+            if not isinstance(value, np.memmap):
+                self.memory_bytes -= value.nbytes
+
+    def _spill(self, value: np.ndarray) -> np.ndarray:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-frontier-")
+        self._files += 1
+        path = Path(self._tmp.name) / f"{self._files}.npy"
+        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
+        mapped[...] = value
+        mapped.flush()
+        return np.load(path, mmap_mode="r")
+
+    def close(self) -> None:
+        self.values.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+class SequentialCalibration:
+    """``step(i)`` returns the Hessians of group ``i``'s layers, computed on the model as it is now.
+
+    ``model`` is the working model: the caller writes each solved group's dequantized weights into it before the
+    next step.  Steps must be taken in order ``0, 1, 2, …``.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        groups: list[list[Target]],
+        batches: CalibrationBatches,
+        memory_limit: int | None = None,
+        threads: int = ORT_THREADS,
+        reference: onnx.ModelProto | None = None,
+    ) -> None:
+        self.model, self.groups, self.batches, self.threads = model, groups, batches, threads
+        self.reference = reference
+        limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
+        self.store = FrontierStore(limit if reference is None else limit // 2)
+        self.reference_store = FrontierStore(limit // 2) if reference is not None else None
+        self.specs = model_input_specs(model)
+        self.constants = {t.name: t for t in model.graph.initializer}  # updated in place by the caller
+        self.produced = {name for node in model.graph.node for name in node.output if name}
+        self.keys = [plan_keys(group) for group in groups]
+        self.next_step = 0
+        self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
+        self.dtypes: dict[str, int] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
+
+    def step(
+        self, index: int
+    ) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats, dict[HessianKey, np.ndarray]]:
+        """``(H per key, stats, C per key)``: ``H = Σ xᵀx`` on the current model; with a ``reference`` model,
+        ``C = Σ xᵀx_ref`` with ``x_ref`` the reference model's value of the same layer input (else ``{}``)."""
+        if index != self.next_step:
+            raise ValueError(f"sequential calibration steps must be taken in order: expected {self.next_step}")
+        self.next_step += 1
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        units = self.keys[index]
+        layer_inputs = [t for t in dict.fromkeys(u.tensor for u in units.values()) if t in self.produced]
+        frontier = self._frontier(index)
+        cached = self.store.names()
+        outputs = [t for t in dict.fromkeys([*layer_inputs, *sorted(frontier)]) if t not in cached]
+        nodes = [self.model.graph.node[i] for i in _nodes_for(self.model.graph, set(outputs), cached)]
+        self.node_runs += len(nodes)
+        new_frontier = [t for t in outputs if t in frontier]
+        runs = [self._runner(self.model, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")]
+        changed = self._changed(index) & set(layer_inputs)  # inputs that differ from the reference model's
+        if self.reference is not None:
+            runs.append(self._runner(self.reference, self.reference_store, nodes, outputs, new_frontier,
+                                     [t for t in layer_inputs if t in changed], cached, REFERENCE_SUFFIX))
+
+        def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
+            return {name: value for one in runs for name, value in one(batch, origin, feed).items()}
+
+        sums, samples, count, peak = accumulate_pass(
+            run, self.batches, self.specs, self.constants, units, None, lambda _: None, self.reference is not None
+        )
+        runs = run = None
+        for path in Path(self._tmp.name).iterdir():
+            path.unlink()
+        for store in filter(None, (self.store, self.reference_store)):
+            store.keep(frontier)
+        hessians, stats = finish_pass(sums, samples, count, peak, start, cpu_start)
+        stats.activation_bytes_per_batch = max(stats.activation_bytes_per_batch, self.store.peak_bytes)
+        crosses = {}
+        if self.reference is not None:
+            crosses = {key: s.cross_result() for key, s in sums.items() if units[key].tensor in changed}
+        return hessians, stats, crosses
+
+    def _runner(self, model: onnx.ModelProto, store: FrontierStore, nodes: list[onnx.NodeProto],
+                outputs: list[str], new_frontier: list[str], layer_inputs: list[str], cached: set[str], suffix: str):
+        """``run(batch, origin, feed)`` for one model (working or reference) and its frontier store."""
+        session, feeds = self._session(model, store, nodes, outputs, cached) if nodes else (None, [])
+
+        def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
+            inputs = {name: feed[name] if name in self.specs else store.get(batch, name) for name in feeds}
+            values = _run(session, outputs, inputs, origin)
+            for name in new_frontier:
+                self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype))
+                store.put(batch, name, values[name])
+            return {t + suffix: values[t] if t in values else store.get(batch, t) for t in layer_inputs}
+
+        return run
+
+    def close(self) -> None:
+        for store in filter(None, (self.store, self.reference_store)):
+            store.close()
+        self._tmp.cleanup()
+
+    def _changed(self, index: int) -> set[str]:
+        """Tensors that depend on a weight solved before step ``index`` (equal to the reference's otherwise)."""
+        changed = {t.weight_name for group in self.groups[:index] for t in group}
+        for node in self.model.graph.node:
+            if node_reads(node) & changed:
+                changed.update(node.output)
+        return changed
+
+    def _frontier(self, index: int) -> set[str]:
+        """Settled computed tensors that stale nodes on the way to a later group's input read (``F_index``)."""
+        solved = {t.weight_name for group in self.groups[:index] for t in group}
+        pending = {t.weight_name for group in self.groups[index:] for t in group} - solved
+        later_inputs = {u.tensor for keys in self.keys[index + 1:] for u in keys.values()}
+        useful = set(_nodes_for(self.model.graph, later_inputs, set()))
+        stale = set(pending)
+        frontier: set[str] = set()
+        for index, node in enumerate(self.model.graph.node):
+            reads = node_reads(node)
+            if reads & stale:
+                stale.update(node.output)
+                if index in useful:
+                    frontier |= {name for name in reads if name in self.produced and name not in stale}
+        return frontier
+
+    def _session(self, model: onnx.ModelProto, store: FrontierStore, nodes: list[onnx.NodeProto],
+                 outputs: list[str], cached: set[str]):
+        """An ORT session running ``nodes`` with ``model``'s weights, fed by graph inputs and cached frontier
+        tensors; and its feed names."""
+        graph = model.graph
+        made = {name for node in nodes for name in node.output}
+        reads = set().union(*(node_reads(node) for node in nodes))
+        sub = model_shell(model)
+        sub.graph.node.extend(nodes)
+        feeds = []
+        for value in graph.input:
+            if value.name in reads and value.name not in self.constants:
+                sub.graph.input.append(value)
+                feeds.append(value.name)
+        for name in sorted(reads & cached - made):
+            rank = store.get(0, name).ndim
+            sub.graph.input.append(onnx.helper.make_tensor_value_info(name, self.dtypes[name], [None] * rank))
+            feeds.append(name)
+        sub.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
+        sub.graph.value_info.extend(v for v in graph.value_info if v.name in reads and v.name in made)
+        sub.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+        stem = f"step{self.next_step}{'r' if model is self.reference else ''}"
+        path = Path(self._tmp.name) / f"{stem}.onnx"
+        onnx.save_model(sub, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{stem}.data", size_threshold=INLINE_TENSOR_BYTES)
+        return open_session(str(path), self.threads), feeds
+
+
+def _nodes_for(graph: onnx.GraphProto, outputs: Iterable[str], available: set[str]) -> list[int]:
+    """Indices (graph order) of the nodes needed to compute ``outputs`` from ``available`` tensors, graph inputs
+    and constants."""
+    needed = set(outputs) - available
+    keep = []
+    for index in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[index]
+        if any(name in needed for name in node.output):
+            keep.append(index)
+            needed |= node_reads(node) - available
+    return keep[::-1]

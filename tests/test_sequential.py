@@ -1,0 +1,148 @@
+"""Sequential calibration (onnxq.sequential): every step's H equals a full calibration run on the partially
+quantized model, every node runs at most once over all steps, spilling kept activations to disk changes nothing,
+and the quantize pass uses it by default."""
+
+from __future__ import annotations
+
+import graphs
+import numpy as np
+import onnx
+import pytest
+
+from onnxq.api import quantize_with_summary
+from onnxq.calibration import collect_hessians, iter_batches
+from onnxq.graph import copy_model, find_targets, initializer_array
+from onnxq.passes.quantize import _write_dequantized, sequential_groups
+from onnxq.sequential import SequentialCalibration
+from onnxq.solvers.rtn import quantize_rtn
+
+
+def _sequential_against_rerun(model: onnx.ModelProto, calibration: dict, memory_limit: int | None):
+    """Step through the groups, quantizing each (RTN W2 g8) after its step, and compare every step's H with
+    collect_hessians on the working model. Returns (worst relative difference, calibration object, first-step H)."""
+    targets = find_targets(model).targets
+    groups = sequential_groups(targets)
+    working = copy_model(model)
+    batches = iter_batches(calibration, batch_size=4, model=model)
+    sequential = SequentialCalibration(working, groups, batches, memory_limit)
+    worst, float_h = 0.0, collect_hessians(model, targets, batches)[0]
+    last = {}
+    try:
+        for index, group in enumerate(groups):
+            hessians, stats, crosses = sequential.step(index)
+            assert crosses == {}
+            reference, _ = collect_hessians(working, group, batches)
+            assert list(hessians) == list(reference)
+            assert stats.batches == len(batches)
+            for key, h in hessians.items():
+                worst = max(worst, float(np.abs(h - reference[key]).max() / np.abs(reference[key]).max()))
+                last[key] = h
+            for target in group:
+                weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
+                _write_dequantized(working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
+    finally:
+        sequential.close()
+    return worst, sequential, float_h, last
+
+
+@pytest.mark.parametrize("memory_limit", [None, 0])  # 0: every kept activation goes to a memory-mapped file
+def test_steps_match_full_rerun_and_run_each_node_once(memory_limit):
+    model = graphs.residual_model()
+    x = np.random.default_rng(1).standard_normal((10, 24)).astype(np.float32)
+    worst, sequential, float_h, last = _sequential_against_rerun(model, {"x": x}, memory_limit)
+    assert worst <= 1e-6
+    assert sequential.node_runs <= len(model.graph.node)  # each node at most once over all steps
+    assert sequential.store.peak_bytes > 0
+    # the later groups really saw quantized inputs: their H differs from the float model's
+    changed = [float(np.abs(last[k] - float_h[k]).max() / np.abs(float_h[k]).max()) for k in last]
+    assert changed[0] == 0.0 and max(changed) > 0.05
+
+
+def test_steps_out_of_order_are_refused():
+    model = graphs.residual_model()
+    groups = sequential_groups(find_targets(model).targets)
+    batches = iter_batches({"x": np.ones((2, 24), np.float32)}, model=model)
+    sequential = SequentialCalibration(copy_model(model), groups, batches)
+    with pytest.raises(ValueError, match="in order"):
+        sequential.step(1)
+    sequential.close()
+
+
+def test_quantize_pass_is_sequential_by_default(tmp_path):
+    model = graphs.residual_model()
+    x = np.random.default_rng(2).standard_normal((16, 24)).astype(np.float32)
+    options = dict(method="gptq", bits=2, group_size=8, format="fake", calibration={"x": x})
+    _, on = quantize_with_summary(model, tmp_path / "seq.onnx", **options)
+    _, off = quantize_with_summary(model, tmp_path / "float.onnx", sequential=False, **options)
+    assert "sequential calibration: 6 layer groups, each layer fit to the float model's output" in on.notes
+    assert not any(note.startswith("sequential") for note in off.notes)
+    first = [r.error for r in on.layers[:2]], [r.error for r in off.layers[:2]]
+    assert first[0] == first[1]  # the first group sees the float model either way
+    assert [r.error for r in on.layers] != [r.error for r in off.layers]
+
+
+@pytest.mark.real
+def test_minilm_steps_match_full_rerun():
+    """Real graph (BERT with its mask and shape subgraphs): same H as rerunning the partially quantized model."""
+    from models import minilm
+    from onnxq.graph import load_model
+    from tools.evaluation import make_minilm_calibration
+
+    model = load_model(str(minilm.build_minilm()))
+    worst, sequential, _, _ = _sequential_against_rerun(model, make_minilm_calibration(8, 32, 0), None)
+    assert worst <= 1e-6
+    assert sequential.node_runs <= len(model.graph.node)
+
+
+def test_cross_terms_pair_quantized_and_float_inputs():
+    """With a reference model, C = Σ xᵀx_float for every layer input that a solved weight changed."""
+    model = graphs.residual_model()
+    x = np.random.default_rng(3).standard_normal((10, 24)).astype(np.float32)
+    groups = sequential_groups(find_targets(model).targets)
+    working = copy_model(model)
+    batches = iter_batches({"x": x}, batch_size=4, model=model)
+    sequential = SequentialCalibration(working, groups, batches, reference=model)
+    float_inputs = _values(model, {"x": x})
+    try:
+        for index, group in enumerate(groups):
+            hessians, _, crosses = sequential.step(index)
+            quantized_inputs = _values(working, {"x": x})
+            for key, h in hessians.items():
+                xq, xf = quantized_inputs[key[0]], float_inputs[key[0]]
+                np.testing.assert_allclose(h, xq.T.astype(np.float64) @ xq, rtol=1e-5, atol=1e-4)
+                if index == 0:
+                    assert key not in crosses  # nothing solved yet: the inputs are the float ones
+                else:
+                    np.testing.assert_allclose(crosses[key], xq.T.astype(np.float64) @ xf, rtol=1e-5, atol=1e-4)
+            for target in group:
+                weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
+                _write_dequantized(working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
+    finally:
+        sequential.close()
+    assert sequential.reference_store.peak_bytes > 0
+
+
+def _values(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of ``model`` (independent ORT run)."""
+    import onnxruntime as ort
+
+    exposed = copy_model(model)
+    names = [name for node in exposed.graph.node for name in node.output]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def test_float_output_target_is_the_least_squares_fit():
+    from onnxq.solvers.hessian import float_output_target, prepare_hessian
+
+    rng = np.random.default_rng(4)
+    xf = rng.standard_normal((400, 12))
+    xq = xf + 0.2 * rng.standard_normal((400, 12))  # inputs after quantized earlier layers
+    w = rng.standard_normal((5, 12))
+    prepared = prepare_hessian(xq.T @ xq, damp=1e-9)
+    target = float_output_target(w, prepared, xq.T @ xf)
+    best = np.linalg.lstsq(xq, xf @ w.T, rcond=None)[0].T  # argmin_q ‖X_q qᵀ − X_f wᵀ‖
+    np.testing.assert_allclose(target, best, rtol=1e-6, atol=1e-8)
+    # equal inputs: the target is the weight itself (with the default damping too)
+    np.testing.assert_allclose(float_output_target(w, prepare_hessian(xf.T @ xf), xf.T @ xf), w, atol=1e-12)
