@@ -59,6 +59,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each layer group on the outputs of the already-quantized earlier layers "
                         "(default on; costs one forward pass over the calibration data, like --no-sequential)")
+    p.add_argument("--float-target", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sequential: fit each layer's output on quantized inputs to the float model's output "
+                        "on float inputs (default on; runs the float model alongside)")
     p.add_argument("--split", action="store_true", help="run SplitQuant first, then quantize each branch")
     p.add_argument("--split-activations", action="store_true", help="with --split: also split activations")
     p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
@@ -101,7 +104,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in (
         "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
         "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode", "split",
-        "split_activations", "act_bits", "seed", "sequential")}
+        "split_activations", "act_bits", "seed", "sequential", "float_target")}
     options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.max_memory is not None:
         options["max_memory"] = int(args.max_memory * (1 << 30))

@@ -165,3 +165,19 @@ def test_summary_groups_many_skipped_nodes():
     assert "skipped 60 MatMul nodes (no constant weight input): 'attn_0', 'attn_1', ..." in lines
     assert "skipped Conv 'c': dynamic weight" in lines
     assert sum(line.startswith("skipped") for line in lines) == 2
+
+
+@pytest.mark.parametrize("flags, note", [
+    ([], "sequential calibration: 3 layer groups, each layer fit to the float model's output"),
+    (["--no-float-target"], "sequential calibration: 3 layer groups\n"),
+    (["--no-sequential"], None),
+])
+def test_sequential_flags(tmp_path, flags, note):
+    data = Path(__file__).resolve().parents[1] / "onnxq" / "data"
+    result = onnxq_cli("quantize", str(data / "digits_mlp.onnx"), "-o", str(tmp_path / "q.onnx"), "--method",
+                       "gptq", "--bits", "4", "--calib", str(data / "digits_calib.npz"), *flags)
+    assert result.returncode == 0, result.stderr
+    if note is None:
+        assert "sequential calibration" not in result.stdout
+    else:
+        assert note in result.stdout
