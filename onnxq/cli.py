@@ -56,7 +56,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="decoupleq integer step (default gptq)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB",
                    help="bound for calibration Hessians and kept activations (beyond it they go to temp files)")
-    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="calibrate each layer group on the outputs of the already-quantized earlier layers "
                         "(default on; costs one forward pass over the calibration data, like --no-sequential)")
     p.add_argument("--float-target", action=argparse.BooleanOptionalAction, default=True,

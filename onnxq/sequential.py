@@ -58,7 +58,8 @@ class FrontierStore:
     def __init__(self, memory_limit: int) -> None:
         self.memory_limit = memory_limit
         self.values: dict[tuple[int, str], np.ndarray] = {}
-        self.memory_bytes = 0
+        self.memory_bytes = 0  # bytes held in RAM
+        self.total_bytes = 0  # RAM plus spilled
         self.peak_bytes = 0
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._files = 0
@@ -69,7 +70,8 @@ class FrontierStore:
         else:
             self.memory_bytes += value.nbytes
         self.values[(batch, name)] = value
-        self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in self.values.values()))
+        self.total_bytes += value.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.total_bytes)
 
     def get(self, batch: int, name: str) -> np.ndarray:
         return np.asarray(self.values[(batch, name)])
@@ -81,6 +83,7 @@ class FrontierStore:
         """Drop every tensor not in ``names``."""
         for key in [k for k in self.values if k[1] not in names]:
             value = self.values.pop(key)
+            self.total_bytes -= value.nbytes
             if not isinstance(value, np.memmap):
                 self.memory_bytes -= value.nbytes
 

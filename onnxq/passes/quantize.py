@@ -71,7 +71,7 @@ class QuantizeConfig:
     split_activations: bool = False
     act_bits: int | None = None  # per-tensor activation fake-quantization (QDQ) after weight quantization
     seed: int = 0
-    sequential: bool | None = None  # None/True: calibrate layer groups in order on quantized inputs (onnxq.sequential)
+    sequential: bool = True  # calibrate layer groups in order on quantized inputs (onnxq.sequential)
     float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
 
     def validate(self) -> None:
@@ -225,7 +225,7 @@ def _solve_all(
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
         store = HessianStore({}, config.damp, act_order=config.method == "decoupleq" or config.act_order)
-        if config.sequential is not False:
+        if config.sequential:
             groups = sequential_groups(targets)
             working = copy_model(model)
             frontier_limit = None if config.max_memory is None else config.max_memory // 2
