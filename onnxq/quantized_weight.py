@@ -88,3 +88,21 @@ def dequantize(
     if offsets is not None:
         w += expand_groups(offsets.astype(np.float64), k, group_size)
     return w
+
+
+def select_rows(take_other: np.ndarray, base: QuantizedWeight, other: QuantizedWeight) -> QuantizedWeight:
+    """``base`` with the rows where ``take_other`` (bool ``[N]``) is set replaced by ``other``'s (same layout)."""
+    if base.bits != other.bits or base.group_size != other.group_size or base.shape != other.shape:
+        raise ValueError("select_rows needs two quantized weights of the same shape, bits and group size")
+    if (base.offsets is None) != (other.offsets is None):
+        raise ValueError("select_rows needs two quantized weights of the same zero convention")
+    rows = np.asarray(take_other, dtype=bool)[:, None]
+    offsets = None if base.offsets is None else np.where(rows, other.offsets, base.offsets)
+    return QuantizedWeight(
+        codes=np.where(rows, other.codes, base.codes),
+        scales=np.where(rows, other.scales, base.scales),
+        zero_points=np.where(rows, other.zero_points, base.zero_points),
+        offsets=offsets,
+        bits=base.bits,
+        group_size=base.group_size,
+    )

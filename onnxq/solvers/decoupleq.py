@@ -34,10 +34,11 @@ import numpy as np
 from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import QuantizedWeight, expand_groups, num_groups
 from onnxq.solvers.gptq import check_hessian_size, check_mask, check_weight, gptq_round
+from onnxq.solvers.grid import nearest_codes, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
-from onnxq.solvers.hessian import PreparedHessian, layer_loss, prepare_hessian
+from onnxq.solvers.hessian import PreparedHessian, layer_loss, no_worse_than, prepare_hessian
 from onnxq.solvers.least_squares import ScaleLeastSquares, fit_float_params
-from onnxq.solvers.rounding import GroupGrid, coordinate_descent, nearest_codes, relaxed_rounding, safe_inverse
+from onnxq.solvers.rounding import GroupGrid, coordinate_descent, relaxed_rounding
 from onnxq.solvers.rtn import quantize_rtn
 
 RoundMode = Literal["gptq", "train"]
@@ -87,7 +88,8 @@ def quantize_decoupleq(
     ``hessian`` is ``Σ xᵀx`` (``[K, K]``) or a :class:`PreparedHessian` shared between layers reading one input.
     Returns the ``QuantizedWeight`` and stats: ``loss_rtn``, ``loss_init``, ``loss_final`` (sums over channels of
     the damped objective), ``losses`` and ``improved`` (per iteration), ``raw_loss_rtn``/``raw_loss_final``
-    (undamped ``H``), ``damp`` (λ used), ``iterations`` and ``seconds``.
+    (undamped ``H``), ``damp`` (λ used), ``iterations``, ``seconds`` and ``rows_from_rtn``: rows whose undamped
+    loss would exceed plain RTN's are replaced by the RTN row, so the result is never worse than RTN.
     """
     start = time.perf_counter()
     weight = check_weight(weight, bits)
@@ -141,8 +143,9 @@ def quantize_decoupleq(
     )
     raw_hessian = prepared.undamped()
     stats = _merge_stats(chunk_stats)
-    rtn_grid = _rtn_grid(target, mask, config)
-    stats["raw_loss_rtn"] = float(layer_loss(target, rtn_grid.dequantize(group_size), raw_hessian).sum())
+    rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float")
+    qweight, stats["rows_from_rtn"] = no_worse_than(target, raw_hessian, qweight, rtn)
+    stats["raw_loss_rtn"] = float(layer_loss(target, rtn.dequantize(np.float64), raw_hessian).sum())
     stats["raw_loss_final"] = float(layer_loss(target, qweight.dequantize(np.float64), raw_hessian).sum())
     stats["damp"] = prepared.damp
     stats["seconds"] = time.perf_counter() - start

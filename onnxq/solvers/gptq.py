@@ -25,10 +25,10 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight, num_groups
+from onnxq.solvers.grid import ZeroConvention, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
-from onnxq.solvers.hessian import PreparedHessian, prepare_hessian
-from onnxq.solvers.rounding import safe_inverse
-from onnxq.solvers.rtn import ZeroConvention, quantize_rtn
+from onnxq.solvers.hessian import PreparedHessian, no_worse_than, prepare_hessian
+from onnxq.solvers.rtn import quantize_rtn
 
 SUB_BLOCK = 16  # columns updated immediately; the rest of a block is updated per sub-block by one product
 
@@ -47,11 +47,16 @@ def quantize_gptq(
     act_order: bool = False,
     block_size: int = 128,
     zero_mask: np.ndarray | None = None,
+    scale_dtype: np.dtype | type = np.float32,
+    rtn_guard: bool = True,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight[N, K]`` given ``H[K, K] = Σ xᵀx``; min/max group grids fitted on updated weights.
 
     With ``zero_mask`` (bool ``[N, K]``) the masked entries are treated as 0 and get the code ``zp``, so they
     dequantize to exactly 0; the integer zero-point convention is then used whatever ``zero_convention`` says.
+    GPTQ is greedy, so with ``rtn_guard`` a row whose loss ``(w − q) H (w − q)ᵀ`` (undamped ``H``) would exceed
+    plain RTN's is replaced by the RTN row: the result is never worse than RTN.
+    ``scale_dtype``: see :func:`quantize_rtn`.
     """
     weight = check_weight(weight, bits)
     n, k = weight.shape
@@ -66,7 +71,7 @@ def quantize_gptq(
     def fit_group(values: np.ndarray, group_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if group_mask is not None:
             values = np.where(group_mask, 0.0, values)
-        rtn = quantize_rtn(values, bits, values.shape[1], symmetric=symmetric, zero_convention=zero_convention)
+        rtn = quantize_rtn(values, bits, values.shape[1], symmetric, zero_convention, scale_dtype=scale_dtype)
         offsets = rtn.offsets[:, 0] if rtn.offsets is not None else np.zeros(n)
         return rtn.scales[:, 0], rtn.zero_points[:, 0], offsets
 
@@ -88,7 +93,7 @@ def quantize_gptq(
         fit_group=fit_group,
         block_size=block_size,
     )
-    return QuantizedWeight(
+    solved = QuantizedWeight(
         codes=codes,
         scales=scales.astype(np.float32),
         zero_points=zero_points.astype(np.uint8),
@@ -96,6 +101,10 @@ def quantize_gptq(
         bits=bits,
         group_size=group_size,
     )
+    if not rtn_guard:
+        return solved
+    rtn = quantize_rtn(weight, bits, group_size, symmetric, zero_convention, scale_dtype=scale_dtype)
+    return no_worse_than(weight, prepared.undamped(), solved, rtn)[0]
 
 
 def gptq_round(

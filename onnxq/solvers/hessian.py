@@ -18,6 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from onnxq.errors import OnnxqError
+from onnxq.quantized_weight import QuantizedWeight, select_rows
 
 MAX_DAMP_RAISES = 8
 
@@ -120,6 +121,20 @@ def layer_loss(weight: np.ndarray, qweight_dequant: np.ndarray, hessian: np.ndar
     """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` (float64 ``[N]``)."""
     error = np.asarray(weight, dtype=np.float64) - np.asarray(qweight_dequant, dtype=np.float64)
     return np.einsum("nk,nk->n", error @ np.asarray(hessian, dtype=np.float64), error)
+
+
+def no_worse_than(
+    weight: np.ndarray, hessian: np.ndarray, solved: QuantizedWeight, reference: QuantizedWeight
+) -> tuple[QuantizedWeight, int]:
+    """``solved`` with each row whose loss ``(w − q) H (w − q)ᵀ`` exceeds ``reference``'s replaced by that row.
+
+    Rows are independent in the layer loss, so the result is never worse than either input, row by row.  Returns it
+    and the number of rows taken from ``reference``.
+    """
+    worse = layer_loss(weight, solved.dequantize(np.float64), hessian) > layer_loss(
+        weight, reference.dequantize(np.float64), hessian
+    )
+    return (select_rows(worse, solved, reference) if worse.any() else solved), int(worse.sum())
 
 
 def float_output_target(weight: np.ndarray, hessian: PreparedHessian, cross: np.ndarray) -> np.ndarray:

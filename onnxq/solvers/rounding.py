@@ -19,6 +19,7 @@ import numpy as np
 import scipy.linalg
 
 from onnxq.quantized_weight import expand_groups
+from onnxq.solvers.grid import nearest_codes, safe_inverse
 
 
 @dataclass
@@ -51,28 +52,6 @@ class GroupGrid:
     def dequantize(self, group_size: int) -> np.ndarray:
         scales, zero_points, offsets = self.expanded(group_size)
         return scales * (self.codes - zero_points) + offsets
-
-
-def safe_inverse(scales: np.ndarray) -> np.ndarray:
-    """``1/s`` where ``s ≠ 0``, else 0 (a zero scale maps everything to code ``zp``)."""
-    out = np.zeros(np.shape(scales), dtype=np.float64)
-    np.divide(1.0, scales, out=out, where=np.asarray(scales) != 0)
-    return out
-
-
-def nearest_codes(
-    values: np.ndarray,
-    inverse_scales: np.ndarray,
-    zero_points: np.ndarray,
-    offsets: np.ndarray,
-    bits: int,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """``clip(round((w − z)/s) + zp, 0, 2^b − 1)`` elementwise (float64); masked entries get ``zp``."""
-    codes = np.clip(np.rint((values - offsets) * inverse_scales) + zero_points, 0, (1 << bits) - 1)
-    if mask is not None:
-        codes = np.where(mask, zero_points, codes)
-    return codes
 
 
 def coordinate_descent(

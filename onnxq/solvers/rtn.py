@@ -1,28 +1,20 @@
 """Round-to-nearest (RTN) uniform quantization, with optional MSE-optimal range shrinking.
 
-Per group (``group_size`` columns of ``W[N, K]``), with ``L = 2^b − 1``:
-
-* asymmetric, integer zero-point: ``s = (max − min)/L``, ``zp = clip(round(−min/s), 0, L)``,
-  ``q = clip(round(w/s) + zp, 0, L)``, ``w ≈ s·(q − zp)``;
-* asymmetric, float zero:          ``s = (max − min)/L``, ``q = clip(round((w − min)/s), 0, L)``,
-  ``w ≈ s·q + min`` (stored as zero-point ``2^(b−1)`` and offset ``min + s·2^(b−1)``);
-* symmetric: ``s = m/(−2^(b−1))`` with ``m`` the value of largest magnitude (so ``s`` may be
-  negative), ``zp = 2^(b−1)``.
+Per group (``group_size`` columns of ``W[N, K]``) the grid ``q(c) = s·(c − zp) + z`` comes from the group's
+``[min, max]`` by :func:`onnxq.solvers.grid.minmax_grid` (the one grid rule), and ``c = clip(round((w − z)/s) + zp,
+0, 2^b − 1)``.  Without ``clip_search`` every element is within ``s/2`` of its dequantized value.
 
 With ``clip_search`` the range is shrunk by factors ``α ∈ [min_shrink, 1]`` and the α of least
-squared error is kept per group.
+squared error is kept per group (the only case where values may be clipped).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from onnxq.quantized_weight import QuantizedWeight
+from onnxq.solvers.grid import ZeroConvention, minmax_grid, nearest_codes, safe_inverse
 from onnxq.solvers.grouping import from_groups, resolve_group_size, to_groups
-
-ZeroConvention = Literal["integer", "float"]
 
 
 def quantize_rtn(
@@ -34,8 +26,13 @@ def quantize_rtn(
     clip_search: bool = False,
     clip_grid: int = 20,
     min_shrink: float = 0.5,
+    scale_dtype: np.dtype | type = np.float32,
 ) -> QuantizedWeight:
-    """Quantize ``weight[N, K]`` to ``bits`` bits by round-to-nearest, groups along ``K``."""
+    """Quantize ``weight[N, K]`` to ``bits`` bits by round-to-nearest, groups along ``K``.
+
+    ``scale_dtype`` is the type the scales (and float zeros) will be stored in; the codes are rounded on the
+    grid of the stored parameters, so the bound ``|w − ŵ| ≤ s/2`` holds for what runs.
+    """
     weight = np.asarray(weight, dtype=np.float64)
     n, k = weight.shape
     group_size = resolve_group_size(k, group_size)
@@ -43,11 +40,11 @@ def quantize_rtn(
     lo = np.nanmin(grouped, axis=2)
     hi = np.nanmax(grouped, axis=2)
 
-    best = _rtn_params(lo, hi, bits, symmetric, zero_convention)
+    best = minmax_grid(lo, hi, bits, symmetric, zero_convention, scale_dtype)
     if clip_search:
         best_err = _group_error(grouped, *best, bits=bits)
         for alpha in np.linspace(1.0, min_shrink, clip_grid)[1:]:
-            cand = _rtn_params(lo * alpha, hi * alpha, bits, symmetric, zero_convention)
+            cand = minmax_grid(lo * alpha, hi * alpha, bits, symmetric, zero_convention, scale_dtype)
             err = _group_error(grouped, *cand, bits=bits)
             better = err < best_err
             best = tuple(np.where(better, c, b) for c, b in zip(cand, best, strict=True))
@@ -65,37 +62,11 @@ def quantize_rtn(
     )
 
 
-def _rtn_params(
-    lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool, zero_convention: ZeroConvention
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scales, integer zero-points and float offsets (all ``[N, G]``) from a per-group range."""
-    levels = (1 << bits) - 1
-    mid = 1 << (bits - 1)
-    if symmetric:
-        # the value of largest magnitude maps exactly to code 0 (q' = −2^(b−1)); s may be negative
-        extreme = np.where(np.abs(lo) >= np.abs(hi), lo, hi)
-        scales = np.where(extreme != 0, extreme / -mid, 1.0)
-        zero_points = np.full(lo.shape, mid, dtype=np.float64)
-        return scales, zero_points, np.zeros_like(scales)
-    lo = np.minimum(lo, hi)
-    span = hi - lo
-    scales = np.where(span > 0, span / levels, np.where(lo != 0, np.abs(lo), 1.0))
-    if zero_convention == "float":
-        zero_points = np.full(lo.shape, mid, dtype=np.float64)
-        offsets = lo + scales * mid  # code 0 → lo exactly
-        return scales, zero_points, offsets
-    zero_points = np.clip(np.round(-lo / scales), 0, levels)
-    return scales, zero_points, np.zeros_like(scales)
-
-
 def _round_codes(
     grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, offsets: np.ndarray, bits: int
 ) -> np.ndarray:
-    """``q = clip(round((w − z)/s) + zp, 0, 2^b − 1)`` per group; padding becomes code ``zp``."""
-    levels = (1 << bits) - 1
-    q = np.round((grouped - offsets[..., None]) / scales[..., None]) + zero_points[..., None]
-    q = np.where(np.isnan(q), zero_points[..., None], q)
-    return np.clip(q, 0, levels)
+    """Nearest codes per group (``[N, G, group_size]``); padding (NaN) becomes code ``zp``."""
+    return nearest_codes(grouped, safe_inverse(scales)[..., None], zero_points[..., None], offsets[..., None], bits)
 
 
 def _group_error(
