@@ -3,47 +3,98 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import onnx
 
+from onnxq.custom_ops import custom_op_library_note
 from onnxq.errors import OnnxqError
-from onnxq.graph import check_output_folder, copy_model, load_model, save_model, write_text
+from onnxq.formats.custom_op import DOMAIN as ONNXQ_DOMAIN
+from onnxq.graph import (
+    check_output_file,
+    copy_model,
+    data_file_of,
+    external_data_files,
+    load_external_data,
+    load_model,
+    same_file,
+    save_model,
+    write_text,
+)
 from onnxq.inspect import InspectReport, inspect_model
 from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
+PathOrNone = str | os.PathLike | None
+
+
+def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None = None, calibration: object = None,
+          external_data: bool = True) -> onnx.ModelProto:
+    """The model to work on (a copy, or loaded from its file), once every output path has been checked by
+    :func:`check_outputs` against the files this run reads (model, external data, calibration)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        check_outputs(outputs or {}, _calibration_files(calibration))
+        return copy_model(model_or_path)
+    path = Path(model_or_path)
+    model = load_model(path, external_data=False)
+    files = external_data_files(model, path)
+    check_outputs(outputs or {}, [path, *files.values(), *_calibration_files(calibration)])
+    if external_data:
+        load_external_data(model, files)
+    return model
 
 
 def _load(model_or_path: ModelOrPath) -> onnx.ModelProto:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return copy_model(model_or_path)
-    return load_model(model_or_path)
+    return _open(model_or_path)
 
 
-def check_output_path(model_or_path: ModelOrPath, output: str | os.PathLike | None) -> None:
-    """Refuse to overwrite the input, and fail early on an output folder that cannot be written."""
-    if output is None:
-        return
-    out = Path(output)
-    if not isinstance(model_or_path, onnx.ModelProto) and Path(model_or_path).resolve() == out.resolve():
-        raise OnnxqError(f"{out}: output path equals the input; choose another -o path (the input is never modified)")
-    check_output_folder(out)
+def _calibration_files(calibration: object) -> list[Path]:
+    if not isinstance(calibration, (str, os.PathLike)):
+        return []
+    from onnxq.calibration import load_calibration
+
+    return load_calibration(calibration)
+
+
+def check_outputs(outputs: Mapping[str, PathOrNone], reads: Iterable[str | os.PathLike] = ()) -> None:
+    """Before any work: each output path (``{option: path}``, e.g. ``{"-o": ..., "--log": ...}``) is a writable
+    file path that is none of the files read (``reads``) and none of the other outputs; a model output's external
+    data file (``<out>.data``) is none of the files read either."""
+    reads = [Path(r) for r in reads]
+    written: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        check_output_file(path, option, reads)
+        for other, other_option in written.items():
+            if same_file(path, other):
+                raise OnnxqError(f"{path}: {option} and {other_option} name the same file; give each its own path")
+        written[Path(path)] = option
+        if option == "-o":
+            _check_data_file(Path(path), reads)
+
+
+def _check_data_file(output: Path, reads: list[Path]) -> None:
+    data = data_file_of(output)
+    for existing in reads:
+        if same_file(data, existing):
+            raise OnnxqError(f"{output}: the output's external-data file {data.name} would replace the input file "
+                             f"{existing}; choose another -o name (the input is never modified)")
 
 
 def quantize_with_summary(
-    model_or_path: ModelOrPath, output: str | os.PathLike | None = None, layer_log: str | os.PathLike | None = None,
-    **options: object,
+    model_or_path: ModelOrPath, output: PathOrNone = None, layer_log: PathOrNone = None, **options: object,
 ) -> tuple[onnx.ModelProto, QuantizeSummary]:
     """Like :func:`quantize`, also returning the summary (layers, bytes, notes, time); ``layer_log`` gets the
     per-layer table of :meth:`QuantizeSummary.layer_log`."""
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
-    check_output_path(model_or_path, output)
-    if layer_log is not None:
-        check_output_folder(layer_log, "--log")
-    model = _load(model_or_path)
+    model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration)
     quantized, summary = quantize_model(model, config)
+    note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in quantized.graph.node) else None
+    if note:
+        summary.notes.append(note)
     if output is not None:
         save_model(quantized, output)
     if layer_log is not None:
@@ -60,8 +111,8 @@ def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None
 
 
 def inspect(model_or_path: ModelOrPath) -> InspectReport:
-    """Quantizable and quantized layers with shapes, parameters and stored bytes."""
-    return inspect_model(_load(model_or_path))
+    """Quantizable and quantized layers with shapes, parameters and stored bytes (external data is not read)."""
+    return inspect_model(_open(model_or_path, external_data=False))
 
 
 def split_with_report(
@@ -76,8 +127,8 @@ def split_with_report(
 
     if activations and calibration is None:
         raise OnnxqError("--activations needs calibration data to place the thresholds; pass --calib data.npz")
-    check_output_path(model_or_path, output)
-    model, report = split_model(_load(model_or_path), activations=activations, calibration=calibration, seed=seed)
+    model = _open(model_or_path, {"-o": output}, calibration)
+    model, report = split_model(model, activations=activations, calibration=calibration, seed=seed)
     if output is not None:
         save_model(model, output)
     return model, report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +28,24 @@ DEMO_EXAMPLES = """examples:
   onnxq demo                  # built-in digits models, 2/4/8 bits, every format
   onnxq demo --model cnn --bits 2 4
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line ``onnxq: error: ...`` (exit 2) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"onnxq: error: {message}; see '{self.prog} -h'\n")
+
+
+def _gigabytes(text: str) -> int:
+    """``--max-memory`` in GB, as bytes (its range is checked with the other options)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of GB")
+    return int(value * (1 << 30))
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -54,7 +74,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing Hessian diagonal")
     p.add_argument("--round", dest="round_mode", choices=["gptq", "train"], default="gptq",
                    help="decoupleq integer step (default gptq)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+    p.add_argument("--max-memory", type=_gigabytes, default=None, metavar="GB",
                    help="bound for calibration Hessians and kept activations (beyond it they go to temp files)")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="calibrate each layer group on the outputs of the already-quantized earlier layers "
@@ -72,7 +92,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxq", description="Low-bit weight quantization of ONNX models for ORT.")
+    parser = _Parser(prog="onnxq", description="Low-bit weight quantization of ONNX models for ORT.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list quantizable layers, shapes, params, bytes",
@@ -107,7 +127,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
         "split_activations", "act_bits", "seed", "sequential", "float_target")}
     options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.max_memory is not None:
-        options["max_memory"] = int(args.max_memory * (1 << 30))
+        options["max_memory"] = args.max_memory
     return options
 
 
@@ -136,16 +156,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temp folders (weight copies) are removed on the way out."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("onnxq: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"onnxq: error: interrupted ({name}); temp files were removed and no output was written",
+              file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

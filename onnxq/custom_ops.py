@@ -22,10 +22,11 @@ from onnxq.errors import OnnxqError
 LIBRARY_DIR = Path(__file__).resolve().parent / "lib"
 ENV_LIBRARY = "ONNXQ_CUSTOM_OPS_LIBRARY"
 DEVICES = ("auto", "cpu", "cuda")
-BUILD_HINT = (
-    "the onnxq custom-op library is not built: set ONNXQ_ORT_INCLUDE=/path/to/onnxruntime/headers or run "
-    "`python custom_ops/fetch_ort_headers.py`, then reinstall (`pip install -e .`); see custom_ops/README.md"
+BUILD_STEPS = (
+    "set ONNXQ_ORT_INCLUDE=/path/to/onnxruntime/headers or run `python custom_ops/fetch_ort_headers.py`, "
+    "then reinstall (`pip install -e .`); see custom_ops/README.md"
 )
+BUILD_HINT = f"the onnxq custom-op library is not built: {BUILD_STEPS}"
 
 
 def _file_name(stem: str) -> str:
@@ -73,6 +74,21 @@ def available(device: str = "auto") -> bool:
     except OnnxqError:
         return False
     return True
+
+
+def custom_op_library_note(device: str = "auto") -> str | None:
+    """``None`` when ORT here can load the custom-op library; else a summary note saying the ``onnxq`` format's
+    output cannot run on this machine (it is still valid wherever the library is built) and how to build it."""
+    try:
+        ort.SessionOptions().register_custom_ops_library(library_path(device))
+    except OnnxqError as exc:
+        reason = "not built" if str(exc) == BUILD_HINT else str(exc)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several pybind types
+        reason = f"ONNX Runtime cannot load it: {str(exc).splitlines()[0][:200]}"
+    else:
+        return None
+    return (f"ONNX Runtime on this machine cannot run this model: the onnxq custom-op library is unavailable "
+            f"({reason}); the model is valid and runs wherever the library is built. To build it: {BUILD_STEPS}")
 
 
 def session_options(device: str = "auto", **options: object) -> ort.SessionOptions:

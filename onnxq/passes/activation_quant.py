@@ -38,7 +38,7 @@ def run_calibration(
     model: onnx.ModelProto, calibration: object, tensors: Iterable[str]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{tensor: value}`` for every calibration batch, computed by ONNX Runtime on ``model``."""
-    from onnxq.calibration import SessionFactory, iter_batches
+    from onnxq.calibration import SessionFactory, _run, iter_batches
 
     if calibration is None:
         raise OnnxqError("activation ranges need calibration data; pass --calib data.npz")
@@ -49,8 +49,8 @@ def run_calibration(
     factory = SessionFactory(model)
     try:
         session = factory.session(computed) if computed else None
-        for batch in batches:
-            values = dict(zip(computed, session.run(computed, batch), strict=True)) if session else {}
+        for origin, batch in batches.with_origin():
+            values = _run(session, computed, batch, origin)
             values.update({t: np.asarray(batch[t]) for t in tensors if t in inputs})
             yield values
     finally:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
@@ -75,6 +76,8 @@ class QuantizeConfig:
     float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
 
     def validate(self) -> None:
+        """One-line errors for a wrong type, value or combination of options (onnxq.config_checks)."""
+        check_types(self)
         if self.bits not in SUPPORTED_BITS:
             raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
@@ -95,6 +98,8 @@ class QuantizeConfig:
         if bad:
             supported = ",".join(TARGET_OP_TYPES)
             raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
+        check_ranges(self)
+        check_method_options(self)
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""Checks of a :class:`~onnxq.passes.quantize.QuantizeConfig` that need no model: each option's type (API callers
+can pass anything), its range, and options the chosen method cannot honour (refused, never silently ignored).
+
+Errors name the option as the command line spells it (``symmetric`` is ``--sym``, ``calibration`` is ``--calib``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+
+from onnxq.errors import OnnxqError
+
+CLI_NAMES = {"symmetric": "--sym", "zero_convention": "--zero", "round_mode": "--round", "calibration": "--calib",
+             "progress": "progress (API option)"}
+
+
+def option_name(field_name: str) -> str:
+    """How the command line spells the option behind a config field."""
+    return CLI_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # numpy integers are not ints (nor JSON-able)
+
+
+def _is_float(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_tuple(value: object) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+
+
+# annotation (as written in the dataclass) -> (check, what it must be)
+TYPE_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "int": (_is_int, "an integer (Python int)"),
+    "float": (_is_float, "a number (Python int or float)"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple[str, ...]": (_is_str_tuple, "a tuple of strings"),
+}
+
+
+def check_types(config: object) -> None:
+    """Every field of the dataclass ``config`` against its annotation (``X | None`` allows None); fields of other
+    annotations (``object``) are not checked here."""
+    for field in dataclasses.fields(config):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        optional = annotation.endswith(" | None")
+        check = TYPE_CHECKS.get(annotation.removesuffix(" | None"))
+        value = getattr(config, field.name)
+        if check is None or (optional and value is None) or check[0](value):
+            continue
+        allowed = check[1] + (" or None" if optional else "")
+        raise OnnxqError(f"{option_name(field.name)} must be {allowed}, got {type(value).__name__} {value!r}")
+
+
+def check_ranges(config) -> None:
+    """Ranges of the numeric options and the values of the choice options, beyond what ``validate`` checked."""
+    if config.calibration is not None and not isinstance(config.calibration, (str, os.PathLike, Mapping)):
+        raise OnnxqError(f"--calib must be a path (.npz file or folder of them) or a dict of arrays, "
+                         f"got {type(config.calibration).__name__}")
+    if config.iters < 0:
+        raise OnnxqError(f"--iters {config.iters} is negative; use 0 or more decoupleQ alternations")
+    if not (math.isfinite(config.damp) and config.damp > 0):
+        raise OnnxqError(f"--damp {config.damp} must be a positive finite number (e.g. 0.01)")
+    if config.max_memory is not None and config.max_memory <= 0:
+        raise OnnxqError(f"--max-memory must be positive (got {config.max_memory} bytes); give a bound in GB")
+    if config.seed < 0:
+        raise OnnxqError(f"--seed {config.seed} is negative; use 0 or more")
+    if config.zero_convention not in (None, "integer", "float"):
+        raise OnnxqError(f"--zero {config.zero_convention} is unknown; use integer or float")
+    if config.round_mode not in ("gptq", "train"):
+        raise OnnxqError(f"--round {config.round_mode} is unknown; use gptq or train")
+    if not config.op_types:
+        raise OnnxqError("--op-types is empty; name some of MatMul,Gemm,Conv")
+    for option, pattern in (("--include", config.include), ("--exclude", config.exclude)):
+        try:
+            re.compile(pattern or "")
+        except re.error as exc:
+            raise OnnxqError(f"{option} {pattern!r} is not a valid regular expression ({exc}); fix it") from None
+
+
+def check_method_options(config) -> None:
+    """Refuse options set (to a value other than their default) that the method or format would ignore."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+
+    def given(name: str) -> bool:
+        return getattr(config, name) != defaults[name]
+
+    method = config.method
+    refusals = [
+        (method == "decoupleq" and config.symmetric,
+         "--method decoupleq solves a float zero per group, so --sym cannot be honoured; drop --sym or use "
+         "--method gptq"),
+        (method == "decoupleq" and config.zero_convention == "integer",
+         "--method decoupleq solves a float zero per group, so --zero integer cannot be honoured; drop --zero or "
+         "use --method gptq"),
+        (method == "rtn" and config.act_order,
+         "--act-order orders GPTQ's columns and --method rtn has none; drop it or use --method gptq"),
+        (method != "decoupleq" and given("iters"),
+         f"--iters is a decoupleQ option that --method {method} would ignore; drop it or use --method decoupleq"),
+        (method != "decoupleq" and given("round_mode"),
+         f"--round is a decoupleQ option that --method {method} would ignore; drop it or use --method decoupleq"),
+        (method == "rtn" and given("damp"),
+         "--damp damps the calibration Hessian and --method rtn has none; drop it or use --method gptq/decoupleq"),
+        (method == "rtn" and given("max_memory"),
+         "--max-memory bounds the calibration Hessians and --method rtn has none; drop it"),
+        (method != "rtn" and config.clip_search,
+         f"--clip-search is an RTN option that --method {method} would ignore (it fits its grid to the "
+         "calibration data); drop it or use --method rtn"),
+        (config.split_activations and not config.split,
+         "--split-activations works with --split only; add --split or drop it"),
+        (config.format != "matmulnbits" and given("accuracy_level"),
+         f"--accuracy-level applies to --format matmulnbits only, not {config.format}; drop it"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise OnnxqError(message)
