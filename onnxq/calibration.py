@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
     threadpool_limits = None
 
 DEFAULT_BATCH_SIZE = 8  # samples per ORT run when neither the caller nor the model fixes it
+PROBE_TOLERANCE = 1e-2  # relative L2 error allowed between a sample's outputs in a batch and alone (mixing is O(1))
 ROW_BLOCK = 2048  # rows per float32 syrk before adding into the float64 sum
 PATCH_BLOCK_BYTES = 32 << 20  # bound on one block of im2col patches
 INLINE_TENSOR_BYTES = 1024  # smaller initializers stay inside the session model file
@@ -165,17 +166,29 @@ def _format_dims(dims: tuple) -> str:
 class CalibrationBatches:
     """Re-iterable batches of named model inputs (``dict[str, ndarray]``, samples along axis 0).
 
-    The source is an .npz file, a folder of .npz files (sorted by name) or an in-memory ``dict`` of arrays.  Files are
-    read one at a time, so only one file is in memory.  With ``model`` every batch is checked by :func:`check_feed`.
+    The source is an .npz file, a folder of .npz files (sorted by name), an in-memory ``dict`` of arrays, or another
+    ``CalibrationBatches`` (same data; its batch size is kept once settled).  Files are read one at a time, so only one
+    file is in memory.  With ``model`` every batch is checked by :func:`check_feed`.
+
+    Batch size: ``batch_size`` if given, else the model's fixed batch, else :data:`DEFAULT_BATCH_SIZE`, checked once
+    with ``model`` by :func:`probe_batch`: a model that fails or mixes samples in a batch gets batch 1, and
+    :attr:`notes` says so.
     """
 
     def __init__(
         self,
-        source: str | os.PathLike | Mapping[str, np.ndarray],
+        source: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationBatches,
         batch_size: int | None = None,
         model: onnx.ModelProto | None = None,
     ) -> None:
-        if isinstance(source, Mapping):
+        if batch_size is not None and batch_size < 1:
+            raise OnnxqError(f"calibration batch size must be >= 1, got {batch_size}")
+        self.notes: list[str] = []
+        if isinstance(source, CalibrationBatches):
+            self.files, self.arrays = source.files, source.arrays
+            if batch_size is None and source.settled:
+                batch_size, self.notes = source.batch_size, list(source.notes)
+        elif isinstance(source, Mapping):
             self.files: list[Path] = []
             self.arrays: Mapping[str, np.ndarray] | None = source
             _check_arrays("in-memory calibration arrays", dict(source))
@@ -183,12 +196,18 @@ class CalibrationBatches:
             self.files = load_calibration(source)
             self.arrays = None
         self.specs = model_input_specs(model) if model is not None else None
-        if batch_size is not None and batch_size < 1:
-            raise OnnxqError(f"batch size must be >= 1, got {batch_size}")
         if batch_size is None and self.specs:
             batch_size = next((s.fixed_batch for s in self.specs.values() if s.fixed_batch), None)
+        self.settled = batch_size is not None  # chosen by the caller or the model, or probed below
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self._sample_counts: list[int] | None = None
+        if model is not None and not self.settled:
+            self.check(model)
+            note = probe_batch(model, self)
+            if note is not None:
+                self.batch_size = 1
+                self.notes.append(note)
+            self.settled = True
 
     def sample_counts(self) -> list[int]:
         """Samples per file (read from the .npz headers only)."""
@@ -243,15 +262,78 @@ class CalibrationBatches:
 
 
 def iter_batches(
-    source: str | os.PathLike | Mapping[str, np.ndarray],
+    source: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationBatches,
     batch_size: int | None = None,
     model: onnx.ModelProto | None = None,
 ) -> CalibrationBatches:
-    """Batches of ``batch_size`` samples (default: the model's fixed batch, else 8) from an .npz, folder or dict.
+    """Batches of ``batch_size`` samples from an .npz, folder, dict or :class:`CalibrationBatches` (default: the
+    model's fixed batch, else 8 unless :func:`probe_batch` finds that ``model`` needs batch 1).
 
     The result can be iterated several times (one pass per key group in :func:`collect_hessians`).
     """
     return CalibrationBatches(source, batch_size, model)
+
+
+def probe_batch(model: onnx.ModelProto, batches: CalibrationBatches) -> str | None:
+    """Why ``model`` cannot run ``batches`` at their batch size (a note), or None when it can.
+
+    The first batch of more than one sample runs through the whole model, and its first sample alone.  The batch is
+    fine when every graph output of the batch holds the sample's output: the leading ``rows`` of an output whose axis
+    0 is ``n·rows`` for ``n`` samples (``rows`` for one), or the whole output when its shape does not depend on the
+    batch; equal within relative L2 error :data:`PROBE_TOLERANCE`.  An ORT failure of the sample alone is raised.
+    """
+    first = _probe_feed(batches)
+    if first is None:
+        return None
+    origin, feed = first
+    count = _batch_samples(feed)
+    factory = SessionFactory(model)
+    try:
+        names = [value.name for value in model.graph.output]
+        session = factory.session(names)
+        try:
+            batched = _run(session, names, feed, origin)
+        except OrtRunError as exc:
+            return f"calibration: the model fails with batch {count} ({exc.reason}); ran batch 1"
+        single = _run(session, names, {k: v[:1] for k, v in feed.items()}, origin)
+    finally:
+        factory.close()
+    for name in names:
+        mismatch = _batch_mismatch(batched[name], single[name], count)
+        if mismatch is not None:
+            return (f"calibration: the model mixes samples in a batch of {count} (output '{name}' {mismatch}); "
+                    "ran batch 1")
+    return None
+
+
+def _probe_feed(batches: CalibrationBatches) -> tuple[str, Feed] | None:
+    """The first batch holding more than one sample (None if there is none: every run is then batch 1 anyway)."""
+    if batches.batch_size == 1 or max(batches.sample_counts()) == 1:
+        return None
+    for origin, batch in batches.with_origin():
+        if _batch_samples(batch) > 1:
+            return origin, batch
+    return None
+
+
+def _batch_mismatch(batched: np.ndarray, single: np.ndarray, count: int) -> str | None:
+    """How an output of ``count`` samples fails to hold the output of the first sample alone (None if it does)."""
+    batched, single = np.asarray(batched), np.asarray(single)
+    if batched.ndim and single.ndim and batched.shape == (count * single.shape[0], *single.shape[1:]):
+        batched = batched[: single.shape[0]]
+    elif batched.shape != single.shape:
+        return f"has shape {batched.shape} for {count} samples and {single.shape} for one"
+    if batched.dtype.kind not in "fc":
+        same = np.array_equal(batched, single)
+        return None if same else "differs for the first sample between the batch and its run alone"
+    a, b = batched.astype(np.float64).ravel(), single.astype(np.float64).ravel()
+    finite = np.isfinite(b)
+    if not (np.array_equal(a[~finite], b[~finite], equal_nan=True) and np.isfinite(a[finite]).all()):
+        return "has inf/NaN at other places for the first sample in the batch than alone"
+    error = np.linalg.norm(a[finite] - b[finite]) / max(np.linalg.norm(b[finite]), 1e-30)
+    if error <= PROBE_TOLERANCE:
+        return None
+    return f"differs by {error:.3g} (relative L2) for the first sample between the batch and its run alone"
 
 
 def _check_headers(
@@ -922,15 +1004,25 @@ def _by_tensor(units: Mapping[HessianKey, Unfolding]) -> dict[str, list[HessianK
     return users
 
 
+class OrtRunError(OnnxqError):
+    """ONNX Runtime failed on one batch; ``reason`` is ORT's first line."""
+
+    def __init__(self, origin: str, reason: str) -> None:
+        super().__init__(f"{origin}: ONNX Runtime failed on this batch ({reason}); check the input shapes and values")
+        self.reason = reason
+
+
 def _run(session: ort.InferenceSession | None, names: list[str], feed: Feed, origin: str) -> dict[str, np.ndarray]:
+    """``{name: value}`` of ``names`` computed by ``session`` on ``feed``; an ORT failure is an :class:`OrtRunError`
+    (ORT's own error log is silenced: the error says it in one line)."""
     if session is None or not names:
         return {}
+    options = ort.RunOptions()
+    options.log_severity_level = 4
     try:
-        values = session.run(names, feed)
+        values = session.run(names, feed, options)
     except Exception as exc:  # noqa: BLE001 - ORT raises several pybind types
-        raise OnnxqError(
-            f"{origin}: ONNX Runtime failed on this batch ({_first_line(exc)}); check the input shapes and values"
-        ) from None
+        raise OrtRunError(origin, _first_line(exc)) from None
     return dict(zip(names, values, strict=True))
 
 
