@@ -69,6 +69,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="MatMulNBits accuracy_level: 0 exact fp32 (default), 4 int8 activations (faster)")
     p.add_argument("--calib", dest="calibration", metavar="PATH",
                    help="calibration inputs: .npz or folder of .npz (gptq/decoupleq)")
+    p.add_argument("--calib-batch-size", type=int, default=None, metavar="N",
+                   help="calibration samples per ONNX Runtime run (default: the model's fixed batch, else 8, or 1 "
+                        "when the model fails or mixes samples at 8)")
     p.add_argument("--iters", type=int, default=4, help="decoupleq alternations (default 4)")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ·mean(diag H) (default 0.01)")
     p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing Hessian diagonal")
@@ -124,7 +127,7 @@ def _quant_options(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in (
         "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
         "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode", "split",
-        "split_activations", "act_bits", "seed", "sequential", "float_target")}
+        "split_activations", "act_bits", "seed", "sequential", "float_target", "calib_batch_size")}
     options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
     if args.max_memory is not None:
         options["max_memory"] = args.max_memory
