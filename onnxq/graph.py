@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,93 +30,40 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # save weights externally once they pass 1 Gi
 # ----------------------------------------------------------------------------- I/O
 
 
-def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file or raise a one-line :class:`OnnxqError`.
-
-    Every external-data file is checked (a regular file inside the model's folder); its bytes are read only when
-    ``external_data`` is set (without, the initializers keep their shapes and types but no values).
-    """
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file (and its external data) or raise a one-line :class:`OnnxqError`."""
     path = Path(path)
     if not path.exists():
         raise OnnxqError(f"{path}: no such file; check the path to the input model")
     if path.is_dir():
         raise OnnxqError(f"{path}: is a directory, not an ONNX file; pass the .onnx file inside it")
-    if not path.is_file():
-        raise OnnxqError(f"{path}: not a regular file (a device, pipe or socket); pass an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise OnnxqError(
             f"{path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated or not ONNX"
         ) from None
-    except OSError as exc:
-        raise OnnxqError(f"{path}: cannot read the model ({exc.strerror}); check its permissions") from None
     if not model.graph.node and not model.graph.initializer:
         raise OnnxqError(f"{path}: not an ONNX model (no graph found); the file is empty, truncated or not ONNX")
-    files = external_data_files(model, path)
-    if external_data:
-        load_external_data(model, files)
+    _load_external(model, path.parent)
     return model
 
 
-def external_data_files(model: onnx.ModelProto, path: str | os.PathLike) -> dict[str, Path]:
-    """``{location: resolved file}`` for the external data of the model stored at ``path``; a one-line error when a
-    location is outside the model's folder (``../x``, absolute, a symlink leading out) or its file is missing."""
-    path = Path(path)
-    folder = path.parent.resolve()
-    files: dict[str, Path] = {}
-    for tensor in _all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = _external_info(tensor).get("location", "")
-            if location not in files:
-                files[location] = _data_file(path, folder, location, tensor.name)
-    return files
-
-
-def _data_file(path: Path, folder: Path, location: str, tensor_name: str) -> Path:
-    resolved = (folder / location).resolve()
-    if not location or Path(location).is_absolute() or not resolved.is_relative_to(folder):
-        raise OnnxqError(
-            f"{path}: external data '{location}' of tensor '{tensor_name}' is outside the model folder; "
-            "move the data file next to the .onnx file and set its location to the bare file name"
-        )
-    if not resolved.is_file():
-        raise OnnxqError(
-            f"{path.parent / location}: external-data file of tensor '{tensor_name}' is missing; "
-            "keep it next to the .onnx file under that name"
-        )
-    return resolved
-
-
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def load_external_data(model: onnx.ModelProto, files: dict[str, Path]) -> None:
-    """Read every external tensor's bytes (from :func:`external_data_files`) into the model."""
+def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = _external_info(tensor)
-        data_path = files[info.get("location", "")]
-        try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-            with open(data_path, "rb") as data:
-                data.seek(offset)
-                raw = data.read(length)
-        except (OSError, ValueError) as exc:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        data_path = base_dir / location
+        if not data_path.is_file():
             raise OnnxqError(
-                f"{data_path}: cannot read the external data of tensor '{tensor.name}' ({exc}); "
-                "check the file and the tensor's offset/length"
-            ) from None
-        if len(raw) < max(length, 0) or len(raw) < tensor_nbytes(tensor):
-            raise OnnxqError(
-                f"{data_path}: external data of tensor '{tensor.name}' is truncated ({len(raw)} bytes at offset "
-                f"{offset}, {max(length, tensor_nbytes(tensor))} needed); copy the data file again"
+                f"{data_path}: external-data file of tensor '{tensor.name}' is missing; "
+                "keep it next to the .onnx file under that name"
             )
-        tensor.raw_data = raw
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise OnnxqError(f"{base_dir}: could not read external data ({exc}); the data file may be truncated") from None
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
@@ -160,90 +106,14 @@ def check_output_folder(path: str | os.PathLike, option: str = "-o") -> Path:
     return folder
 
 
-def check_output_file(path: str | os.PathLike, option: str = "-o", inputs: Iterable[Path] = ()) -> Path:
-    """The folder ``path`` will be written into; a one-line error naming ``option`` when ``path`` is one of the
-    ``inputs`` (through symlinks and hard links too), is a directory or not a regular file (a device must never be
-    replaced by a file), or when its folder is missing or read-only."""
-    path = Path(path)
-    for existing in inputs:
-        if same_file(path, existing):
-            raise OnnxqError(f"{path}: {option} path equals the input file {existing}; choose another {option} path "
-                             "(the input is never modified)")
-    if path.is_dir():
-        raise OnnxqError(f"{path}: is a directory; give {option} a file path")
-    if path.exists() and not path.is_file():
-        raise OnnxqError(f"{path}: not a regular file (a device, pipe or socket); choose another {option} path")
-    return check_output_folder(path, option)
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one file: same device and inode when both exist, else the same resolved path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
-
-
-def data_file_of(path: str | os.PathLike) -> Path:
-    """Where :func:`save_model` puts the external data of a model saved to ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + ".data")
-
-
-def _temp_prefix() -> str:
-    """Temp names carry the pid (``.onnxq-<pid>-xxxxxxxx``) so that later runs can tell a killed run's leftovers."""
-    return f".onnxq-{os.getpid()}-"
-
-
-_TEMP_NAME = re.compile(r"\.onnxq-(\d+)-[a-z0-9_]{8}")  # tempfile's names: 8 characters of [a-z0-9_]
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the ``.onnxq-<pid>-xxxxxxxx`` temp files and folders in ``folder`` whose process is gone (a run
-    killed while saving); returns what was removed."""
-    removed = []
-    for entry in Path(folder).glob(".onnxq-*"):
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if match is None or _pid_alive(int(match.group(1))):
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except OSError:
-            continue
-        removed.append(entry)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def write_text(path: str | os.PathLike, text: str, option: str = "-o") -> None:
     """Write a text file atomically (temp file in the same folder, then rename)."""
     folder = check_output_folder(path, option)
-    remove_stale_temps(folder)
-    try:
-        handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(), dir=folder)
-    except OSError as exc:
-        raise OnnxqError(f"{folder}: cannot write {path} ({exc.strerror}); choose another {option} path") from None
+    handle, tmp = tempfile.mkstemp(prefix=".onnxq-", dir=folder)
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OnnxqError(f"{path}: writing failed ({exc.strerror}); check free space and permissions") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -257,12 +127,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """
     path = Path(path)
     folder = check_output_folder(path)
-    remove_stale_temps(folder)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = data_file_of(path).name
+    data_name = path.name + ".data"
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=folder))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxq-", dir=folder))
     except OSError as exc:
         raise OnnxqError(f"{folder}: cannot write the output ({exc.strerror}); choose another -o path") from None
     try:
@@ -276,7 +145,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     except OSError as exc:
         raise OnnxqError(f"{path}: writing failed ({exc.strerror}); check free space and permissions") from None
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for leftover in tmp_dir.glob("*"):
+            leftover.unlink()
+        tmp_dir.rmdir()
 
 
 def _save_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, data_name: str) -> None:
@@ -371,6 +242,18 @@ class Target:
         """The initializer's values (before the optional Transpose) from ``W[N, K]``."""
         consumed = self.consumed_from_matrix(matrix)
         return consumed.T if self.through_transpose else consumed
+
+    @property
+    def matrix_key(self) -> tuple[str, str]:
+        """The initializer and how ``W[N, K]`` is read from it; targets with equal keys see the same matrix.
+
+        A weight read by several nodes in different orientations (``x·W`` and ``W·z``, or MatMul and Gemm with
+        ``transB=1``) gives different keys, so each orientation is solved on its own matrix.
+        """
+        if self.orientation == "conv":
+            return self.weight_name, "conv"
+        transposed = self.through_transpose != (self.orientation == "kn")
+        return self.weight_name, "transposed" if transposed else "as stored"
 
     @property
     def groups(self) -> int:
@@ -537,7 +420,8 @@ class NameScope:
 
 
 def remove_unused(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nobody reads (repeatedly) and initializers nobody reads."""
+    """Drop nodes whose outputs nobody reads (repeatedly), and initializers nobody reads (with their graph-input
+    entries, for models that also list initializers as inputs)."""
     graph = model.graph
     while True:
         needed = {o.name for o in graph.output}
@@ -552,8 +436,21 @@ def remove_unused(model: onnx.ModelProto) -> None:
     needed = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_inputs(graph)
     keep_init = [t for t in graph.initializer if t.name in needed]
     if len(keep_init) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer} - {t.name for t in keep_init}
         del graph.initializer[:]
         graph.initializer.extend(keep_init)
+        # an initializer also listed as a graph input (IR < 4 style) leaves the inputs with it
+        keep_inputs = [v for v in graph.input if v.name not in dropped]
+        if len(keep_inputs) != len(graph.input):
+            del graph.input[:]
+            graph.input.extend(keep_inputs)
+
+
+def allow_free_initializers(model: onnx.ModelProto) -> None:
+    """Raise IR < 4 to 4, where an initializer need not be listed as a graph input (the one change between IR 3
+    and 4 that matters here), so the initializers a pass adds are valid without input entries."""
+    if model.ir_version < 4:
+        model.ir_version = 4
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:

@@ -54,6 +54,7 @@ def solve_with_hessian(
     zero_mask: np.ndarray | None,
     group_size: int,
     zero_convention: str,
+    scale_dtype: type = np.float32,
 ) -> tuple[QuantizedWeight, tuple[float, float]]:
     """Solve ``weight[N, K]`` with GPTQ or decoupleQ; returns it and the H-weighted losses (RTN, method).
 
@@ -71,13 +72,13 @@ def solve_with_hessian(
         mask = None if zero_mask is None else zero_mask[part]
         if config.method == "gptq":
             qw = quantize_gptq(w, hessian, config.bits, group_size, config.symmetric, zero_convention, config.damp,
-                               config.act_order, zero_mask=mask)
+                               config.act_order, zero_mask=mask, scale_dtype=scale_dtype)
         else:
             qw, _ = quantize_decoupleq(w, hessian, config.bits, group_size, iters=config.iters, damp=config.damp,
                                        round_mode=config.round_mode, zero_mask=mask)
         raw_h = hessian.undamped()
         rtn = quantize_rtn(original, config.bits, group_size, config.symmetric,
-                           "integer" if mask is not None else zero_convention)
+                           "integer" if mask is not None else zero_convention, scale_dtype=scale_dtype)
         loss_rtn += float(layer_loss(w, rtn.dequantize(np.float64), raw_h).sum())
         loss_method += float(layer_loss(w, qw.dequantize(np.float64), raw_h).sum())
         pieces.append(qw)

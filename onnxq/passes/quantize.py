@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
@@ -22,6 +21,7 @@ from onnxq.graph import (
     NameScope,
     Skipped,
     Target,
+    allow_free_initializers,
     copy_model,
     find_targets,
     initializer_array,
@@ -32,6 +32,7 @@ from onnxq.graph import (
 )
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
+from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.rtn import quantize_rtn
 
@@ -74,16 +75,8 @@ class QuantizeConfig:
     seed: int = 0
     sequential: bool = True  # calibrate layer groups in order on quantized inputs (onnxq.sequential)
     float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
-    calib_batch_size: int | None = None  # samples per calibration ORT run; None: automatic (onnxq.calibration)
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether this run reads calibration data (Hessian methods, activation ranges, activation splits)."""
-        return self.method != "rtn" or self.act_bits is not None or self.split_activations
 
     def validate(self) -> None:
-        """One-line errors for a wrong type, value or combination of options (onnxq.config_checks)."""
-        check_types(self)
         if self.bits not in SUPPORTED_BITS:
             raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
@@ -94,7 +87,8 @@ class QuantizeConfig:
             raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(METHODS)}")
         if self.act_bits not in (None, 4, 8):
             raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
-        if self.needs_calibration and self.calibration is None:
+        needs_calibration = self.method != "rtn" or self.act_bits is not None or self.split_activations
+        if needs_calibration and self.calibration is None:
             raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
                              "pass --calib data.npz")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -103,14 +97,6 @@ class QuantizeConfig:
         if bad:
             supported = ",".join(TARGET_OP_TYPES)
             raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
-        if self.calib_batch_size is not None and self.calib_batch_size < 1:
-            raise OnnxqError(f"--calib-batch-size {self.calib_batch_size} is out of range; use 1 or more samples "
-                             "per ONNX Runtime run, or leave it unset (automatic)")
-        if self.calib_batch_size is not None and not self.needs_calibration:
-            raise OnnxqError("--calib-batch-size applies to runs that calibrate (gptq/decoupleq, --act-bits, "
-                             "split activations); drop it")
-        check_ranges(self)
-        check_method_options(self)
 
 
 @dataclass
@@ -185,11 +171,6 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
     model = copy_model(model)
-    if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
-        from onnxq.calibration import iter_batches
-
-        config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
-        summary.notes += config.calibration.notes
     if config.split:
         from onnxq.passes.splitquant import split_model
 
@@ -212,9 +193,10 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level)
     emit = FORMATS[config.format]
     for target in report.targets:
-        rewrites[target.node_index] = emit(target, solved[target.weight_name], ctx)
+        rewrites[target.node_index] = emit(target, solved[target.matrix_key], ctx)
     _apply_rewrites(model, rewrites)
     remove_unused(model)
+    allow_free_initializers(model)
     for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     set_metadata(model, QUANT_METADATA_KEY, json.dumps(
@@ -233,9 +215,10 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
 def _solve_all(
     model: onnx.ModelProto, targets: list[Target], config: QuantizeConfig, branch_nodes: set[str],
     summary: QuantizeSummary,
-) -> dict[str, QuantizedWeight]:
-    """Solve every distinct weight once; Hessian methods calibrate first (group by group when sequential)."""
-    solved: dict[str, QuantizedWeight] = {}
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Solve every distinct weight matrix once (a weight read in two orientations is two matrices, see
+    :attr:`Target.matrix_key`); Hessian methods calibrate first (group by group when sequential)."""
+    solved: dict[tuple[str, str], QuantizedWeight] = {}
     store = working = sequential = None
     groups = [targets]
     if config.method != "rtn":
@@ -265,10 +248,10 @@ def _solve_all(
 
                     _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
                 for target in group:
-                    if target.weight_name not in solved:
-                        solved[target.weight_name] = _solve_one(model, target, config, store, branch_nodes, summary)
+                    if target.matrix_key not in solved:
+                        solved[target.matrix_key] = _solve_one(model, target, config, store, branch_nodes, summary)
                         if working is not None:
-                            _write_dequantized(working, target, solved[target.weight_name])
+                            _write_dequantized(working, target, solved[target.matrix_key])
                     bar.step(target.name)
     finally:
         if sequential is not None:
@@ -281,6 +264,10 @@ def _solve_one(
     summary: QuantizeSummary,
 ) -> QuantizedWeight:
     weight = target.matrix_from_initializer(initializer_array(model, target.weight_name)).astype(np.float64)
+    if not np.all(np.isfinite(weight)):
+        raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN or "
+                         "Inf; fix the model, or leave the node in float with --exclude")
+    scale_dtype = np.float16 if target.dtype == onnx.TensorProto.FLOAT16 else np.float32
     group_size = resolve_group_size(weight.shape[1], config.group_size)
     zero_convention = config.zero_convention or ("float" if config.method == "decoupleq" else "integer")
     zero_mask = (weight == 0) if target.name in branch_nodes else None
@@ -293,17 +280,33 @@ def _solve_one(
         # a split branch's zeros are always on the grid, so shrinking its range costs them nothing:
         # branches get the MSE range search by default (docs/splitquant.md measures why)
         clip = config.clip_search or zero_mask is not None
-        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, clip)
+        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, clip,
+                          scale_dtype=scale_dtype)
+        _check_grid(target, weight, qw, scale_dtype, clip, summary)
     else:
         from onnxq.passes.hessian_solve import solve_with_hessian
 
-        qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention)
+        qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention,
+                                        scale_dtype)
     if target.dtype == onnx.TensorProto.FLOAT16:
         qw = _round_to_float16(qw)
     err = float(np.linalg.norm(qw.dequantize(np.float64) - weight) / max(np.linalg.norm(weight), 1e-30))
     summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
                                       config.format, err, *losses))
     return qw
+
+
+def _check_grid(
+    target: Target, weight: np.ndarray, qw: QuantizedWeight, dtype: type, clipped: bool, summary: QuantizeSummary
+) -> None:
+    """Warn, naming the layer, when a round-to-nearest weight is off its own grid by more than half a step
+    (it cannot be unless the range was shrunk on purpose: a failing check is a bug to report)."""
+    if clipped:
+        return
+    bad = off_grid(weight, qw, dtype)
+    if bad.any():
+        summary.notes.append(f"WARNING: layer '{target.name}': {int(bad.sum())} of {bad.size} weights are off their "
+                             "grid by more than half a step (a bug: please report it with the model)")
 
 
 def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, crosses: dict | None = None) -> None:

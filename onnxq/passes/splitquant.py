@@ -33,6 +33,7 @@ from onnxq.graph import (
     NameScope,
     Skipped,
     Target,
+    allow_free_initializers,
     copy_model,
     find_targets,
     model_bytes,
@@ -191,6 +192,7 @@ def split_model(
     if sites:
         _split_activation_sites(model, sites, report)
     remove_unused(model)
+    allow_free_initializers(model)
     report.nodes_after = len(model.graph.node)
     report.bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - start

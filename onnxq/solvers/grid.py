@@ -12,7 +12,8 @@ A group's grid is ``q(c) = s·(c − zp) + z`` for codes ``c ∈ [0, L]``, ``L =
 
 Scales are rounded *up* (in magnitude) to the storage dtype and ``zp``/``z`` are derived from the stored scale, so
 every value of ``[lo, hi]`` is within ``s/2`` of its nearest grid point in the stored parameters (up to the storage
-precision of ``z``): round-to-nearest never clips.  A zero span gives ``s = |lo|`` (or 1 for an all-zero group).
+precision of ``z``): round-to-nearest never clips.  A zero span gives ``s = |lo|`` (or 1 for an all-zero group)
+and, with a float zero, ``z = lo`` at code ``m``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+
+from onnxq.quantized_weight import QuantizedWeight, expand_groups
 
 ZeroConvention = Literal["integer", "float"]
 
@@ -52,7 +55,8 @@ def minmax_grid(
     if zero_convention == "float":
         span = hi - lo
         scales = round_up(np.where(span > 0, span / levels, np.where(lo != 0, np.abs(lo), 1.0)), dtype)
-        offsets = (lo + scales * mid).astype(dtype).astype(np.float64)  # code 0 → lo (up to z's precision)
+        # code 0 → lo (up to z's precision); a constant group is z itself, at code m (no overflow near float max)
+        offsets = np.where(span > 0, lo + scales * mid, lo).astype(dtype).astype(np.float64)
         return scales, np.full(lo.shape, float(mid)), offsets
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     span = hi - lo
@@ -91,8 +95,12 @@ def nearest_codes(
     return np.where(np.isnan(codes), zero_points, codes)
 
 
-def off_grid_excess(
-    weight: np.ndarray, dequantized: np.ndarray, step: np.ndarray, tolerance: np.ndarray | float = 0.0
-) -> np.ndarray:
-    """Per element, how far ``|w − ŵ|`` exceeds half a step (``|s|/2 + tolerance``); 0 where it does not."""
-    return np.maximum(np.abs(weight - dequantized) - 0.5 * np.abs(step) - tolerance, 0.0)
+def off_grid(weight: np.ndarray, quantized: QuantizedWeight, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Bool ``[N, K]``: where ``|w − ŵ|`` exceeds half a step, ``|s|/2``, plus the storage precision of ``w``
+    and ``z`` (``4·eps(dtype)·(|w| + |z|)``).  Never set for round-to-nearest on a min/max grid."""
+    k = quantized.shape[1]
+    step = np.abs(expand_groups(quantized.scales.astype(np.float64), k, quantized.group_size))
+    zeros = 0.0 if quantized.offsets is None else expand_groups(quantized.offsets, k, quantized.group_size)
+    weight = np.asarray(weight, dtype=np.float64)
+    tolerance = 4.0 * float(np.finfo(dtype).eps) * (np.abs(weight) + np.abs(zeros))
+    return np.abs(weight - quantized.dequantize(np.float64)) > 0.5 * step + tolerance
