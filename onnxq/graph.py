@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,40 +31,93 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # save weights externally once they pass 1 Gi
 # ----------------------------------------------------------------------------- I/O
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file (and its external data) or raise a one-line :class:`OnnxqError`."""
+def load_model(path: str | os.PathLike, external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file or raise a one-line :class:`OnnxqError`.
+
+    Every external-data file is checked (a regular file inside the model's folder); its bytes are read only when
+    ``external_data`` is set (without, the initializers keep their shapes and types but no values).
+    """
     path = Path(path)
     if not path.exists():
         raise OnnxqError(f"{path}: no such file; check the path to the input model")
     if path.is_dir():
         raise OnnxqError(f"{path}: is a directory, not an ONNX file; pass the .onnx file inside it")
+    if not path.is_file():
+        raise OnnxqError(f"{path}: not a regular file (a device, pipe or socket); pass an .onnx file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise OnnxqError(
             f"{path}: not a readable ONNX model ({type(exc).__name__}); the file is truncated or not ONNX"
         ) from None
+    except OSError as exc:
+        raise OnnxqError(f"{path}: cannot read the model ({exc.strerror}); check its permissions") from None
     if not model.graph.node and not model.graph.initializer:
         raise OnnxqError(f"{path}: not an ONNX model (no graph found); the file is empty, truncated or not ONNX")
-    _load_external(model, path.parent)
+    files = external_data_files(model, path)
+    if external_data:
+        load_external_data(model, files)
     return model
 
 
-def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
+def external_data_files(model: onnx.ModelProto, path: str | os.PathLike) -> dict[str, Path]:
+    """``{location: resolved file}`` for the external data of the model stored at ``path``; a one-line error when a
+    location is outside the model's folder (``../x``, absolute, a symlink leading out) or its file is missing."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    files: dict[str, Path] = {}
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = _external_info(tensor).get("location", "")
+            if location not in files:
+                files[location] = _data_file(path, folder, location, tensor.name)
+    return files
+
+
+def _data_file(path: Path, folder: Path, location: str, tensor_name: str) -> Path:
+    resolved = (folder / location).resolve()
+    if not location or Path(location).is_absolute() or not resolved.is_relative_to(folder):
+        raise OnnxqError(
+            f"{path}: external data '{location}' of tensor '{tensor_name}' is outside the model folder; "
+            "move the data file next to the .onnx file and set its location to the bare file name"
+        )
+    if not resolved.is_file():
+        raise OnnxqError(
+            f"{path.parent / location}: external-data file of tensor '{tensor_name}' is missing; "
+            "keep it next to the .onnx file under that name"
+        )
+    return resolved
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def load_external_data(model: onnx.ModelProto, files: dict[str, Path]) -> None:
+    """Read every external tensor's bytes (from :func:`external_data_files`) into the model."""
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        data_path = base_dir / location
-        if not data_path.is_file():
+        info = _external_info(tensor)
+        data_path = files[info.get("location", "")]
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+            with open(data_path, "rb") as data:
+                data.seek(offset)
+                raw = data.read(length)
+        except (OSError, ValueError) as exc:
             raise OnnxqError(
-                f"{data_path}: external-data file of tensor '{tensor.name}' is missing; "
-                "keep it next to the .onnx file under that name"
+                f"{data_path}: cannot read the external data of tensor '{tensor.name}' ({exc}); "
+                "check the file and the tensor's offset/length"
+            ) from None
+        if len(raw) < max(length, 0) or len(raw) < tensor_nbytes(tensor):
+            raise OnnxqError(
+                f"{data_path}: external data of tensor '{tensor.name}' is truncated ({len(raw)} bytes at offset "
+                f"{offset}, {max(length, tensor_nbytes(tensor))} needed); copy the data file again"
             )
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-    except (OSError, ValueError) as exc:
-        raise OnnxqError(f"{base_dir}: could not read external data ({exc}); the data file may be truncated") from None
+        tensor.raw_data = raw
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
@@ -106,14 +160,90 @@ def check_output_folder(path: str | os.PathLike, option: str = "-o") -> Path:
     return folder
 
 
+def check_output_file(path: str | os.PathLike, option: str = "-o", inputs: Iterable[Path] = ()) -> Path:
+    """The folder ``path`` will be written into; a one-line error naming ``option`` when ``path`` is one of the
+    ``inputs`` (through symlinks and hard links too), is a directory or not a regular file (a device must never be
+    replaced by a file), or when its folder is missing or read-only."""
+    path = Path(path)
+    for existing in inputs:
+        if same_file(path, existing):
+            raise OnnxqError(f"{path}: {option} path equals the input file {existing}; choose another {option} path "
+                             "(the input is never modified)")
+    if path.is_dir():
+        raise OnnxqError(f"{path}: is a directory; give {option} a file path")
+    if path.exists() and not path.is_file():
+        raise OnnxqError(f"{path}: not a regular file (a device, pipe or socket); choose another {option} path")
+    return check_output_folder(path, option)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: same device and inode when both exist, else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def data_file_of(path: str | os.PathLike) -> Path:
+    """Where :func:`save_model` puts the external data of a model saved to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _temp_prefix() -> str:
+    """Temp names carry the pid (``.onnxq-<pid>-xxxxxxxx``) so that later runs can tell a killed run's leftovers."""
+    return f".onnxq-{os.getpid()}-"
+
+
+_TEMP_NAME = re.compile(r"\.onnxq-(\d+)-[a-z0-9_]{8}")  # tempfile's names: 8 characters of [a-z0-9_]
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``.onnxq-<pid>-xxxxxxxx`` temp files and folders in ``folder`` whose process is gone (a run
+    killed while saving); returns what was removed."""
+    removed = []
+    for entry in Path(folder).glob(".onnxq-*"):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def write_text(path: str | os.PathLike, text: str, option: str = "-o") -> None:
     """Write a text file atomically (temp file in the same folder, then rename)."""
     folder = check_output_folder(path, option)
-    handle, tmp = tempfile.mkstemp(prefix=".onnxq-", dir=folder)
+    remove_stale_temps(folder)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(), dir=folder)
+    except OSError as exc:
+        raise OnnxqError(f"{folder}: cannot write {path} ({exc.strerror}); choose another {option} path") from None
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OnnxqError(f"{path}: writing failed ({exc.strerror}); check free space and permissions") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -127,11 +257,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """
     path = Path(path)
     folder = check_output_folder(path)
+    remove_stale_temps(folder)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
+    data_name = data_file_of(path).name
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxq-", dir=folder))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=folder))
     except OSError as exc:
         raise OnnxqError(f"{folder}: cannot write the output ({exc.strerror}); choose another -o path") from None
     try:
@@ -145,9 +276,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     except OSError as exc:
         raise OnnxqError(f"{path}: writing failed ({exc.strerror}); check free space and permissions") from None
     finally:
-        for leftover in tmp_dir.glob("*"):
-            leftover.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _save_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, data_name: str) -> None:

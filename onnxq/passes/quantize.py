@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
+from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
@@ -75,8 +76,16 @@ class QuantizeConfig:
     seed: int = 0
     sequential: bool = True  # calibrate layer groups in order on quantized inputs (onnxq.sequential)
     float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
+    calib_batch_size: int | None = None  # samples per calibration ORT run; None: automatic (onnxq.calibration)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this run reads calibration data (Hessian methods, activation ranges, activation splits)."""
+        return self.method != "rtn" or self.act_bits is not None or self.split_activations
 
     def validate(self) -> None:
+        """One-line errors for a wrong type, value or combination of options (onnxq.config_checks)."""
+        check_types(self)
         if self.bits not in SUPPORTED_BITS:
             raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
@@ -87,8 +96,7 @@ class QuantizeConfig:
             raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(METHODS)}")
         if self.act_bits not in (None, 4, 8):
             raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
-        needs_calibration = self.method != "rtn" or self.act_bits is not None or self.split_activations
-        if needs_calibration and self.calibration is None:
+        if self.needs_calibration and self.calibration is None:
             raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
                              "pass --calib data.npz")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -97,6 +105,14 @@ class QuantizeConfig:
         if bad:
             supported = ",".join(TARGET_OP_TYPES)
             raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
+        if self.calib_batch_size is not None and self.calib_batch_size < 1:
+            raise OnnxqError(f"--calib-batch-size {self.calib_batch_size} is out of range; use 1 or more samples "
+                             "per ONNX Runtime run, or leave it unset (automatic)")
+        if self.calib_batch_size is not None and not self.needs_calibration:
+            raise OnnxqError("--calib-batch-size applies to runs that calibrate (gptq/decoupleq, --act-bits, "
+                             "split activations); drop it")
+        check_ranges(self)
+        check_method_options(self)
 
 
 @dataclass
@@ -171,6 +187,11 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
     model = copy_model(model)
+    if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
+        from onnxq.calibration import iter_batches
+
+        config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
+        summary.notes += config.calibration.notes
     if config.split:
         from onnxq.passes.splitquant import split_model
 
