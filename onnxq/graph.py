@@ -520,6 +520,27 @@ def _classify(
     return make(1, tensor, False, "conv")
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn main-graph ``Constant`` nodes holding a float tensor of rank ≥ 2 (weights, as some exporters write them)
+    into initializers of the same name, so they are found as targets; returns how many were turned."""
+    graph = model.graph
+    keep, turned = [], 0
+    for node in graph.node:
+        value = _attr(node, "value", None) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is not None and value.data_type in FLOAT_TYPES and len(value.dims) >= 2:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            turned += 1
+        else:
+            keep.append(node)
+    if turned:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return turned
+
+
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     """The numpy value of initializer ``name``."""
     for tensor in model.graph.initializer:

@@ -271,3 +271,46 @@ def test_nan_or_inf_weight_is_refused_naming_the_node(bad):
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
     with pytest.raises(OnnxqError, match=r"weight 'w' of MatMul node 'mm' contains NaN or Inf"):
         onnxq.quantize(model, bits=4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weights_as_constant_nodes_are_quantized(fmt):
+    """Some exporters write weights as Constant nodes rather than initializers."""
+    _needs_library(fmt)
+    w = np.random.default_rng(5).standard_normal((32, 16)).astype(np.float32)
+    model = _model([helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+                    helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [_value("x", ["M", 32])], [_value("y", ["M", 16])], [])
+    quantized, summary = onnxq.quantize_with_summary(model, bits=8, group_size=-1, format=fmt)
+    assert [r.name for r in summary.layers] == ["mm"]
+    assert not any(n.op_type == "Constant" for n in quantized.graph.node)
+    x = np.random.default_rng(6).standard_normal((4, 32)).astype(np.float32)
+    assert frobenius_error(_run_any(quantized, {"x": x})[0], x.astype(np.float64) @ w) <= 0.01
+
+
+def test_weight_used_inside_an_if_branch_stays_float_there():
+    """An outer-scope initializer read by a main-graph MatMul and inside an If branch: the main reader is
+    quantized, the branch keeps reading the float weight, and the branch's own MatMul is listed as skipped."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    branch_w = rng.standard_normal((16, 16)).astype(np.float32)
+    then_graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["bw"], value=numpy_helper.from_array(branch_w, "bw")),
+         helper.make_node("MatMul", ["h", "w"], ["t1"], name="then_outer"),
+         helper.make_node("MatMul", ["t1", "bw"], ["t"], name="then_inner")],
+        "then", [], [_value("t", ["M", 16])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [], [_value("e", ["M", 16])])
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="main"),
+         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph)],
+        [_value("x", ["M", 16]), _value("cond", [], TensorProto.BOOL)], [_value("y", ["M", 16])],
+        [numpy_helper.from_array(w, "w")])
+    quantized, summary = onnxq.quantize_with_summary(model, bits=8, group_size=-1, format="matmulnbits")
+    onnx.checker.check_model(quantized, full_check=True)
+    assert [r.name for r in summary.layers] == ["main"]
+    assert {s.name for s in summary.skipped} >= {"then_outer", "then_inner"}
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    for cond in (True, False):
+        got = session(quantized).run(None, {"x": x, "cond": np.array(cond)})[0]
+        h = x.astype(np.float64) @ w
+        assert frobenius_error(got, (h @ w) @ branch_w if cond else h) <= 0.01

@@ -23,6 +23,7 @@ from onnxq.graph import (
     Skipped,
     Target,
     allow_free_initializers,
+    constants_to_initializers,
     copy_model,
     find_targets,
     initializer_array,
@@ -187,6 +188,7 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
     model = copy_model(model)
+    constants_to_initializers(model)
     if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
         from onnxq.calibration import iter_batches
 

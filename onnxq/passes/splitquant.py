@@ -34,6 +34,7 @@ from onnxq.graph import (
     Skipped,
     Target,
     allow_free_initializers,
+    constants_to_initializers,
     copy_model,
     find_targets,
     model_bytes,
@@ -183,6 +184,7 @@ def split_model(
     if activations and calibration is None:
         raise OnnxqError("splitting activations needs calibration data to place the thresholds; pass --calib data.npz")
     model = copy_model(model)
+    constants_to_initializers(model)
     report = SplitReport(method=method, seed=seed, nodes_before=len(model.graph.node), bytes_before=model_bytes(model))
 
     sites: list[ActivationSite] = []
