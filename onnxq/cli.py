@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxq.errors import OnnxqError
+from onnxq.graph import run_temp_dir
 
 QUANTIZE_EXAMPLES = """examples:
   onnxq quantize model.onnx -o model.q4.onnx --bits 4 --group-size 64
@@ -168,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run(args)
+        with run_temp_dir():
+            return run(args)
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)
         return 2

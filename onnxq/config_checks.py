@@ -61,7 +61,10 @@ def check_types(config: object) -> None:
 
 def check_ranges(config) -> None:
     """Ranges of the numeric options and the values of the choice options, beyond what ``validate`` checked."""
-    if config.calibration is not None and not isinstance(config.calibration, (str, os.PathLike, Mapping)):
+    from onnxq.calibration import CalibrationBatches
+
+    sources = (str, os.PathLike, Mapping, CalibrationBatches)
+    if config.calibration is not None and not isinstance(config.calibration, sources):
         raise OnnxqError(f"--calib must be a path (.npz file or folder of them) or a dict of arrays, "
                          f"got {type(config.calibration).__name__}")
     if config.iters < 0:

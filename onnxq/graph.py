@@ -11,7 +11,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,20 +191,22 @@ def data_file_of(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _temp_prefix() -> str:
+OUTPUT_TEMP = ".onnxq-"  # temp files beside an output (renamed into place when complete)
+RUN_TEMP = "onnxq-"  # the folder in TMPDIR holding every temp file of one command-line run
+
+
+def _temp_prefix(kind: str = OUTPUT_TEMP) -> str:
     """Temp names carry the pid (``.onnxq-<pid>-xxxxxxxx``) so that later runs can tell a killed run's leftovers."""
-    return f".onnxq-{os.getpid()}-"
+    return f"{kind}{os.getpid()}-"
 
 
-_TEMP_NAME = re.compile(r"\.onnxq-(\d+)-[a-z0-9_]{8}")  # tempfile's names: 8 characters of [a-z0-9_]
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the ``.onnxq-<pid>-xxxxxxxx`` temp files and folders in ``folder`` whose process is gone (a run
-    killed while saving); returns what was removed."""
+def remove_stale_temps(folder: str | os.PathLike, kind: str = OUTPUT_TEMP) -> list[Path]:
+    """Remove the ``<kind><pid>-xxxxxxxx`` temp files and folders in ``folder`` whose process is gone (a run
+    killed outright); returns what was removed."""
+    pattern = re.compile(re.escape(kind) + r"(\d+)-[a-z0-9_]{8}")  # tempfile's names: 8 characters of [a-z0-9_]
     removed = []
-    for entry in Path(folder).glob(".onnxq-*"):
-        match = _TEMP_NAME.fullmatch(entry.name)
+    for entry in Path(folder).glob(kind + "*"):
+        match = pattern.fullmatch(entry.name)
         if match is None or _pid_alive(int(match.group(1))):
             continue
         try:
@@ -215,6 +218,22 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
             continue
         removed.append(entry)
     return removed
+
+
+@contextmanager
+def run_temp_dir() -> Iterator[Path]:
+    """A private folder ``$TMPDIR/onnxq-<pid>-xxxxxxxx`` that holds every temp file made through :mod:`tempfile`
+    while the context is open, and is removed however the context ends (error, Ctrl-C, SIGTERM); folders left by
+    runs killed outright (``kill -9``) are removed first."""
+    base = Path(tempfile.gettempdir())
+    remove_stale_temps(base, RUN_TEMP)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(RUN_TEMP), dir=base))
+    previous, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -453,6 +453,17 @@ def test_stale_temp_folders_of_dead_runs_are_removed(ws):
     assert remove_stale_temps(ws.out) == []
 
 
+def test_stale_run_folders_in_tmpdir_are_removed(ws):
+    dead = ws.tmp / f"onnxq-{dead_pid()}-abcd1234"
+    (dead / "onnxq-calib-xyz").mkdir(parents=True)
+    (dead / "onnxq-calib-xyz" / "weights.data").write_bytes(b"weights")
+    other = ws.tmp / "onnxq-calib-abcdefgh"  # not a run folder: left alone
+    other.mkdir()
+    code, _, stderr = run_main(["quantize", ws.model, "-o", ws.o()])
+    assert code == 0, stderr
+    assert ws.tmp_leftovers() == [other.name]
+
+
 def test_temp_names_carry_the_pid(ws, monkeypatch):
     seen = []
     real = tempfile.mkdtemp
@@ -485,8 +496,8 @@ def test_signal_removes_temp_files(ws, sig):
                                 "decoupleq", "--bits", "2", "--group-size", "-1", "--iters", "50", "--calib", calib],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not ws.tmp_leftovers() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not list(ws.tmp.glob("onnxq-*/onnxq-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until calibration has its temp folder (a weight copy) inside the run's temp folder
     assert process.poll() is None, "finished before it could be interrupted"
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
