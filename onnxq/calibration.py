@@ -36,7 +36,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 from scipy.linalg import blas
 
+from onnxq.custom_ops import library_path
 from onnxq.errors import OnnxqError
+from onnxq.formats.custom_op import DOMAIN as CUSTOM_OP_DOMAIN
 from onnxq.graph import Target
 
 try:  # ships with scikit-learn; without it BLAS keeps its own thread count
@@ -613,9 +615,10 @@ class SessionFactory:
     models over 2 GB.
     """
 
-    def __init__(self, model: onnx.ModelProto, threads: int = ORT_THREADS) -> None:
+    def __init__(self, model: onnx.ModelProto, threads: int = ORT_THREADS, purpose: str = "calibration") -> None:
         self.model = model
         self.threads = threads
+        self.purpose = purpose  # named in the error when ORT cannot load the model
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-calib-")
         self.folder = Path(self._tmp.name)
         self.data_name = "weights.data"
@@ -668,7 +671,8 @@ class SessionFactory:
         self._count += 1
         path = self.folder / f"calibration_{self._count}.onnx"
         path.write_bytes(pruned.SerializeToString())
-        return open_session(str(path), self.threads)
+        custom_ops = any(node.domain == CUSTOM_OP_DOMAIN for node in keep_nodes)
+        return open_session(str(path), self.threads, custom_ops, self.purpose)
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -689,9 +693,14 @@ def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
     return shell
 
 
-def open_session(model: str | bytes, threads: int) -> ort.InferenceSession:
-    """A CPU session (basic graph optimizations, ``threads`` intra-op threads) for a calibration sub-model."""
+def open_session(
+    model: str | bytes, threads: int, custom_ops: bool = False, purpose: str = "calibration"
+) -> ort.InferenceSession:
+    """A CPU session (basic graph optimizations, ``threads`` intra-op threads) for a calibration sub-model; with
+    ``custom_ops`` the onnxq custom-op library is registered (``onnxq::MatMulLowBit``)."""
     options = ort.SessionOptions()
+    if custom_ops:
+        options.register_custom_ops_library(library_path())
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -703,7 +712,7 @@ def open_session(model: str | bytes, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several pybind types
         raise OnnxqError(
-            f"ONNX Runtime cannot load the model for calibration ({_first_line(exc)}); "
+            f"ONNX Runtime cannot load the model for {purpose} ({_first_line(exc)}); "
             "check that the model runs in onnxruntime"
         ) from None
 
