@@ -45,10 +45,6 @@ def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None =
     return model
 
 
-def _load(model_or_path: ModelOrPath) -> onnx.ModelProto:
-    return _open(model_or_path)
-
-
 def _calibration_files(calibration: object) -> list[Path]:
     if not isinstance(calibration, (str, os.PathLike)):
         return []

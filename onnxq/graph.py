@@ -76,12 +76,18 @@ def external_data_files(model: onnx.ModelProto, path: str | os.PathLike) -> dict
 
 
 def _data_file(path: Path, folder: Path, location: str, tensor_name: str) -> Path:
+    if not location:
+        raise OnnxqError(f"{path}: external data of tensor '{tensor_name}' has no location; the model is damaged, "
+                         "export it again")
     resolved = (folder / location).resolve()
-    if not location or Path(location).is_absolute() or not resolved.is_relative_to(folder):
+    if Path(location).is_absolute() or not resolved.is_relative_to(folder):
         raise OnnxqError(
             f"{path}: external data '{location}' of tensor '{tensor_name}' is outside the model folder; "
             "move the data file next to the .onnx file and set its location to the bare file name"
         )
+    if resolved.is_dir():
+        raise OnnxqError(f"{path}: external data '{location}' of tensor '{tensor_name}' is a folder, not a file; "
+                         "keep the data file next to the .onnx file under that name")
     if not resolved.is_file():
         raise OnnxqError(
             f"{path.parent / location}: external-data file of tensor '{tensor_name}' is missing; "

@@ -220,6 +220,9 @@ CASES: list[Case] = [
      ("external data '/", "outside the model folder")),
     ("external-data-symlink-out", lambda ws: q(ws, linked_out(ws)), ("external data 'l.data'", "outside the model")),
     ("external-data-truncated", lambda ws: q(ws, truncated_data(ws)), ("cut.onnx.data", "truncated")),
+    ("external-data-no-location", lambda ws: q(ws, with_location(ws, "noloc.onnx", "")), ("has no location",)),
+    ("external-data-is-a-folder", lambda ws: q(ws, with_location(ws, "dir.onnx", Path(folder(ws.inp / "d")).name)),
+     ("'d'", "not a file")),
     ("inspect-external-outside", lambda ws: ["inspect", with_location(ws, "abs.onnx", "/etc/hostname")],
      ("outside the model folder",)),
     # --- -o
