@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import os
+import re
 import resource
 import tempfile
 import time
@@ -741,8 +742,12 @@ def _subgraph_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first line of an error, without ORT's ``[ONNXRuntimeError] : 1 : FAIL :`` prefix and source paths."""
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text[0])
+    return re.sub(r"\S*onnxruntime_src/\S+:\d+ ", "", line)[:300]
 
 
 # ----------------------------------------------------------------------------- accumulation

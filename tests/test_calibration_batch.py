@@ -200,6 +200,48 @@ def test_digits_with_batch_one_is_as_good_as_default(method, bound):
     assert abs(relative_l2(one, reference) - relative_l2(default, reference)) <= 0.05 * relative_l2(default, reference)
 
 
+@pytest.fixture(scope="module")
+def dynamo_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama exported by torch.onnx's dynamo exporter from a batch-1 example with a dynamic
+    batch axis declared: the graph declares ``input_ids[batch, seq]`` but specializes batch 1 inside."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False)
+    llama = transformers.LlamaForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llama = llama
+
+        def forward(self, input_ids):
+            return self.llama(input_ids=input_ids, use_cache=False).logits
+
+    path = tmp_path_factory.mktemp("dynamo") / "llama.onnx"
+    torch.onnx.export(Logits().eval(), (torch.randint(0, 128, (1, 16)),), str(path), dynamo=True, external_data=False,
+                      input_names=["input_ids"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return path
+
+
+def test_dynamo_llm_export_is_quantized_with_default_options(dynamo_llama):
+    from onnxq.verify import verify_models
+
+    calib = {"input_ids": np.random.default_rng(0).integers(0, 128, (16, 16)).astype(np.int64)}
+    model = load_model(dynamo_llama)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    quantized, summary = quantize_with_summary(model, method="decoupleq", bits=2, group_size=32, calibration=calib)
+    (note,) = [n for n in summary.notes if n.startswith("calibration: ")]
+    assert note.startswith("calibration: the model fails with batch 8 (") and "onnxruntime_src" not in note
+    assert len(summary.layers) == 15 and sum(r.loss_after for r in summary.layers) < 0.5 * sum(
+        r.loss_before for r in summary.layers)  # decoupleQ W2 on batch-1 Hessians: well under RTN (measured 0.36x)
+    report = verify_models(model, quantized, calib)
+    assert (report.samples, report.runs) == (16, 16) and report.outputs[0].cosine > 0.9  # measured 0.970
+
+
 # ----------------------------------------------------------------------------- command line
 
 
