@@ -56,7 +56,8 @@ def check_types(config: object) -> None:
         if check is None or (optional and value is None) or check[0](value):
             continue
         allowed = check[1] + (" or None" if optional else "")
-        raise OnnxqError(f"{option_name(field.name)} must be {allowed}, got {type(value).__name__} {value!r}")
+        shown = " ".join(repr(value).split())[:60]  # one line, however large the value
+        raise OnnxqError(f"{option_name(field.name)} must be {allowed}, got {type(value).__name__} {shown}")
 
 
 def check_ranges(config) -> None:

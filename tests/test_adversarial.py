@@ -349,6 +349,7 @@ def test_unwritable_output_folder(ws):
     ({"bits": 8.0}, "--bits must be an integer"),
     ({"bits": True}, "--bits must be an integer"),
     ({"bits": np.int64(4)}, "--bits must be an integer (Python int), got int64"),
+    ({"group_size": np.ones((40, 40))}, "--group-size must be an integer (Python int), got ndarray array([[1., 1."),
     ({"group_size": None}, "--group-size must be an integer"),
     ({"group_size": "64"}, "--group-size must be an integer"),
     ({"iters": "4"}, "--iters must be an integer"),
@@ -494,7 +495,7 @@ def slow_model(ws: Workspace) -> tuple[str, str]:
 def test_signal_removes_temp_files(ws, sig):
     model, calib = slow_model(ws)
     inputs = snapshot(ws.inp)
-    env = {**os.environ, "TMPDIR": str(ws.tmp)}
+    env = {**os.environ, "TMPDIR": str(ws.tmp), "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", model, "-o", ws.o(), "--method",
                                 "decoupleq", "--bits", "2", "--group-size", "-1", "--iters", "50", "--calib", calib],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -503,7 +504,11 @@ def test_signal_removes_temp_files(ws, sig):
         time.sleep(0.02)  # until calibration has its temp folder (a weight copy) inside the run's temp folder
     assert process.poll() is None, "finished before it could be interrupted"
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
+        pytest.fail(f"still running 120 s after {signal.Signals(sig).name}:\n{process.communicate()[1][-4000:]}")
     assert process.returncode == 128 + sig
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"onnxq: error: interrupted ({signal.Signals(sig).name})"), stderr
