@@ -184,8 +184,7 @@ class CalibrationBatches:
         batch_size: int | None = None,
         model: onnx.ModelProto | None = None,
     ) -> None:
-        if batch_size is not None and batch_size < 1:
-            raise OnnxqError(f"calibration batch size must be >= 1, got {batch_size}")
+        check_batch_size(batch_size)
         self.notes: list[str] = []
         if isinstance(source, CalibrationBatches):
             self.files, self.arrays = source.files, source.arrays
@@ -262,6 +261,13 @@ class CalibrationBatches:
     def __iter__(self) -> Iterator[Feed]:
         for _, batch in self.with_origin():
             yield batch
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """A one-line error unless ``batch_size`` is None (automatic) or at least 1 sample per ORT run."""
+    if batch_size is not None and batch_size < 1:
+        raise OnnxqError(f"--calib-batch-size {batch_size} is out of range; use 1 or more samples per ONNX Runtime "
+                         "run, or leave it unset (automatic)")
 
 
 def iter_batches(

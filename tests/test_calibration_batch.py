@@ -287,3 +287,5 @@ def test_batch_size_without_calibration_is_refused(files):
         quantize_with_summary(batch_one_model("batched"), calib_batch_size=2)
     with pytest.raises(OnnxqError, match="--calib-batch-size 0 is out of range"):
         quantize_with_summary(batch_one_model("batched"), method="gptq", calib_batch_size=0, **OPTIONS)
+    with pytest.raises(OnnxqError, match="--calib-batch-size -2 is out of range"):
+        iter_batches(CALIB, -2, model=batch_one_model("batched"))

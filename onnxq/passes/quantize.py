@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
+from onnxq.calibration import check_batch_size
 from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
@@ -106,9 +107,7 @@ class QuantizeConfig:
         if bad:
             supported = ",".join(TARGET_OP_TYPES)
             raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
-        if self.calib_batch_size is not None and self.calib_batch_size < 1:
-            raise OnnxqError(f"--calib-batch-size {self.calib_batch_size} is out of range; use 1 or more samples "
-                             "per ONNX Runtime run, or leave it unset (automatic)")
+        check_batch_size(self.calib_batch_size)
         if self.calib_batch_size is not None and not self.needs_calibration:
             raise OnnxqError("--calib-batch-size applies to runs that calibrate (gptq/decoupleq, --act-bits, "
                              "split activations); drop it")
