@@ -55,34 +55,46 @@ def _tensor_bytes(inits: dict[str, onnx.TensorProto], name: str) -> int:
     return tensor_nbytes(inits[name]) if name in inits else 0
 
 
+def _row(name: str, op_type: str, n: int, k: int, nbytes: int, state: str) -> LayerRow:
+    params = n * k
+    return LayerRow(name, op_type, (n, k), params, nbytes, 8 * nbytes / params if params else 0.0, state)
+
+
+def _dequantized_shape(op_type: str, dims: list[int]) -> tuple[int, int] | None:
+    """``(N, K)`` of a DequantizeLinear-fed weight of ``dims`` read by ``op_type``; None when it is not a matrix."""
+    if len(dims) < 2:
+        return None
+    if op_type == "Conv":
+        return dims[0], int(np.prod(dims[1:]))
+    return (dims[1], dims[0]) if op_type == "MatMul" else (dims[0], dims[1])
+
+
 def inspect_model(model: onnx.ModelProto) -> InspectReport:
-    """Rows for float targets (fp32/fp16 bytes) and for quantized layers (their stored bytes)."""
+    """Rows for float targets (fp32/fp16 bytes) and for quantized layers (their stored bytes); reads shapes and
+    types only (no weight values), and passes over malformed nodes instead of failing."""
     report = InspectReport()
     inits = {t.name: t for t in model.graph.initializer}
     found = find_targets(model)
     for t in found.targets:
         n, k = t.matrix_shape
-        nbytes = _tensor_bytes(inits, t.weight_name)
-        report.rows.append(LayerRow(t.name, t.op_type, (n, k), n * k, nbytes, 8 * nbytes / (n * k), "float"))
+        report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
     report.skipped = [s for s in found.skipped if "no constant weight" not in s.reason]
     producers = {o: node for node in model.graph.node for o in node.output}
     for node in model.graph.node:
-        name = node.name or node.output[0]
+        name = node.name or (node.output[0] if node.output else node.op_type)
         if (node.domain, node.op_type) in QUANTIZED_OPS:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            n, k = int(attrs["N"]), int(attrs["K"])
-            nbytes = sum(_tensor_bytes(inits, i) for i in node.input[1:4] if i)
-            report.rows.append(LayerRow(name, node.op_type, (n, k), n * k, nbytes, 8 * nbytes / (n * k), "quantized"))
-        elif node.op_type in ("MatMul", "Gemm", "Conv"):
+            if "N" in attrs and "K" in attrs:
+                nbytes = sum(_tensor_bytes(inits, i) for i in node.input[1:4] if i)
+                report.rows.append(_row(name, node.op_type, int(attrs["N"]), int(attrs["K"]), nbytes, "quantized"))
+        elif node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1:
             source = producers.get(node.input[1])
-            while source is not None and source.op_type in ("Reshape", "Transpose", "Add"):
+            while source is not None and source.op_type in ("Reshape", "Transpose", "Add") and source.input:
                 source = producers.get(source.input[0])
             if source is None or source.op_type != "DequantizeLinear" or source.input[0] not in inits:
                 continue
-            dims = list(inits[source.input[0]].dims)
-            params = int(np.prod(dims))
-            k = params // dims[0] if node.op_type == "Conv" else (dims[0] if node.op_type == "MatMul" else dims[1])
-            nbytes = sum(_tensor_bytes(inits, i) for i in source.input if i)
-            report.rows.append(LayerRow(name, node.op_type + "+DQ", (params // k, k), params, nbytes,
-                                        8 * nbytes / params, "quantized"))
+            shape = _dequantized_shape(node.op_type, list(inits[source.input[0]].dims))
+            if shape is not None:
+                nbytes = sum(_tensor_bytes(inits, i) for i in source.input if i)
+                report.rows.append(_row(name, node.op_type + "+DQ", *shape, nbytes, "quantized"))
     return report

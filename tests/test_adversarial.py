@@ -415,6 +415,20 @@ def test_inspect_does_not_read_external_data(ws, monkeypatch):
     assert report.total_bytes == 64 * 32 * 4 and report.rows[0].shape == (32, 64)
 
 
+def test_inspect_survives_empty_weights_and_malformed_nodes(ws):
+    """A 64x0 weight and a MatMulNBits without its N/K attributes are listed (or passed over), never a crash."""
+    w = numpy_helper.from_array(np.zeros((64, 0), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="empty"),
+             helper.make_node("MatMulNBits", ["x", "w"], ["z"], name="broken", domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 0])], [w])
+    path = ws.inp / "odd.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, stdout, stderr = run_main(["inspect", str(path)])
+    assert code == 0 and not stderr, stderr
+    assert "empty" in stdout and "0.00 float" in stdout
+
+
 def test_format_onnxq_without_library_notes_it(ws, monkeypatch):
     monkeypatch.setenv("ONNXQ_CUSTOM_OPS_LIBRARY", str(ws.inp / "missing.so"))
     code, stdout, stderr = run_main(["quantize", ws.model, "-o", ws.o(), "--format", "onnxq"])
