@@ -35,6 +35,7 @@ from onnxq.graph import load_model
 DEFAULT_GENERATED = 8  # generated inputs (runs) when no calibration data is given
 SEQUENCE_LENGTH = 8  # a generated symbolic dimension that is neither the batch nor a cache length
 ID_RANGE = 100  # generated integer ids are uniform in [0, ID_RANGE)
+CHUNK = 1 << 20  # output elements per float64 block of the error sums
 CACHE_WORDS = ("past", "cache")  # an input named with one of these is a key/value cache: its lengths are 0
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
@@ -75,14 +76,17 @@ class _ErrorSum:
         self.diff = self.ref = self.quant = self.dot = self.max_abs = 0.0
 
     def add(self, reference: np.ndarray, quantized: np.ndarray) -> None:
-        f = np.asarray(reference, dtype=np.float64).ravel()
-        q = np.asarray(quantized, dtype=np.float64).ravel()
-        d = q - f
-        self.diff += float(d @ d)
-        self.ref += float(f @ f)
-        self.quant += float(q @ q)
-        self.dot += float(q @ f)
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
+        """Add one batch, :data:`CHUNK` elements at a time (float64 copies of LLM logits would not fit)."""
+        reference, quantized = np.asarray(reference).reshape(-1), np.asarray(quantized).reshape(-1)
+        for start in range(0, reference.size, CHUNK):
+            f = reference[start:start + CHUNK].astype(np.float64)
+            q = quantized[start:start + CHUNK].astype(np.float64)
+            d = q - f
+            self.diff += float(d @ d)
+            self.ref += float(f @ f)
+            self.quant += float(q @ q)
+            self.dot += float(q @ f)
+            self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
 
     def result(self, name: str) -> OutputError:
         """Both zero counts as identical (relative L2 0, cosine 1)."""

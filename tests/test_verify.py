@@ -67,6 +67,22 @@ def test_numbers_equal_an_independent_computation():
     np.testing.assert_allclose(out.max_abs, np.abs(q - f).max(), rtol=1e-5)
 
 
+def test_error_sums_in_chunks_equal_one_pass(monkeypatch):
+    import onnxq.verify as verify
+
+    rng = np.random.default_rng(2)
+    f, q = rng.standard_normal((2, 3, 50)).astype(np.float32), rng.standard_normal((2, 3, 50)).astype(np.float32)
+    whole = verify._ErrorSum()
+    whole.add(f, q)
+    monkeypatch.setattr(verify, "CHUNK", 7)
+    chunked = verify._ErrorSum()
+    chunked.add(f[:1], q[:1])
+    chunked.add(f[1:], q[1:])
+    a, b = whole.result("y"), chunked.result("y")
+    assert a.max_abs == b.max_abs == np.abs(q.astype(np.float64) - f).max()
+    np.testing.assert_allclose([a.relative_l2, a.cosine], [b.relative_l2, b.cosine], rtol=1e-12)
+
+
 def test_a_model_against_itself_is_exact():
     model = digits("cnn")
     (out,) = verify_models(model, model, CALIB, samples=20).outputs
