@@ -107,20 +107,21 @@ def load_external_data(model: onnx.ModelProto, files: dict[str, Path]) -> None:
             continue
         info = _external_info(tensor)
         data_path = files[info.get("location", "")]
+        need = tensor_nbytes(tensor)
         try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+            offset, length = int(info.get("offset", 0)), int(info.get("length", need))
             with open(data_path, "rb") as data:
                 data.seek(offset)
-                raw = data.read(length)
+                raw = data.read(max(length, 0))
         except (OSError, ValueError) as exc:
             raise OnnxqError(
                 f"{data_path}: cannot read the external data of tensor '{tensor.name}' ({exc}); "
                 "check the file and the tensor's offset/length"
             ) from None
-        if len(raw) < max(length, 0) or len(raw) < tensor_nbytes(tensor):
+        if len(raw) < max(length, need):
             raise OnnxqError(
                 f"{data_path}: external data of tensor '{tensor.name}' is truncated ({len(raw)} bytes at offset "
-                f"{offset}, {max(length, tensor_nbytes(tensor))} needed); copy the data file again"
+                f"{offset}, {max(length, need)} needed); copy the data file again"
             )
         tensor.raw_data = raw
         del tensor.external_data[:]

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq import cli
 from onnxq.errors import OnnxqError
-from onnxq.graph import remove_stale_temps, save_model
+from onnxq.graph import load_model, remove_stale_temps, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -401,6 +401,23 @@ def test_external_data_symlink_inside_the_folder_is_honoured(ws):
     code, stdout, stderr = run_main(["quantize", path, "-o", ws.o()])
     assert code == 0, stderr
     assert "quantized 1 layers" in stdout
+
+
+def test_external_data_without_length_reads_the_tensor_bytes(ws):
+    """Without a ``length`` entry a tensor reads its own size from its offset (not the rest of a shared file)."""
+    model = onnx.load(ws.victim, load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    kept = [(e.key, e.value) for e in entries if e.key != "length"]
+    del entries[:]
+    for key, value in kept:
+        entries.add(key=key, value=value)
+    with (ws.inp / "victim.onnx.data").open("ab") as data:
+        data.write(b"trailing bytes of another tensor")
+    path = ws.inp / "nolength.onnx"
+    path.write_bytes(model.SerializeToString())
+    loaded = load_model(path)
+    expected = numpy_helper.to_array(matmul_model(k=64, n=32, seed=1).graph.initializer[0])
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), expected)
 
 
 def test_inspect_does_not_read_external_data(ws, monkeypatch):
