@@ -104,6 +104,9 @@ def check_method_options(config) -> None:
         (method == "decoupleq" and config.zero_convention == "integer",
          "--method decoupleq solves a float zero per group, so --zero integer cannot be honoured; drop --zero or "
          "use --method gptq"),
+        (method != "decoupleq" and config.symmetric and config.zero_convention == "float",
+         "--sym grids have no zero offset, so --zero float cannot be honoured; drop --sym (asymmetric grids take "
+         "a float zero) or --zero float"),
         (method == "rtn" and config.act_order,
          "--act-order orders GPTQ's columns and --method rtn has none; drop it or use --method gptq"),
         (method != "decoupleq" and given("iters"),

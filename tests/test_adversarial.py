@@ -281,6 +281,7 @@ CASES: list[Case] = [
     ("decoupleq-zero-integer",
      lambda ws: q(ws, ws.model, "--method", "decoupleq", "--calib", ws.calib, "--zero", "integer"),
      ("--zero integer", "--method gptq")),
+    ("sym-with-float-zero", lambda ws: q(ws, ws.model, "--sym", "--zero", "float"), ("--sym", "--zero float")),
     ("rtn-act-order", lambda ws: q(ws, ws.model, "--act-order"), ("--act-order", "rtn")),
     ("rtn-damp", lambda ws: q(ws, ws.model, "--damp", "0.1"), ("--damp", "rtn")),
     ("gptq-iters", lambda ws: q(ws, ws.model, "--method", "gptq", "--calib", ws.calib, "--iters", "8"),
@@ -379,7 +380,8 @@ def test_api_argument_types(ws, options, fragment):
 
 @pytest.mark.parametrize("options", [
     {"method": "decoupleq"}, {"method": "decoupleq", "zero_convention": "float", "act_order": True},
-    {"method": "gptq", "symmetric": True, "act_order": True, "zero_convention": "float"},
+    {"method": "gptq", "symmetric": True, "act_order": True, "zero_convention": "integer"},
+    {"method": "gptq", "act_order": True, "zero_convention": "float", "max_memory": 1 << 30},
     {"method": "rtn", "clip_search": True, "symmetric": True, "bits": 4, "damp": 0.01, "iters": 4},
 ])
 def test_api_defaults_are_never_refused(ws, options):
