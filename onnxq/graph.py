@@ -504,7 +504,11 @@ def _classify(
             return inits[transposes[input_name].input[0]], True
         return None, False
 
-    def make(input_index: int, tensor: onnx.TensorProto, through: bool, orientation: str) -> tuple[Target, str]:
+    def make(
+        input_index: int, tensor: onnx.TensorProto, through: bool, orientation: str
+    ) -> tuple[Target | None, str]:
+        if 0 in tensor.dims:
+            return None, f"weight '{tensor.name}' is empty (shape {list(tensor.dims)}); nothing to quantize"
         return (
             Target(node, index, input_index, tensor.name, orientation, tuple(tensor.dims), through, tensor.data_type),
             "",

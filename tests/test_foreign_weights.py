@@ -314,3 +314,19 @@ def test_weight_used_inside_an_if_branch_stays_float_there():
         got = session(quantized).run(None, {"x": x, "cond": np.array(cond)})[0]
         h = x.astype(np.float64) @ w
         assert frobenius_error(got, (h @ w) @ branch_w if cond else h) <= 0.01
+
+
+@pytest.mark.parametrize("shape", [(64, 0), (0, 32)])
+def test_zero_size_weight_is_skipped_with_a_reason(shape):
+    rng = np.random.default_rng(8)
+    k = shape[0]
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="empty"),
+                    helper.make_node("MatMul", ["x2", "w2"], ["y2"], name="real")],
+                   [_value("x", ["M", k]), _value("x2", ["M", 32])],
+                   [_value("y", ["M", shape[1]]), _value("y2", ["M", 8])],
+                   [numpy_helper.from_array(np.zeros(shape, np.float32), "w"),
+                    numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")])
+    quantized, summary = onnxq.quantize_with_summary(model, bits=4, group_size=16)
+    assert [r.name for r in summary.layers] == ["real"]
+    assert any(s.name == "empty" and "is empty" in s.reason for s in summary.skipped)
+    onnx.checker.check_model(quantized)
