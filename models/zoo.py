@@ -45,6 +45,7 @@ from models.zoo_graphs import SYNTHETIC
 THRESHOLDS = {"transformer": 0.999, "cnn": 0.99, "synthetic": 0.999}  # INT8 per-channel cosine to fp32
 LLM_EVAL_WINDOWS, LLM_WINDOW = 4, 64
 LLM_CALIB_SAMPLES, LLM_CALIB_LENGTH = 16, 64
+SYNTHETIC_CALIB_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,15 @@ def _synthetic_inputs(name: str) -> Callable[[Path], Feeds]:
 
 
 def _synthetic_calibration(name: str) -> Callable[[Path], Feeds]:
-    """Fresh noise of the evaluation inputs' shapes (non-negative where those are), 4× the samples."""
+    """Fresh noise of the evaluation inputs' shapes (non-negative where those are), 256 samples: more than any
+    synthetic layer's K, so that the Hessians are full rank."""
 
     def make(_: Path) -> Feeds:
         rng = np.random.default_rng(99)
         feeds = SYNTHETIC[name]()[1]
         out = {}
         for key, value in feeds.items():
-            fresh = rng.standard_normal((4 * value.shape[0], *value.shape[1:])).astype(value.dtype)
+            fresh = rng.standard_normal((SYNTHETIC_CALIB_SAMPLES, *value.shape[1:])).astype(value.dtype)
             out[key] = np.abs(fresh) if value.min() >= 0 else fresh
         return out
 

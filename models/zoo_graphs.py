@@ -6,7 +6,8 @@ Every builder returns ``(model, feeds)``; :data:`SYNTHETIC` maps a zoo name to i
 inside the branch); one weight shared by two MatMuls; one weight read as ``MatMul(x, W)`` and as
 ``Gemm(z, W, transB=1)``; a weight that is also a graph output; a left-operand weight (``W @ x``); Gemm with
 transA/transB/alpha/beta; Conv1d (stride, dilation); grouped Conv; depthwise Conv whose channels are one-signed;
-ConvTranspose; 3-D batched MatMul weights; initializers also listed as graph inputs (IR 3); opset 13 and 23.
+ConvTranspose; 3-D batched MatMul weights; activations with unnamed dims;
+initializers also listed as graph inputs (IR 3); opset 13 and 23.
 """
 
 from __future__ import annotations
@@ -206,17 +207,35 @@ def _positive(seed: int, **shapes: tuple[int, ...]) -> Feeds:
 
 
 def conv_transpose() -> tuple[onnx.ModelProto, Feeds]:
-    """ConvTranspose 4×4 stride 2 (weight ``[16, 8, 4, 4]``, upsampling), as in PP-OCR's detector head."""
+    """Conv 3×3, then ConvTranspose 4×4 stride 2 (weight ``[16, 8, 4, 4]``, upsampling, as in PP-OCR's detector)."""
     b = _Builder(13)
-    b.node("ConvTranspose", ["x", b.weight("kt", (16, 8, 4, 4))], "y", strides=[2, 2], pads=[1, 1, 1, 1])
+    h = b.node("Conv", ["x", b.weight("kc", (16, 16, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    b.node("ConvTranspose", [h, b.weight("kt", (16, 8, 4, 4))], "y", strides=[2, 2], pads=[1, 1, 1, 1])
     return b.model({"x": ["N", 16, 8, 8]}, ["y"]), _normal(13, x=(BATCH, 16, 8, 8))
 
 
 def batched_matmul_3d() -> tuple[onnx.ModelProto, Feeds]:
-    """``y = x @ W`` with a 3-D weight ``W [4, 32, 24]`` (one matrix per head) and ``x [4, M, 32]``."""
+    """``h = x @ W`` with a 3-D weight ``W [4, 32, 24]`` (one matrix per head) and ``x [4, M, 32]``, then an ordinary
+    ``h @ V`` with ``V [24, 16]``."""
     b = _Builder(14)
-    b.node("MatMul", ["x", b.weight("w3d", (4, 32, 24))], "y")
+    h = b.node("MatMul", ["x", b.weight("w3d", (4, 32, 24))], "heads")
+    b.node("MatMul", [h, b.weight("v2d", (24, 16))], "y")
     return b.model({"x": [4, "M", 32]}, ["y"]), _normal(14, x=(4, BATCH, 32))
+
+
+def unnamed_dims() -> tuple[onnx.ModelProto, Feeds]:
+    """A MatMul whose input dims are unknown and unnamed (after a Reshape to a runtime shape), followed by the
+    ``Shape → Gather → Concat([b, -1, 4, 12]) → Reshape`` head split that optimum's BERT/Llama exports contain."""
+    b = _Builder(18)
+    runtime_shape = b.node("Max", [b.node("Shape", ["x"], "x_shape")] * 2, "runtime_shape")  # not propagated
+    h = b.node("Reshape", ["x", runtime_shape], "flat")
+    h = b.node("MatMul", [h, b.weight("wq", (64, 48))], "query")
+    shape = b.node("Shape", [h], "query_shape")
+    batch = b.node("Gather", [shape, b.constant("zero", np.array(0, np.int64))], "batch", axis=0)
+    batch = b.node("Unsqueeze", [batch, b.constant("axis0", np.array([0], np.int64))], "batch_1d")
+    target = b.node("Concat", [batch, b.constant("rest", np.array([-1, 4, 12], np.int64))], "heads_shape", axis=0)
+    b.node("Reshape", [h, target], "heads")
+    return b.model({"x": ["B", "S", 64]}, {"heads": ["B", "S", 4, 12]}), _normal(18, x=(BATCH, 5, 64))
 
 
 def initializers_as_inputs() -> tuple[onnx.ModelProto, Feeds]:
@@ -265,6 +284,7 @@ SYNTHETIC: dict[str, Callable[[], tuple[onnx.ModelProto, Feeds]]] = {
     "conv-transpose": conv_transpose,
     "batched-matmul-3d": batched_matmul_3d,
     "initializers-as-inputs": initializers_as_inputs,
+    "unnamed-dims": unnamed_dims,
     "opset13": opset13,
     "opset23": opset23,
 }

