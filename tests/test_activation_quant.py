@@ -111,6 +111,25 @@ def test_matmulnbits_input_is_fake_quantized():
     assert accuracy(quantized, "pixels") >= 0.95
 
 
+def test_custom_op_input_is_fake_quantized():
+    """``--format onnxq --act-bits 8``: MatMulLowBit reads its activation first, like MatMulNBits."""
+    from onnxq import custom_ops
+
+    if not custom_ops.available():
+        pytest.skip("custom-op library not built")
+    import onnxruntime as ort
+
+    quantized = onnxq.quantize(digits("digits_mlp"), bits=4, group_size=32, format="onnxq", act_bits=8,
+                               calibration=CALIB)
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    layers = [n for n in quantized.graph.node if n.op_type == "MatMulLowBit"]
+    assert layers and all(producers[n.input[0]] == "DequantizeLinear" for n in layers)
+    test = np.load(DATA / "digits_test.npz")
+    session = ort.InferenceSession(quantized.SerializeToString(), custom_ops.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    assert float((session.run(None, {"pixels": test["pixels"]})[0].argmax(1) == test["labels"]).mean()) >= 0.95
+
+
 @pytest.mark.parametrize("name, key", [("digits_mlp", "pixels"), ("digits_cnn", "image")])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_split_activations_lower_the_activation_error(name, key, bits):

@@ -22,9 +22,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
+from onnxq.formats.custom_op import OP_TYPE as CUSTOM_OP_TYPE
 from onnxq.graph import NameScope, copy_model, opset_version, set_metadata
 
-LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits")
+LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits", CUSTOM_OP_TYPE)  # the fused ones read A first
 SPLIT_ACTIVATIONS_METADATA_KEY = "onnxq.split_activations"  # JSON {activation: {"output", "branches", ...}}
 ACT_QUANT_METADATA_KEY = "onnxq.act_quant"  # JSON {"bits", "tensors": {activation: {range(s), "read_as"}}}
 RESHAPE_OP_TYPES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
@@ -121,7 +122,7 @@ def activation_inputs(model: onnx.ModelProto) -> list[tuple[int, int, str]]:
     """``(node index, input index, tensor)`` of every activation input of a layer with a constant weight.
 
     MatMul: the one non-constant input (activation × activation products are skipped); Gemm: A when B is
-    constant; Conv: X when W is constant; MatMulNBits: A.
+    constant; Conv: X when W is constant; MatMulNBits and onnxq's MatMulLowBit: A.
     """
     constants = constant_tensors(model)
     sites = []
@@ -132,7 +133,7 @@ def activation_inputs(model: onnx.ModelProto) -> list[tuple[int, int, str]]:
             variable = [i for i, name in enumerate(node.input[:2]) if name not in constants]
             if len(variable) == 1:
                 sites.append((index, variable[0], node.input[variable[0]]))
-        elif node.op_type == "MatMulNBits" or node.input[1] in constants:
+        elif node.op_type in ("MatMulNBits", CUSTOM_OP_TYPE) or node.input[1] in constants:
             if node.input[0] not in constants:
                 sites.append((index, 0, node.input[0]))
     return sites
