@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,12 @@ def _derived_build(name: str, base: str, transform: Callable[[onnx.ModelProto], 
 
 
 def _synthetic_build(name: str) -> Path:
-    return _timed_build(name, lambda path: zoo_vision.save(SYNTHETIC[name]()[0], path))
+    """Rebuilt whenever the builder's model differs from the cached file (building one takes milliseconds)."""
+    path = zoo_model_dir(name) / "model.onnx"
+    model = SYNTHETIC[name]()[0]
+    if not path.exists() or path.read_bytes() != model.SerializeToString():
+        path.unlink(missing_ok=True)
+    return _timed_build(name, lambda target: zoo_vision.save(model, target))
 
 
 def _build(name: str) -> Path:
@@ -248,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", default="", help="comma-separated zoo names (default: all)")
     parser.add_argument("--table", type=Path, help="measure every setting and write the Markdown table here")
-    parser.add_argument("--skip-w2", action="store_true", help="leave out the W2 g64 RTN/decoupleQ columns")
+    parser.add_argument("--heavy-w2", action="store_true",
+                        help="also measure W2 g64 on the SmolLM2 exports (decoupleQ takes ~10+ min each)")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or list(ZOO)
     for name in names:
@@ -257,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         from models.zoo_table import write_table
 
-        write_table(args.table, names, with_w2=not args.skip_w2)
+        command = "python -m models.zoo " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_table(args.table, names, w2_models=[n for n in names if args.heavy_w2 or not ZOO[n].heavy],
+                    command=command)
     return 0
 
 

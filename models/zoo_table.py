@@ -64,6 +64,7 @@ def measure(name: str, workdir: Path, with_w2: bool, log: Callable[[str], None])
     return cells, failures
 
 
+MARKER = "<!-- end of the generated part: the text below is kept when the table is regenerated -->"
 HEADER = ("model", "source", "weight layers", "quantized / skipped (INT8)", "INT8 per-channel cosine (worst format)",
           "INT4 g32 RTN", "W2 g64 RTN", "W2 g64 decoupleQ", "split max rel. error", "build s",
           "INT8 quantize s (4 formats)")
@@ -86,19 +87,20 @@ to `qdq`); W2 decoupleQ uses the model's own calibration data. INT8 thresholds: 
 """
 
 
-def write_table(target: Path, names: list[str], with_w2: bool = True, log: Callable[[str], None] = print,
+def write_table(target: Path, names: list[str], w2_models: list[str], log: Callable[[str], None] = print,
                 command: str = "python -m models.zoo --table docs/zoo.md") -> None:
     """Measure ``names`` and write the Markdown table, the failures and the command to ``target``."""
     start = time.perf_counter()
     table, failures = [], []
     with tempfile.TemporaryDirectory(prefix="onnxq-zoo-") as work:
         for name in names:
-            cells, found = measure(name, Path(work), with_w2, log)
+            cells, found = measure(name, Path(work), name in w2_models, log)
             table.append(cells)
             failures += found
     lines = [INTRO.format(command=command).rstrip("\n"), ""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table]
     lines += ["", f"Failures ({len(failures)}):", ""] + [f"- {failure}" for failure in failures]
-    lines += ["", f"Measured in {time.perf_counter() - start:.0f} s."]
-    target.write_text("\n".join(lines) + "\n")
+    lines += ["", f"Measured in {time.perf_counter() - start:.0f} s.", "", MARKER]
+    kept = target.read_text().split(MARKER, 1)[1] if target.exists() and MARKER in target.read_text() else "\n"
+    target.write_text("\n".join(lines) + kept)

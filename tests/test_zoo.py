@@ -39,6 +39,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("zoo")
 
 
+_ROWS: dict[tuple[str, str], RowResult] = {}
+
+
+def _row(name: str, workdir: Path, setting: str, **options: object) -> RowResult:
+    """``quantize_row``, once per (model, setting) in this session (several tests read the same row)."""
+    if (name, setting) not in _ROWS:
+        _ROWS[name, setting] = quantize_row(ZOO[name], workdir, setting, **options)
+    return _ROWS[name, setting]
+
+
 def _describe(row: RowResult) -> str:
     return f"{row.model} {row.setting}: error={row.error} metric={row.metric:.6f} notes={row.notes[:3]}"
 
@@ -48,7 +58,7 @@ def _describe(row: RowResult) -> str:
 def test_int8_per_channel_is_near_lossless(name: str, fmt: str, workdir: Path) -> None:
     """Quantize, save, onnx.checker, load in ORT, run on real inputs: cosine to fp32 ≥ the model's threshold."""
     entry = ZOO[name]
-    row = quantize_row(entry, workdir, f"int8 {fmt}", bits=8, group_size=-1, format=fmt)
+    row = _row(name, workdir, f"int8 {fmt}", bits=8, group_size=-1, format=fmt)
     assert row.error is None, _describe(row)
     assert row.metric >= entry.threshold, _describe(row)
 
@@ -58,7 +68,7 @@ def test_every_weight_layer_is_quantized_or_skipped_with_a_reason(name: str, wor
     """Each MatMul/Gemm/Conv/ConvTranspose reading a constant (any subgraph, Constant node or initializer) is in
     the summary: quantized, or skipped with a reason."""
     entry = ZOO[name]
-    row = quantize_row(entry, workdir, "int8 qdq", bits=8, group_size=-1, format="qdq")
+    row = _row(name, workdir, "int8 qdq", bits=8, group_size=-1, format="qdq")
     assert row.error is None, _describe(row)
     missing = unreported_layers(entry.build(), row)
     assert not missing, f"{name}: {len(missing)} weight layers neither quantized nor skipped: {missing[:5]}"
@@ -74,9 +84,8 @@ def test_split_is_exact(name: str, workdir: Path) -> None:
 
 @pytest.mark.parametrize("name", _heavy_is_slow(ALL))
 def test_int4_g32_runs_and_beats_w2(name: str, workdir: Path) -> None:
-    entry = ZOO[name]
-    int4 = quantize_row(entry, workdir, "int4 g32 rtn", bits=4, group_size=32)
-    w2 = quantize_row(entry, workdir, "w2 g64 rtn", bits=2, group_size=64)
+    int4 = _row(name, workdir, "int4 g32 rtn", bits=4, group_size=32)
+    w2 = _row(name, workdir, "w2 g64 rtn", bits=2, group_size=64)
     assert int4.error is None, _describe(int4)
     assert w2.error is None, _describe(w2)
     assert int4.metric > w2.metric, f"{_describe(int4)} vs {_describe(w2)}"
@@ -84,9 +93,8 @@ def test_int4_g32_runs_and_beats_w2(name: str, workdir: Path) -> None:
 
 @pytest.mark.parametrize("name", _real_is_slow(ALL))
 def test_w2_g64_decoupleq_beats_rtn(name: str, workdir: Path) -> None:
-    entry = ZOO[name]
-    rtn = quantize_row(entry, workdir, "w2 g64 rtn", bits=2, group_size=64)
-    decoupleq = quantize_row(entry, workdir, "w2 g64 decoupleq", bits=2, group_size=64, method="decoupleq")
+    rtn = _row(name, workdir, "w2 g64 rtn", bits=2, group_size=64)
+    decoupleq = _row(name, workdir, "w2 g64 decoupleq", bits=2, group_size=64, method="decoupleq")
     assert rtn.error is None, _describe(rtn)
     assert decoupleq.error is None, _describe(decoupleq)
     assert decoupleq.metric > rtn.metric, f"{_describe(decoupleq)} vs {_describe(rtn)}"
