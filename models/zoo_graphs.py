@@ -7,7 +7,7 @@ inside the branch); one weight shared by two MatMuls; one weight read as ``MatMu
 ``Gemm(z, W, transB=1)``; a weight that is also a graph output; a left-operand weight (``W @ x``); Gemm with
 transA/transB/alpha/beta; Conv1d (stride, dilation); grouped Conv; depthwise Conv whose channels are one-signed;
 ConvTranspose; 3-D batched MatMul weights; activations with unnamed dims;
-initializers also listed as graph inputs (IR 3); opset 13 and 23.
+a batch declared as ``dim_value -1`` (paddle2onnx); initializers also listed as graph inputs (IR 3); opset 13 and 23.
 """
 
 from __future__ import annotations
@@ -248,6 +248,15 @@ def initializers_as_inputs() -> tuple[onnx.ModelProto, Feeds]:
         15, x=(BATCH, 64))
 
 
+def negative_dims() -> tuple[onnx.ModelProto, Feeds]:
+    """paddle2onnx style: the dynamic batch is declared as ``dim_value: -1`` (not a symbol); MatMul then Gemm."""
+    b = _Builder(19)
+    h = b.node("MatMul", ["x", b.weight("w1", (64, 48))], "fc1")
+    h = b.node("Relu", [h], "relu")
+    b.node("Gemm", [h, b.weight("w2", (32, 48))], "fc2", transB=1)
+    return b.model({"x": [-1, 64]}, {"fc2": [-1, 32]}), _normal(19, x=(BATCH, 64))
+
+
 def _mlp(opset: int, seed: int) -> tuple[onnx.ModelProto, Feeds]:
     b = _Builder(seed)
     h = b.node("MatMul", ["x", b.weight("w1", (64, 128))], "fc1")
@@ -285,6 +294,7 @@ SYNTHETIC: dict[str, Callable[[], tuple[onnx.ModelProto, Feeds]]] = {
     "batched-matmul-3d": batched_matmul_3d,
     "initializers-as-inputs": initializers_as_inputs,
     "unnamed-dims": unnamed_dims,
+    "negative-dims": negative_dims,
     "opset13": opset13,
     "opset23": opset23,
 }
