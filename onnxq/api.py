@@ -11,18 +11,9 @@ import onnx
 from onnxq.custom_ops import custom_op_library_note
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import DOMAIN as ONNXQ_DOMAIN
-from onnxq.graph import (
-    check_output_file,
-    copy_model,
-    data_file_of,
-    external_data_files,
-    load_external_data,
-    load_model,
-    same_file,
-    save_model,
-    write_text,
-)
 from onnxq.inspect import InspectReport, inspect_model
+from onnxq.ir.model import copy_model, external_data_files, load_external_data, load_model, save_model
+from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike

@@ -40,7 +40,8 @@ from scipy.linalg import blas
 from onnxq.custom_ops import library_path
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import DOMAIN as CUSTOM_OP_DOMAIN
-from onnxq.graph import Target
+from onnxq.ir.index import attribute, backward_slice, reads
+from onnxq.ir.targets import Target
 
 try:  # ships with scikit-learn; without it BLAS keeps its own thread count
     from threadpoolctl import threadpool_limits
@@ -446,11 +447,6 @@ class Unfolding:
         return 8 * self.groups * self.size * self.size
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
 
 
 def unfolding(target: Target) -> Unfolding:
@@ -460,18 +456,18 @@ def unfolding(target: Target) -> Unfolding:
     if target.op_type == "Conv":
         kernel = tuple(int(v) for v in target.weight_shape[2:])
         spatial = len(kernel)
-        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        pads = tuple(int(v) for v in _attr(node, "pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else ()
+        pads = tuple(int(v) for v in attribute(node, "pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else ()
         return Unfolding(
             tensor=node.input[0],
             kind="conv",
             size=k,
-            groups=int(_attr(node, "group", 1)),
+            groups=int(attribute(node, "group", 1)),
             kernel=kernel,
-            strides=tuple(int(v) for v in _attr(node, "strides", [1] * spatial)),
+            strides=tuple(int(v) for v in attribute(node, "strides", [1] * spatial)),
             pads=pads,
-            dilations=tuple(int(v) for v in _attr(node, "dilations", [1] * spatial)),
+            dilations=tuple(int(v) for v in attribute(node, "dilations", [1] * spatial)),
             auto_pad=auto_pad,
         )
     if target.op_type == "MatMul" and target.input_index == 0:
@@ -641,7 +637,7 @@ class SessionFactory:
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
                     raise OnnxqError(
                         f"initializer '{tensor.name}' is external data that was not loaded; "
-                        "load the model with onnxq.graph.load_model"
+                        "load the model with onnxq.ir.model.load_model"
                     )
                 if tensor.data_type == onnx.TensorProto.STRING:
                     out[tensor.name] = tensor
@@ -666,8 +662,8 @@ class SessionFactory:
     def session(self, outputs: list[str]) -> ort.InferenceSession:
         """An ORT session whose outputs are ``outputs`` (intermediate tensors of the model)."""
         graph = self.model.graph
-        keep_nodes = _needed_nodes(graph, set(outputs))
-        needed = {name for node in keep_nodes for name in node.input} | _subgraph_names(keep_nodes)
+        keep_nodes = [graph.node[i] for i in backward_slice(graph, outputs)]
+        needed = set().union(*(reads(node) for node in keep_nodes))
         pruned = model_shell(self.model)
         pruned.graph.node.extend(keep_nodes)
         pruned.graph.input.extend(graph.input)
@@ -722,29 +718,6 @@ def open_session(
             f"ONNX Runtime cannot load the model for {purpose} ({_first_line(exc)}); "
             "check that the model runs in onnxruntime"
         ) from None
-
-
-def _needed_nodes(graph: onnx.GraphProto, outputs: set[str]) -> list[onnx.NodeProto]:
-    """Nodes (in graph order) that the tensors ``outputs`` depend on; nodes are assumed topologically sorted."""
-    needed = set(outputs)
-    keep = []
-    for node in reversed(graph.node):
-        if any(name in needed for name in node.output):
-            keep.append(node)
-            needed.update(node.input)
-            needed |= _subgraph_names([node])
-    return keep[::-1]
-
-
-def _subgraph_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Every name read inside the subgraphs of ``nodes`` (they may refer to outer-scope tensors)."""
-    names: set[str] = set()
-    for node in nodes:
-        for attribute in node.attribute:
-            for sub in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
-                names.update(name for inner in sub.node for name in inner.input)
-                names |= _subgraph_names(sub.node)
-    return names
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxq.errors import OnnxqError
-from onnxq.graph import run_temp_dir
+from onnxq.ir.paths import run_temp_dir
 
 QUANTIZE_EXAMPLES = """examples:
   onnxq quantize model.onnx -o model.q4.onnx --bits 4 --group-size 64

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxq.graph import load_model, model_bytes
+from onnxq.ir.model import load_model, model_bytes
 from onnxq.passes.quantize import QuantizeConfig, quantize_model
 
 MODEL_INPUTS = {"mlp": "pixels", "cnn": "image"}

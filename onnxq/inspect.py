@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.graph import Skipped, find_targets, tensor_nbytes
+from onnxq.ir.model import tensor_nbytes
+from onnxq.ir.targets import Skipped, find_targets
 
 QUANTIZED_OPS = {("com.microsoft", "MatMulNBits"), ("onnxq", "MatMulLowBit")}
 

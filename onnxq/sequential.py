@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ from onnxq.calibration import (
     HessianKey,
     _cpu_seconds,
     _run,
-    _subgraph_names,
     accumulate_pass,
     finish_pass,
     model_input_specs,
@@ -42,14 +40,10 @@ from onnxq.calibration import (
     open_session,
     plan_keys,
 )
-from onnxq.graph import Target
+from onnxq.ir.index import backward_slice, reads
+from onnxq.ir.targets import Target
 
 DEFAULT_MEMORY_LIMIT = 4 << 30  # frontier bytes kept in RAM before spilling to temp files
-
-
-def node_reads(node: onnx.NodeProto) -> set[str]:
-    """Every tensor a node reads, including outer-scope names used inside its subgraphs."""
-    return {name for name in node.input if name} | _subgraph_names([node])
 
 
 class FrontierStore:
@@ -147,7 +141,7 @@ class SequentialCalibration:
         frontier = self._frontier(index)
         cached = self.store.names()
         outputs = [t for t in dict.fromkeys([*layer_inputs, *sorted(frontier)]) if t not in cached]
-        nodes = [self.model.graph.node[i] for i in _nodes_for(self.model.graph, set(outputs), cached)]
+        nodes = [self.model.graph.node[i] for i in backward_slice(self.model.graph, set(outputs), cached)]
         self.node_runs += len(nodes)
         new_frontier = [t for t in outputs if t in frontier]
         runs = [self._runner(self.model, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")]
@@ -198,7 +192,7 @@ class SequentialCalibration:
         """Tensors that depend on a weight solved before step ``index`` (equal to the reference's otherwise)."""
         changed = {t.weight_name for group in self.groups[:index] for t in group}
         for node in self.model.graph.node:
-            if node_reads(node) & changed:
+            if reads(node) & changed:
                 changed.update(node.output)
         return changed
 
@@ -207,15 +201,15 @@ class SequentialCalibration:
         solved = {t.weight_name for group in self.groups[:index] for t in group}
         pending = {t.weight_name for group in self.groups[index:] for t in group} - solved
         later_inputs = {u.tensor for keys in self.keys[index + 1:] for u in keys.values()}
-        useful = set(_nodes_for(self.model.graph, later_inputs, set()))
+        useful = set(backward_slice(self.model.graph, later_inputs, set()))
         stale = set(pending)
         frontier: set[str] = set()
         for index, node in enumerate(self.model.graph.node):
-            reads = node_reads(node)
-            if reads & stale:
+            names_read = reads(node)
+            if names_read & stale:
                 stale.update(node.output)
                 if index in useful:
-                    frontier |= {name for name in reads if name in self.produced and name not in stale}
+                    frontier |= {name for name in names_read if name in self.produced and name not in stale}
         return frontier
 
     def _session(self, model: onnx.ModelProto, store: FrontierStore, nodes: list[onnx.NodeProto],
@@ -224,36 +218,23 @@ class SequentialCalibration:
         tensors; and its feed names."""
         graph = model.graph
         made = {name for node in nodes for name in node.output}
-        reads = set().union(*(node_reads(node) for node in nodes))
+        names_read = set().union(*(reads(node) for node in nodes))
         sub = model_shell(model)
         sub.graph.node.extend(nodes)
         feeds = []
         for value in graph.input:
-            if value.name in reads and value.name not in self.constants:
+            if value.name in names_read and value.name not in self.constants:
                 sub.graph.input.append(value)
                 feeds.append(value.name)
-        for name in sorted(reads & cached - made):
+        for name in sorted(names_read & cached - made):
             rank = store.get(0, name).ndim
             sub.graph.input.append(onnx.helper.make_tensor_value_info(name, self.dtypes[name], [None] * rank))
             feeds.append(name)
-        sub.graph.initializer.extend(t for t in graph.initializer if t.name in reads)
-        sub.graph.value_info.extend(v for v in graph.value_info if v.name in reads and v.name in made)
+        sub.graph.initializer.extend(t for t in graph.initializer if t.name in names_read)
+        sub.graph.value_info.extend(v for v in graph.value_info if v.name in names_read and v.name in made)
         sub.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
         stem = f"step{self.next_step}{'r' if model is self.reference else ''}"
         path = Path(self._tmp.name) / f"{stem}.onnx"
         onnx.save_model(sub, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{stem}.data", size_threshold=INLINE_TENSOR_BYTES)
         return open_session(str(path), self.threads), feeds
-
-
-def _nodes_for(graph: onnx.GraphProto, outputs: Iterable[str], available: set[str]) -> list[int]:
-    """Indices (graph order) of the nodes needed to compute ``outputs`` from ``available`` tensors, graph inputs
-    and constants."""
-    needed = set(outputs) - available
-    keep = []
-    for index in range(len(graph.node) - 1, -1, -1):
-        node = graph.node[index]
-        if any(name in needed for name in node.output):
-            keep.append(index)
-            needed |= node_reads(node) - available
-    return keep[::-1]

@@ -30,7 +30,7 @@ from onnxq.calibration import (
     model_input_specs,
 )
 from onnxq.errors import OnnxqError
-from onnxq.graph import load_model
+from onnxq.ir.model import load_model
 
 DEFAULT_GENERATED = 8  # generated inputs (runs) when no calibration data is given
 SEQUENCE_LENGTH = 8  # a generated symbolic dimension that is neither the batch nor a cache length

@@ -11,8 +11,8 @@ from ort_helpers import LEVELS, relative_error, run
 
 import onnxq
 from onnxq.errors import OnnxqError
+from onnxq.ir.metadata import ACT_QUANT_METADATA_KEY
 from onnxq.passes.activation_quant import (
-    ACT_QUANT_METADATA_KEY,
     activation_inputs,
     add_activation_qdq,
     calibrated_ranges,

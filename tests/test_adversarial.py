@@ -30,7 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from onnxq import cli
 from onnxq.errors import OnnxqError
-from onnxq.graph import load_model, remove_stale_temps, save_model
+from onnxq.ir.model import load_model, save_model
+from onnxq.ir.paths import remove_stale_temps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -423,19 +424,20 @@ def test_external_data_without_length_reads_the_tensor_bytes(ws):
 
 
 def test_inspect_does_not_read_external_data(ws, monkeypatch):
-    import onnxq.graph
+    import onnxq.ir.model
 
     def refuse(*_):
         raise AssertionError("inspect read the external data")
 
-    monkeypatch.setattr(onnxq.graph, "load_external_data", refuse)
+    monkeypatch.setattr(onnxq.ir.model, "load_external_data", refuse)
     monkeypatch.setattr(onnxq.api, "load_external_data", refuse)
     report = onnxq.inspect(ws.victim)
     assert report.total_bytes == 64 * 32 * 4 and report.rows[0].shape == (32, 64)
 
 
 def test_inspect_survives_empty_weights_and_malformed_nodes(ws):
-    """A 64x0 weight and a MatMulNBits without its N/K attributes are listed (or passed over), never a crash."""
+    """A 64x0 weight (listed as skipped, with the reason) and a MatMulNBits without its N/K attributes (passed over)
+    never crash inspect."""
     w = numpy_helper.from_array(np.zeros((64, 0), np.float32), "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="empty"),
              helper.make_node("MatMulNBits", ["x", "w"], ["z"], name="broken", domain="com.microsoft")]
@@ -445,7 +447,7 @@ def test_inspect_survives_empty_weights_and_malformed_nodes(ws):
     save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     code, stdout, stderr = run_main(["inspect", str(path)])
     assert code == 0 and not stderr, stderr
-    assert "empty" in stdout and "0.00 float" in stdout
+    assert "skipped MatMul 'empty': weight 'w' is empty (shape [64, 0])" in stdout
 
 
 def test_format_onnxq_without_library_notes_it(ws, monkeypatch):

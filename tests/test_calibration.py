@@ -23,7 +23,8 @@ from onnxq.calibration import (
     load_calibration,
 )
 from onnxq.errors import OnnxqError
-from onnxq.graph import find_targets, load_model, save_model
+from onnxq.ir.model import load_model, save_model
+from onnxq.ir.targets import find_targets
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "onnxq" / "data"
 

@@ -16,7 +16,8 @@ from test_cli import assert_one_line_error, onnxq_cli
 from onnxq.api import quantize_with_summary
 from onnxq.calibration import collect_hessians, iter_batches
 from onnxq.errors import OnnxqError
-from onnxq.graph import find_targets, load_model, save_model
+from onnxq.ir.model import load_model, save_model
+from onnxq.ir.targets import find_targets
 from onnxq.passes.quantize import sequential_groups
 from onnxq.sequential import SequentialCalibration
 

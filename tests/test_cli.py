@@ -10,7 +10,7 @@ import pytest
 from graphs import conv_model, matmul_model
 from onnx import TensorProto, helper
 
-from onnxq.graph import save_model
+from onnxq.ir.model import save_model
 
 
 def onnxq_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -157,7 +157,7 @@ def test_log_folder_missing_fails_before_work(model_path, tmp_path):
 
 
 def test_summary_groups_many_skipped_nodes():
-    from onnxq.graph import Skipped
+    from onnxq.ir.targets import Skipped
     from onnxq.passes.quantize import QuantizeSummary
 
     skipped = [Skipped(f"attn_{i}", "MatMul", "no constant weight input") for i in range(60)]

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from ort_helpers import LEVELS, relative_error, run
 
 import onnxq
-from onnxq.graph import find_targets
+from onnxq.ir.targets import find_targets
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.rtn import quantize_rtn
 

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ort_helpers import run
 
 import onnxq
-from onnxq.graph import find_targets, load_model, save_model
+from onnxq.ir.model import load_model, save_model
+from onnxq.ir.targets import find_targets
 from onnxq.solvers.rtn import quantize_rtn
 
 

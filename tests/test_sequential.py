@@ -11,7 +11,8 @@ import pytest
 
 from onnxq.api import quantize_with_summary
 from onnxq.calibration import collect_hessians, iter_batches
-from onnxq.graph import copy_model, find_targets, initializer_array
+from onnxq.ir.model import copy_model
+from onnxq.ir.targets import find_targets, initializer_array
 from onnxq.passes.quantize import _write_dequantized, sequential_groups
 from onnxq.sequential import SequentialCalibration
 from onnxq.solvers.rtn import quantize_rtn
@@ -85,7 +86,7 @@ def test_quantize_pass_is_sequential_by_default(tmp_path):
 def test_minilm_steps_match_full_rerun():
     """Real graph (BERT with its mask and shape subgraphs): same H as rerunning the partially quantized model."""
     from models import minilm
-    from onnxq.graph import load_model
+    from onnxq.ir.model import load_model
     from tools.evaluation import make_minilm_calibration
 
     model = load_model(str(minilm.build_minilm()))

@@ -16,9 +16,8 @@ import onnxq
 from models.cache import cache_root
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
-from onnxq.graph import find_targets
-from onnxq.passes.activation_quant import SPLIT_ACTIVATIONS_METADATA_KEY
-from onnxq.passes.quantize import SPLIT_METADATA_KEY
+from onnxq.ir.metadata import SPLIT_ACTIVATIONS_METADATA_KEY, SPLIT_METADATA_KEY
+from onnxq.ir.targets import find_targets
 from onnxq.passes.splitquant import find_activation_sites, split_model
 from onnxq.solvers.kmeans1d import kmeans_1d, kmeans_1d_rows
 

@@ -15,7 +15,7 @@ from test_cli import assert_one_line_error, onnxq_cli
 import onnxq
 from onnxq.calibration import model_input_specs
 from onnxq.errors import OnnxqError
-from onnxq.graph import load_model, save_model
+from onnxq.ir.model import load_model, save_model
 from onnxq.verify import generated_inputs, verify_models
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "onnxq" / "data"

@@ -75,6 +75,18 @@ def test_every_weight_layer_is_quantized_or_skipped_with_a_reason(name: str, wor
     assert row.quantized, f"{name}: nothing quantized; skipped: {row.skipped[:3]}"
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_inspect_lists_the_layers_quantize_quantizes(name: str, workdir: Path) -> None:
+    """``onnxq inspect`` on the float model shows as quantizable exactly the layers ``onnxq quantize`` quantizes."""
+    import onnxq
+
+    row = _row(name, workdir, "int8 qdq", bits=8, group_size=-1, format="qdq")
+    assert row.error is None, _describe(row)
+    listed = {r.name for r in onnxq.inspect(ZOO[name].build()).rows}
+    assert listed == set(row.quantized), f"inspect only: {sorted(listed - set(row.quantized))[:3]}, " \
+        f"quantize only: {sorted(set(row.quantized) - listed)[:3]}"
+
+
 @pytest.mark.parametrize("name", _heavy_is_slow(ALL))
 def test_split_is_exact(name: str, workdir: Path) -> None:
     row = split_row(ZOO[name], workdir)

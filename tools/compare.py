@@ -38,7 +38,8 @@ if __package__ in (None, ""):
 
 import onnxq  # noqa: E402
 from models.cache import cache_dir, write_npz  # noqa: E402
-from onnxq.graph import find_targets, load_model, tensor_nbytes  # noqa: E402
+from onnxq.ir.model import load_model, tensor_nbytes
+from onnxq.ir.targets import find_targets
 
 ONNXQ_METHODS = ("rtn", "gptq", "decoupleq")
 ORT_METHODS = ("ort-default", "ort-hqq", "ort-gptq")

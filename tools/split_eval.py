@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import onnxq  # noqa: E402
+from onnxq.ir.model import load_model, save_model  # noqa: E402
 from onnxq.passes.splitquant import split_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "onnxq" / "data"
@@ -71,11 +72,11 @@ def minilm_family(folder: Path) -> tuple[onnx.ModelProto, object, Callable[[onnx
     from tools.evaluation import evaluate_minilm, make_minilm_calibration
 
     path = build_minilm()
-    model = onnxq.graph.load_model(path)
+    model = load_model(path)
 
     def evaluate(candidate: onnx.ModelProto) -> Metrics:
         file = folder / "candidate.onnx"
-        onnxq.graph.save_model(candidate, file)
+        save_model(candidate, file)
         result = evaluate_minilm(file, path)
         file.unlink()
         return {"probe": result.probe_accuracy, "cosine": result.mean_cosine}

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.graph import NameScope, Target
+from onnxq.ir.index import NameScope
+from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight, expand_groups
 
 
@@ -69,11 +70,6 @@ def float_dtype(target: Target) -> np.dtype:
     return np.dtype(np.float16) if target.dtype == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
 
 
-def attribute(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:

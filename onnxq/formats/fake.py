@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from onnxq.formats.common import EmitContext, Rewrite, float_dtype
-from onnxq.graph import Target
+from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 
 

@@ -17,14 +17,14 @@ import onnx
 from onnxq.formats.common import (
     EmitContext,
     Rewrite,
-    attribute,
     float_dtype,
     integer_part,
     offset_correction,
     scaled,
 )
 from onnxq.formats.qdq import emit_qdq
-from onnxq.graph import Target
+from onnxq.ir.index import attribute
+from onnxq.ir.targets import Target
 from onnxq.packing import pack_bits
 from onnxq.quantized_weight import QuantizedWeight
 

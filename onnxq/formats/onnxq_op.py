@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import onnx
 
-from onnxq.formats.common import EmitContext, Rewrite, attribute, float_dtype
+from onnxq.formats.common import EmitContext, Rewrite, float_dtype
 from onnxq.formats.custom_op import DOMAIN, OP_TYPE, lowbit_tensors
 from onnxq.formats.matmulnbits import emit_fused_product, fused_product_unsupported
 from onnxq.formats.qdq import emit_qdq
-from onnxq.graph import Target
+from onnxq.ir.index import attribute
+from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 
 

@@ -14,12 +14,12 @@ import onnx
 from onnxq.formats.common import (
     EmitContext,
     Rewrite,
-    attribute,
     float_dtype,
     offset_correction,
     scaled,
 )
-from onnxq.graph import Target
+from onnxq.ir.index import attribute
+from onnxq.ir.targets import Target
 from onnxq.packing import pack_bits
 from onnxq.quantized_weight import QuantizedWeight
 

@@ -13,7 +13,6 @@ three dequantized branches: three finer grids instead of one.
 
 from __future__ import annotations
 
-import heapq
 import json
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -23,11 +22,11 @@ from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import OP_TYPE as CUSTOM_OP_TYPE
-from onnxq.graph import NameScope, copy_model, opset_version, set_metadata
+from onnxq.ir.index import NameScope, toposort
+from onnxq.ir.metadata import ACT_QUANT_METADATA_KEY, set_metadata, split_activations
+from onnxq.ir.model import copy_model, opset_version
 
 LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv", "MatMulNBits", CUSTOM_OP_TYPE)  # the fused ones read A first
-SPLIT_ACTIVATIONS_METADATA_KEY = "onnxq.split_activations"  # JSON {activation: {"output", "branches", ...}}
-ACT_QUANT_METADATA_KEY = "onnxq.act_quant"  # JSON {"bits", "tensors": {activation: {range(s), "read_as"}}}
 RESHAPE_OP_TYPES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 CONSTANT_OP_TYPES = ("DequantizeLinear", "Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze")
 
@@ -96,14 +95,6 @@ def fake_quantize(x: np.ndarray, scale: float, zero_point: int, bits: int) -> np
 
 
 # ----------------------------------------------------------------------------- the pass
-
-
-def split_activations(model: onnx.ModelProto) -> dict[str, dict]:
-    """The activation splits recorded by SplitQuant: ``{activation: {"output", "branches", "thresholds"}}``."""
-    for prop in model.metadata_props:
-        if prop.key == SPLIT_ACTIVATIONS_METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
 
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
@@ -269,48 +260,6 @@ class _QdqWriter:
             total = out
         self.nodes.extend(nodes)
         return total
-
-
-def toposort(model: onnx.ModelProto) -> None:
-    """Order the main graph's nodes topologically, keeping the current order wherever it is already valid."""
-    graph = model.graph
-    nodes = list(graph.node)
-    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
-    available |= {t.values.name for t in graph.sparse_initializer}
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    needs = [{i for i in _reads(n) if i not in available and i in producer} for n in nodes]
-    waiting: dict[str, list[int]] = {}
-    for index, names in enumerate(needs):
-        for name in names:
-            waiting.setdefault(name, []).append(index)
-    ready = [i for i, names in enumerate(needs) if not names]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        index = heapq.heappop(ready)
-        ordered.append(nodes[index])
-        for out in nodes[index].output:
-            for consumer in waiting.pop(out, []):
-                needs[consumer].discard(out)
-                if not needs[consumer]:
-                    heapq.heappush(ready, consumer)
-    if len(ordered) != len(nodes):
-        raise OnnxqError("the graph has a cycle after inserting activation quantizers; please report this model")
-    copies = [onnx.NodeProto() for _ in ordered]
-    for copy, node in zip(copies, ordered, strict=True):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Inputs of a node, including outer-scope names read inside its subgraphs."""
-    names = set(node.input)
-    for attribute in node.attribute:
-        for sub in list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else []):
-            for inner in sub.node:
-                names |= _reads(inner)
-    return names
 
 
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxq.calibration import hessian_key
-from onnxq.graph import Target
+from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.decoupleq import quantize_decoupleq
 from onnxq.solvers.gptq import quantize_gptq

@@ -18,20 +18,16 @@ from onnxq.formats.fake import emit_fake
 from onnxq.formats.matmulnbits import block_size_for, emit_matmulnbits
 from onnxq.formats.onnxq_op import emit_onnxq
 from onnxq.formats.qdq import emit_qdq, required_opset
-from onnxq.graph import (
+from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
+from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
+from onnxq.ir.model import copy_model, model_bytes, opset_version
+from onnxq.ir.targets import (
     TARGET_OP_TYPES,
-    NameScope,
     Skipped,
     Target,
-    allow_free_initializers,
     constants_to_initializers,
-    copy_model,
     find_targets,
     initializer_array,
-    model_bytes,
-    opset_version,
-    remove_unused,
-    set_metadata,
 )
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
@@ -46,8 +42,6 @@ FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = 
     "onnxq": emit_onnxq,
 }
 METHODS = ("rtn", "gptq", "decoupleq")
-SPLIT_METADATA_KEY = "onnxq.split"  # JSON {original layer: [branch node names]} written by the split pass
-QUANT_METADATA_KEY = "onnxq.quantize"
 
 
 @dataclass
@@ -379,11 +373,7 @@ def _apply_rewrites(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> Non
             continue
         nodes.extend(rewrite.before)
         nodes.extend(rewrite.replacement if rewrite.replacement is not None else [node])
-    copies = [onnx.NodeProto() for _ in nodes]
-    for copy, node in zip(copies, nodes, strict=True):
-        copy.CopyFrom(node)
-    del model.graph.node[:]
-    model.graph.node.extend(copies)
+    replace_nodes(model.graph, nodes)
 
 
 def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> bool:
@@ -415,10 +405,3 @@ def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return converted
 
 
-def split_branch_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of nodes that are branches of a SplitQuant split (from the model's metadata)."""
-    for prop in model.metadata_props:
-        if prop.key == SPLIT_METADATA_KEY:
-            groups = json.loads(prop.value)
-            return {name for branches in groups.values() for name in branches}
-    return set()

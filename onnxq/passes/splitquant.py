@@ -29,26 +29,18 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
-from onnxq.graph import (
-    NameScope,
-    Skipped,
-    Target,
-    allow_free_initializers,
-    constants_to_initializers,
-    copy_model,
-    find_targets,
-    model_bytes,
-    opset_version,
-    remove_unused,
-    set_metadata,
-)
-from onnxq.passes.activation_quant import (
+from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
+from onnxq.ir.metadata import (
     SPLIT_ACTIVATIONS_METADATA_KEY,
-    elem_types,
-    run_calibration,
+    SPLIT_METADATA_KEY,
+    metadata_json,
+    set_metadata,
     split_activations,
+    split_branch_nodes,
 )
-from onnxq.passes.quantize import SPLIT_METADATA_KEY, split_branch_nodes
+from onnxq.ir.model import copy_model, model_bytes, opset_version
+from onnxq.ir.targets import Skipped, Target, constants_to_initializers, find_targets
+from onnxq.passes.activation_quant import elem_types, run_calibration
 from onnxq.solvers.kmeans1d import kmeans_1d, kmeans_1d_rows
 
 BRANCH_NAMES = ("lower", "middle", "upper")
@@ -208,7 +200,7 @@ def _split_weights(model: onnx.ModelProto, seed: int, method: str, report: Split
     already = split_branch_nodes(model)
     inits = {t.name: t for t in graph.initializer}
     names = NameScope(model)
-    groups = _metadata(model, SPLIT_METADATA_KEY)
+    groups = metadata_json(model, SPLIT_METADATA_KEY)
     weight_cache: dict[tuple, tuple[list[str], tuple | None, tuple]] = {}
     bias_cache: dict[str, tuple[list[str | None], str]] = {}
     replacements: dict[int, list[onnx.NodeProto]] = {}
@@ -528,7 +520,7 @@ def _split_activation_sites(model: onnx.ModelProto, sites: list[ActivationSite],
     for i, node in enumerate(graph.node):
         ordered.append(node)
         ordered.extend(after.get(i, []))
-    _set_nodes(model, ordered)
+    replace_nodes(model.graph, ordered)
     set_metadata(model, SPLIT_ACTIVATIONS_METADATA_KEY, json.dumps(record, sort_keys=True))
 
 
@@ -568,19 +560,6 @@ def _replace_nodes(model: onnx.ModelProto, replacements: dict[int, list[onnx.Nod
     nodes = []
     for index, node in enumerate(model.graph.node):
         nodes.extend(replacements.get(index, [node]))
-    _set_nodes(model, nodes)
+    replace_nodes(model.graph, nodes)
 
 
-def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
-    copies = [onnx.NodeProto() for _ in nodes]
-    for copy, node in zip(copies, nodes, strict=True):
-        copy.CopyFrom(node)
-    del model.graph.node[:]
-    model.graph.node.extend(copies)
-
-
-def _metadata(model: onnx.ModelProto, key: str) -> dict:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            return json.loads(prop.value)
-    return {}
