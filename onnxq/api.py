@@ -14,6 +14,7 @@ from onnxq.formats.custom_op import DOMAIN as ONNXQ_DOMAIN
 from onnxq.inspect import InspectReport, inspect_model
 from onnxq.ir.model import copy_model, external_data_files, load_external_data, load_model, save_model
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
+from onnxq.ir.targets import constants_to_initializers
 from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
@@ -98,8 +99,11 @@ def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None
 
 
 def inspect(model_or_path: ModelOrPath) -> InspectReport:
-    """Quantizable and quantized layers with shapes, parameters and stored bytes (external data is not read)."""
-    return inspect_model(_open(model_or_path, external_data=False))
+    """Quantizable and quantized layers with shapes, parameters and stored bytes (external data is not read).
+    Weights held by Constant nodes are listed, as quantize finds them."""
+    model = _open(model_or_path, external_data=False)
+    constants_to_initializers(model)
+    return inspect_model(model)
 
 
 def split_with_report(
