@@ -40,7 +40,7 @@ def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None =
 def _calibration_files(calibration: object) -> list[Path]:
     if not isinstance(calibration, (str, os.PathLike)):
         return []
-    from onnxq.calibration import load_calibration
+    from onnxq.calibration.data import load_calibration
 
     return load_calibration(calibration)
 

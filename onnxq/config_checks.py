@@ -62,7 +62,7 @@ def check_types(config: object) -> None:
 
 def check_ranges(config) -> None:
     """Ranges of the numeric options and the values of the choice options, beyond what ``validate`` checked."""
-    from onnxq.calibration import CalibrationBatches
+    from onnxq.calibration.data import CalibrationBatches
 
     sources = (str, os.PathLike, Mapping, CalibrationBatches)
     if config.calibration is not None and not isinstance(config.calibration, sources):

@@ -18,17 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxq.calibration import (
-    ORT_THREADS,
-    Feed,
-    InputSpec,
-    SessionFactory,
-    _batch_samples,
-    _run,
-    check_feed,
-    iter_batches,
-    model_input_specs,
-)
+from onnxq.calibration.data import InputSpec, batch_samples, check_feed, iter_batches, model_input_specs
+from onnxq.calibration.sessions import ORT_THREADS, Feed, SessionFactory, run_session
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model
 
@@ -128,14 +119,14 @@ def verify_models(
         runners = [(factory.session(names), model_input_specs(model)) for factory, model in zip(factories, models,
                                                                                                   strict=True)]
         for origin, feed in feeds:
-            f, q = (_run(session, names, check_feed(spec, feed, origin), origin) for session, spec in runners)
+            f, q = (run_session(session, names, check_feed(spec, feed, origin), origin) for session, spec in runners)
             for name in names:
                 if f[name].shape != q[name].shape:
                     raise OnnxqError(f"{origin}: output '{name}' has shape {q[name].shape} in the quantized model and "
                                      f"{f[name].shape} in the float model; compare a model with its own quantized "
                                      "version")
                 sums[name].add(f[name], q[name])
-            total += _batch_samples(feed)
+            total += batch_samples(feed)
             runs += 1
     finally:
         for factory in factories:
@@ -185,7 +176,7 @@ def _first_samples(batches: Iterator[tuple[str, Feed]], samples: int | None) -> 
             return
         if left is not None:
             feed = {name: array[:left] for name, array in feed.items()}
-            left -= _batch_samples(feed)
+            left -= batch_samples(feed)
         yield origin, feed
 
 

@@ -12,19 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from onnxq.calibration import (
-    CalibrationStats,
-    HessianSum,
-    Unfolding,
-    collect_hessians,
-    hessian_key,
-    iter_batches,
-    iter_hessian_groups,
-    load_calibration,
-)
+from onnxq.calibration.data import iter_batches, load_calibration
+from onnxq.calibration.keys import hessian_key
+from onnxq.calibration.stream import CalibrationStats, collect_hessians, iter_hessian_groups
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model, save_model
 from onnxq.ir.targets import find_targets
+from onnxq.stats.hessian import HessianSum
+from onnxq.stats.unfold import Unfolding
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "onnxq" / "data"
 

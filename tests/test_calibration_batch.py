@@ -14,12 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, onnxq_cli
 
 from onnxq.api import quantize_with_summary
-from onnxq.calibration import collect_hessians, iter_batches
+from onnxq.calibration.data import iter_batches
+from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.stream import collect_hessians
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model, save_model
 from onnxq.ir.targets import find_targets
 from onnxq.passes.quantize import sequential_groups
-from onnxq.sequential import SequentialCalibration
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "onnxq" / "data"
 SEQ = 4

@@ -10,11 +10,12 @@ import onnx
 import pytest
 
 from onnxq.api import quantize_with_summary
-from onnxq.calibration import collect_hessians, iter_batches
+from onnxq.calibration.data import iter_batches
+from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.stream import collect_hessians
 from onnxq.ir.model import copy_model
 from onnxq.ir.targets import find_targets, initializer_array
 from onnxq.passes.quantize import _write_dequantized, sequential_groups
-from onnxq.sequential import SequentialCalibration
 from onnxq.solvers.rtn import quantize_rtn
 
 

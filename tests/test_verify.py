@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli import assert_one_line_error, onnxq_cli
 
 import onnxq
-from onnxq.calibration import model_input_specs
+from onnxq.calibration.data import model_input_specs
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model, save_model
 from onnxq.verify import generated_inputs, verify_models

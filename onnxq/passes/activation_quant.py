@@ -38,7 +38,8 @@ def run_calibration(
     model: onnx.ModelProto, calibration: object, tensors: Iterable[str]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{tensor: value}`` for every calibration batch, computed by ONNX Runtime on ``model``."""
-    from onnxq.calibration import SessionFactory, _run, iter_batches
+    from onnxq.calibration.data import iter_batches
+    from onnxq.calibration.sessions import SessionFactory, run_session
 
     if calibration is None:
         raise OnnxqError("activation ranges need calibration data; pass --calib data.npz")
@@ -50,7 +51,7 @@ def run_calibration(
     try:
         session = factory.session(computed) if computed else None
         for origin, batch in batches.with_origin():
-            values = _run(session, computed, batch, origin)
+            values = run_session(session, computed, batch, origin)
             values.update({t: np.asarray(batch[t]) for t in tensors if t in inputs})
             yield values
     finally:

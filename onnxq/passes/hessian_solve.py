@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxq.calibration import hessian_key
+from onnxq.calibration.keys import hessian_key
 from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.decoupleq import quantize_decoupleq

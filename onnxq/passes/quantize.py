@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calibration import check_batch_size
+from onnxq.calibration.data import check_batch_size
 from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
@@ -183,7 +183,7 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     model = copy_model(model)
     constants_to_initializers(model)
     if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
-        from onnxq.calibration import iter_batches
+        from onnxq.calibration.data import iter_batches
 
         config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
         summary.notes += config.calibration.notes
@@ -238,9 +238,9 @@ def _solve_all(
     store = working = sequential = None
     groups = [targets]
     if config.method != "rtn":
-        from onnxq.calibration import iter_batches
+        from onnxq.calibration.data import iter_batches
+        from onnxq.calibration.sequential import SequentialCalibration
         from onnxq.passes.hessian_solve import HessianStore
-        from onnxq.sequential import SequentialCalibration
 
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
@@ -260,7 +260,7 @@ def _solve_all(
                     hessians, stats, crosses = sequential.step(index)
                     _record_calibration(store, summary, hessians, stats, crosses)
                 elif store is not None:
-                    from onnxq.calibration import collect_hessians
+                    from onnxq.calibration.stream import collect_hessians
 
                     _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
                 for target in group:
@@ -333,7 +333,7 @@ def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, 
 
 def sequential_groups(targets: list[Target]) -> list[list[Target]]:
     """Consecutive targets that read the same activation (q/k/v, gate/up) form one group, in graph order."""
-    from onnxq.calibration import hessian_key
+    from onnxq.calibration.keys import hessian_key
 
     groups: list[list[Target]] = []
     last_key = None

@@ -23,22 +23,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq.calibration import (
-    INLINE_TENSOR_BYTES,
-    ORT_THREADS,
+from onnxq.calibration.data import CalibrationBatches, model_input_specs
+from onnxq.calibration.keys import HessianKey, plan_keys
+from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, model_shell, open_session, run_session
+from onnxq.calibration.stream import (
     REFERENCE_SUFFIX,
-    CalibrationBatches,
     CalibrationStats,
-    Feed,
-    HessianKey,
-    _cpu_seconds,
-    _run,
     accumulate_pass,
     finish_pass,
-    model_input_specs,
-    model_shell,
-    open_session,
-    plan_keys,
+    process_cpu_seconds,
 )
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import Target
@@ -135,7 +128,7 @@ class SequentialCalibration:
         if index != self.next_step:
             raise ValueError(f"sequential calibration steps must be taken in order: expected {self.next_step}")
         self.next_step += 1
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start = time.perf_counter(), process_cpu_seconds()
         units = self.keys[index]
         layer_inputs = [t for t in dict.fromkeys(u.tensor for u in units.values()) if t in self.produced]
         frontier = self._frontier(index)
@@ -175,7 +168,7 @@ class SequentialCalibration:
 
         def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
             inputs = {name: feed[name] if name in self.specs else store.get(batch, name) for name in feeds}
-            values = _run(session, outputs, inputs, origin)
+            values = run_session(session, outputs, inputs, origin)
             for name in new_frontier:
                 self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype))
                 store.put(batch, name, values[name])

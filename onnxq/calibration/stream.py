@@ -1,0 +1,331 @@
+"""Calibration: stream named model inputs through ONNX Runtime and accumulate layer Hessians ``H = Σ xᵀx``.
+
+Activations live for at most two batches (ORT computes batch i+1 while batch i is accumulated); under ``max_memory``
+the keys are split into groups, one pass over the data per group (:mod:`onnxq.calibration.memory`)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.calibration.data import (
+    CalibrationBatches,
+    InputSpec,
+    batch_samples,
+    check_feed,
+    iter_batches,
+    model_input_specs,
+)
+from onnxq.calibration.keys import HessianKey, keys_by_tensor, plan_keys
+from onnxq.calibration.memory import group_keys, measure_activations
+from onnxq.calibration.sessions import ORT_THREADS, Feed, SessionFactory, run_session
+from onnxq.errors import OnnxqError
+from onnxq.ir.targets import Target
+from onnxq.stats.hessian import HessianSum
+from onnxq.stats.unfold import Unfolding
+
+try:  # ships with scikit-learn; without it BLAS keeps its own thread count
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
+
+
+REFERENCE_SUFFIX = "\0reference"  # run results: the reference (float model) value of a layer input
+
+
+ProgressCallback = Callable[[int, int, str], None]  # (batches done, total or 0 if unknown, message)
+
+
+@dataclass
+class CalibrationStats:
+    """What one calibration did: rows per key (normalise with ``H / rows``), passes, time and peak memory."""
+
+    rows: dict[HessianKey, int] = field(default_factory=dict)
+    samples: int = 0  # samples per pass
+    batches: int = 0  # batches per pass
+    passes: int = 0
+    keys_per_pass: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # wall time
+    cpu_seconds: float = 0.0  # process user + system time (wall time misleads on a busy machine)
+    peak_rss_bytes: int = 0  # process peak resident memory (getrusage), after calibration
+    hessian_bytes: int = 0  # float64 bytes of all H returned
+    activation_bytes_per_batch: int = 0  # largest extra-output bytes ORT returned for one batch
+
+    def summary(self) -> str:
+        return (
+            f"calibration: {len(self.rows)} Hessians from {self.samples} samples in {self.batches} batches, "
+            f"{self.passes} pass(es), {self.seconds:.1f} s (CPU {self.cpu_seconds:.1f} s), "
+            f"Hessians {self.hessian_bytes / 2**20:.0f} MiB, activations {self.activation_bytes_per_batch / 2**20:.0f} "
+            f"MiB per batch, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+        )
+
+    def merge(self, other: CalibrationStats) -> None:
+        self.rows.update(other.rows)
+        self.samples, self.batches = other.samples, other.batches
+        self.passes += other.passes
+        self.keys_per_pass += other.keys_per_pass
+        self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
+        self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
+        self.hessian_bytes += other.hessian_bytes
+        self.activation_bytes_per_batch = max(self.activation_bytes_per_batch, other.activation_bytes_per_batch)
+
+
+def process_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _as_batches(batches, model: onnx.ModelProto) -> Iterable[Feed]:
+    if isinstance(batches, (Mapping, str, os.PathLike)):
+        return iter_batches(batches, model=model)
+    return batches
+
+
+def _origins(batches: Iterable[Feed]) -> Iterator[tuple[str, Feed]]:
+    if isinstance(batches, CalibrationBatches):
+        yield from batches.with_origin()
+    else:
+        for index, batch in enumerate(batches):
+            yield f"calibration batch {index}", batch
+
+
+def iter_hessian_groups(
+    model: onnx.ModelProto,
+    targets: list[Target],
+    batches: Iterable[Feed] | str | os.PathLike | Mapping[str, np.ndarray],
+    max_memory: int | None = None,
+    progress: ProgressCallback | None = None,
+    threads: int = ORT_THREADS,
+    token_mask: str | None = None,
+) -> Iterator[tuple[dict[HessianKey, np.ndarray], CalibrationStats]]:
+    """Yield ``(H per key, stats)`` one key group at a time, one pass over ``batches`` per group.
+
+    Groups (contiguous in graph order) keep ``Σ H bytes + activations of two batches + working memory`` under
+    ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
+    A caller that solves each group and drops its H stays within ``max_memory`` for the calibration data.
+
+    ``token_mask``: name of a ``[batch, sequence]`` model input (e.g. ``attention_mask``); rows of a MatMul/Gemm
+    activation laid out ``[batch, sequence, K]`` (or ``[batch·sequence, K]``) where it is 0 are left out of H,
+    so padding does not weigh on the solution.  Other activations are used whole.
+    """
+    batches = _as_batches(batches, model)
+    keys = plan_keys(targets)
+    if not keys:
+        return
+    specs = model_input_specs(model)
+    if isinstance(batches, CalibrationBatches):
+        batches.check(model)  # every file's names, dtypes and ranks, before the first ORT run
+    constants = {t.name: t for t in model.graph.initializer}
+    factory = SessionFactory(model, threads)
+    try:
+        intermediates = [u.tensor for u in keys.values() if u.tensor not in specs and u.tensor not in constants]
+        intermediates = list(dict.fromkeys(intermediates))
+        groups: list[list[HessianKey]] = [list(keys)]
+        probe_session = None
+        activation_bytes: dict[str, int] = {}
+        one_shot = iter(batches) is batches
+        if max_memory is not None:
+            first = _first_batch(batches, specs)
+            if one_shot:  # put the probed batch back in front
+                batches = itertools.chain([first[1]], batches)
+            probe_session = factory.session(intermediates) if intermediates else None
+            activation_bytes = measure_activations(probe_session, intermediates, first, specs)
+            groups = group_keys(keys, activation_bytes, max_memory)
+            if len(groups) > 1:
+                probe_session = None
+        if len(groups) > 1 and one_shot:
+            raise OnnxqError(
+                f"calibration needs {len(groups)} passes over the data to fit in max_memory, but the batches are a "
+                "one-shot iterator; pass a list or iter_batches(...), or raise max_memory"
+            )
+        counter = _BatchCounter(progress, len(batches) * len(groups) if hasattr(batches, "__len__") else 0)
+        for index, group in enumerate(groups):
+            start, cpu_start = time.perf_counter(), process_cpu_seconds()
+            group_units = {key: keys[key] for key in group}
+            needed = list(dict.fromkeys(u.tensor for u in group_units.values() if u.tensor in intermediates))
+            if len(groups) == 1 and probe_session is not None:
+                session = probe_session
+            else:
+                session = factory.session(needed) if needed else None
+            counter.label = f"calibration pass {index + 1}/{len(groups)}"
+            sums, samples, count, peak_outputs = accumulate_pass(
+                lambda _, origin, feed, session=session, needed=needed: run_session(session, needed, feed, origin),
+                batches, specs, constants, group_units, token_mask, counter.step,
+            )
+            session = None
+            yield finish_pass(sums, samples, count, peak_outputs, start, cpu_start)
+            del sums
+        probe_session = None
+    finally:
+        factory.close()
+
+
+class _BatchCounter:
+    """Calls ``progress(done, total, message)`` once per processed batch."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self.progress, self.total, self.done, self.label = progress, total, 0, ""
+
+    def step(self, origin: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, f"{self.label}, {origin}")
+
+
+def accumulate_pass(
+    run: Callable[[int, str, Feed], dict[str, np.ndarray]],
+    batches: Iterable[Feed],
+    specs: Mapping[str, InputSpec],
+    constants: Mapping[str, onnx.TensorProto],
+    units: Mapping[HessianKey, Unfolding],
+    token_mask: str | None,
+    report: Callable[[str], None],
+    cross: bool = False,
+) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
+    """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
+    batch i is added to the sums.  Its result holds the layer inputs that are not graph inputs or constants, and
+    with ``cross`` their reference values under ``name + REFERENCE_SUFFIX`` (see :class:`HessianSum`).
+
+    The sums are updated in batch order on the calling thread with single-threaded BLAS (many mid-sized
+    ``syrk`` calls: threading them costs more than it gains, and ORT has the other core), so results do not
+    depend on timing.  At most two batches of activations are alive at once.
+    """
+    sums = {key: HessianSum(unit, cross) for key, unit in units.items()}
+    users = keys_by_tensor(units)
+    samples = count = peak_outputs = 0
+
+    def accumulate(origin: str, feed: Feed, values: dict[str, np.ndarray]) -> None:
+        nonlocal samples, count, peak_outputs
+        peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
+        keep = _token_mask(feed, token_mask, origin)
+        for tensor, keys in users.items():
+            x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
+            ref = values.pop(tensor + REFERENCE_SUFFIX, None)
+            for key in keys:
+                if keep is not None and units[key].kind == "rows":
+                    sums[key].add(_masked_rows(x, keep), None if ref is None else _masked_rows(ref, keep))
+                else:
+                    sums[key].add(x, ref)
+            del x, ref
+        samples += batch_samples(feed)
+        count += 1
+        report(origin)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool, _single_threaded_blas():
+        pending = None
+        for index, (origin, batch) in enumerate(_origins(batches)):
+            feed = check_feed(specs, batch, origin)
+            running = pool.submit(run, index, origin, feed)
+            if pending is not None:
+                accumulate(*pending)
+            pending = (origin, feed, running.result())
+            del running
+        if pending is not None:
+            accumulate(*pending)
+    return sums, samples, count, peak_outputs
+
+
+def finish_pass(
+    sums: Mapping[HessianKey, HessianSum], samples: int, count: int, peak_outputs: int, start: float, cpu_start: float
+) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats]:
+    """The symmetric H of each sum and the pass's stats (``start``/``cpu_start``: when the pass began)."""
+    if count == 0:
+        raise OnnxqError("calibration data holds no batches; pass at least one sample")
+    hessians = {key: s.result() for key, s in sums.items()}
+    stats = CalibrationStats(
+        rows={key: s.rows for key, s in sums.items()},
+        samples=samples,
+        batches=count,
+        passes=1,
+        keys_per_pass=[len(sums)],
+        seconds=time.perf_counter() - start,
+        cpu_seconds=process_cpu_seconds() - cpu_start,
+        peak_rss_bytes=process_peak_rss_bytes(),
+        hessian_bytes=sum(h.nbytes for h in hessians.values()),
+        activation_bytes_per_batch=peak_outputs,
+    )
+    return hessians, stats
+
+
+def _single_threaded_blas():
+    if threadpool_limits is None:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def collect_hessians(
+    model: onnx.ModelProto,
+    targets: list[Target],
+    batches: Iterable[Feed] | str | os.PathLike | Mapping[str, np.ndarray],
+    max_memory: int | None = None,
+    progress: ProgressCallback | None = None,
+    threads: int = ORT_THREADS,
+    token_mask: str | None = None,
+) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats]:
+    """``H = Σ xᵀx`` (float64) for every :func:`hessian_key` of ``targets``, with rows, time and peak memory.
+
+    ``batches``: dicts of named model inputs (re-iterable when ``max_memory`` forces several passes), or an .npz
+    path / folder / dict of arrays.  See :func:`iter_hessian_groups` for the memory bound; the returned dict holds
+    every H at once.
+    """
+    start, cpu_start = time.perf_counter(), process_cpu_seconds()
+    hessians: dict[HessianKey, np.ndarray] = {}
+    stats = CalibrationStats()
+    groups = iter_hessian_groups(model, targets, batches, max_memory, progress, threads, token_mask)
+    for group, group_stats in groups:
+        hessians.update(group)
+        stats.merge(group_stats)
+    stats.seconds = time.perf_counter() - start
+    stats.cpu_seconds = process_cpu_seconds() - cpu_start
+    stats.peak_rss_bytes = process_peak_rss_bytes()
+    return hessians, stats
+
+
+def _token_mask(feed: Feed, name: str | None, origin: str) -> np.ndarray | None:
+    if name is None:
+        return None
+    if name not in feed or feed[name].ndim != 2:
+        raise OnnxqError(
+            f"{origin}: token mask '{name}' is not a [batch, sequence] input of this batch; "
+            "name a 2-D model input such as attention_mask, or leave the token mask unset"
+        )
+    return feed[name] != 0
+
+
+def _masked_rows(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` at kept tokens when ``x`` is ``[batch, sequence, K]`` or ``[batch·sequence, K]``."""
+    if x.shape[:-1] == keep.shape:
+        return x[keep]
+    if x.ndim == 2 and x.shape[0] == keep.size:
+        return x[keep.reshape(-1)]
+    return x
+
+
+def _source_value(tensor: str, feed: Feed, constants: Mapping[str, onnx.TensorProto], origin: str) -> np.ndarray:
+    """A layer input that is a graph input (from the feed) or an initializer (constant)."""
+    if tensor in feed:
+        return feed[tensor]
+    if tensor in constants:
+        return numpy_helper.to_array(constants[tensor])
+    raise OnnxqError(f"{origin}: layer input '{tensor}' is neither computed nor fed; the model is inconsistent")
+
+
+def _first_batch(batches: Iterable[Feed], specs: Mapping[str, InputSpec]) -> tuple[str, Feed]:
+    for origin, batch in _origins(batches):
+        return origin, check_feed(specs, batch, origin)
+    raise OnnxqError("calibration data holds no batches; pass at least one sample")

@@ -1,0 +1,1 @@
+"""Numpy-only statistics of activations: unfolding into rows and Hessian accumulation."""
