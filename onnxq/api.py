@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxq.calibration.data import load_calibration
 from onnxq.custom_ops import custom_op_library_note
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import DOMAIN as ONNXQ_DOMAIN
@@ -16,6 +17,7 @@ from onnxq.ir.model import copy_model, external_data_files, load_external_data, 
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
 from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
+from onnxq.passes.splitquant import split_model
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 PathOrNone = str | os.PathLike | None
@@ -40,7 +42,6 @@ def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None =
 def _calibration_files(calibration: object) -> list[Path]:
     if not isinstance(calibration, (str, os.PathLike)):
         return []
-    from onnxq.calibration.data import load_calibration
 
     return load_calibration(calibration)
 
@@ -114,7 +115,6 @@ def split_with_report(
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, object]:
     """Like :func:`split`, also returning the cost report."""
-    from onnxq.passes.splitquant import split_model
 
     if activations and calibration is None:
         raise OnnxqError("--activations needs calibration data to place the thresholds; pass --calib data.npz")

@@ -8,8 +8,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import onnxq.api as api
+from onnxq.demo import run_demo
 from onnxq.errors import OnnxqError
 from onnxq.ir.paths import run_temp_dir
+from onnxq.verify import verify_models
 
 QUANTIZE_EXAMPLES = """examples:
   onnxq quantize model.onnx -o model.q4.onnx --bits 4 --group-size 64
@@ -158,8 +161,6 @@ def _quant_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import onnxq.api as api
-
     if args.command == "inspect":
         print(api.inspect(args.model).table())
     elif args.command == "quantize":
@@ -169,24 +170,16 @@ def run(args: argparse.Namespace) -> int:
         if args.log:
             print(f"wrote {args.log} (per-layer losses)")
         if args.verify:
-            from onnxq.verify import verify_models
-
             print(verify_models(args.model, args.output, args.calibration, seed=args.seed).table())
     elif args.command == "split":
-        from onnxq.passes import splitquant  # noqa: F401 - fails cleanly below if the pass is missing
-
         _, report = api.split_with_report(args.model, args.output, activations=args.activations,
                                           calibration=args.calibration, seed=args.seed)
         print("\n".join(report.lines()))
         print(f"wrote {args.output}")
     elif args.command == "verify":
-        from onnxq.verify import verify_models
-
         report = verify_models(args.float_model, args.quantized_model, args.calibration, args.samples, args.seed)
         print(report.table())
     elif args.command == "demo":
-        from onnxq.demo import run_demo
-
         print(run_demo(models=("mlp", "cnn") if args.model == "all" else (args.model,), bits=tuple(args.bits)))
     return 0
 

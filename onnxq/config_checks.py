@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 
+from onnxq.calibration.data import CalibrationBatches
 from onnxq.errors import OnnxqError
 
 CLI_NAMES = {"symmetric": "--sym", "zero_convention": "--zero", "round_mode": "--round", "calibration": "--calib",
@@ -62,7 +63,6 @@ def check_types(config: object) -> None:
 
 def check_ranges(config) -> None:
     """Ranges of the numeric options and the values of the choice options, beyond what ``validate`` checked."""
-    from onnxq.calibration.data import CalibrationBatches
 
     sources = (str, os.PathLike, Mapping, CalibrationBatches)
     if config.calibration is not None and not isinstance(config.calibration, sources):

@@ -18,7 +18,8 @@ from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.ir.metadata import SPLIT_ACTIVATIONS_METADATA_KEY, SPLIT_METADATA_KEY
 from onnxq.ir.targets import find_targets
-from onnxq.passes.splitquant import find_activation_sites, split_model
+from onnxq.passes.split_activations import find_activation_sites
+from onnxq.passes.splitquant import split_model
 from onnxq.solvers.kmeans1d import kmeans_1d, kmeans_1d_rows
 
 DATA = Path(__file__).resolve().parents[1] / "onnxq" / "data"

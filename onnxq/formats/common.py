@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from onnxq.ir.index import NameScope
+from onnxq.ir.index import NameScope, add_initializer
 from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight, expand_groups
 
@@ -31,9 +31,7 @@ class EmitContext:
         return self._ranks.get(tensor, 0)
 
     def add_initializer(self, base: str, values: np.ndarray) -> str:
-        name = self.names.fresh(base)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
-        return name
+        return add_initializer(self.model, self.names, base, values)
 
     def add_raw_initializer(self, base: str, data_type: int, dims: tuple[int, ...], raw: bytes) -> str:
         name = self.names.fresh(base)

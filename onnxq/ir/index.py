@@ -7,7 +7,9 @@ import heapq
 import re
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxq.errors import OnnxqError
 
@@ -136,3 +138,15 @@ def allow_free_initializers(model: onnx.ModelProto) -> None:
     and 4 that matters here), so the initializers a pass adds are valid without input entries."""
     if model.ir_version < 4:
         model.ir_version = 4
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    """A node's name, or its first output's for an unnamed node (how onnxq names layers everywhere)."""
+    return node.name or node.output[0]
+
+
+def add_initializer(model: onnx.ModelProto, names: NameScope, base: str, values: np.ndarray) -> str:
+    """Append ``values`` as an initializer under a fresh name made from ``base``; returns the name."""
+    name = names.fresh(base)
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
+    return name

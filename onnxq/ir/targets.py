@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.ir.index import attribute, replace_nodes
+from onnxq.ir.index import attribute, node_name, replace_nodes
 
 TARGET_OP_TYPES = ("MatMul", "Gemm", "Conv")
 
@@ -42,7 +42,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.output[0]
+        return node_name(self.node)
 
     @property
     def op_type(self) -> str:
@@ -136,7 +136,7 @@ def find_targets(
         if node.op_type not in TARGET_OP_TYPES:
             _note_subgraphs(node, op_types, report)
             continue
-        name = node.name or node.output[0]
+        name = node_name(node)
         if node.op_type not in op_types:
             continue
         if include_re and not include_re.search(name):
@@ -159,7 +159,7 @@ def _note_subgraphs(node: onnx.NodeProto, op_types: tuple[str, ...], report: Tar
                 if inner.op_type in op_types:
                     report.skipped.append(
                         Skipped(
-                            inner.name or inner.output[0],
+                            node_name(inner),
                             inner.op_type,
                             f"inside the '{attr.name}' subgraph of {node.op_type} node '{node.name}'; "
                             "subgraphs are left in float",

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.calibration.data import iter_batches
+from onnxq.calibration.sessions import SessionFactory, run_session
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import OP_TYPE as CUSTOM_OP_TYPE
 from onnxq.ir.index import NameScope, toposort
@@ -38,8 +40,6 @@ def run_calibration(
     model: onnx.ModelProto, calibration: object, tensors: Iterable[str]
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{tensor: value}`` for every calibration batch, computed by ONNX Runtime on ``model``."""
-    from onnxq.calibration.data import iter_batches
-    from onnxq.calibration.sessions import SessionFactory, run_session
 
     if calibration is None:
         raise OnnxqError("activation ranges need calibration data; pass --calib data.npz")

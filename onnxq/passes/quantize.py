@@ -10,7 +10,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from onnxq.calibration.data import check_batch_size
+from onnxq.calibration.data import check_batch_size, iter_batches
+from onnxq.calibration.keys import hessian_key
+from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.stream import collect_hessians
 from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
@@ -29,6 +32,9 @@ from onnxq.ir.targets import (
     find_targets,
     initializer_array,
 )
+from onnxq.passes.activation_quant import add_activation_qdq
+from onnxq.passes.hessian_solve import HessianStore, solve_with_hessian
+from onnxq.passes.splitquant import split_model
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
 from onnxq.solvers.grid import off_grid
@@ -183,13 +189,10 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
     model = copy_model(model)
     constants_to_initializers(model)
     if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
-        from onnxq.calibration.data import iter_batches
 
         config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
         summary.notes += config.calibration.notes
     if config.split:
-        from onnxq.passes.splitquant import split_model
-
         model, _ = split_model(model, activations=config.split_activations, calibration=config.calibration,
                                seed=config.seed)
     report = find_targets(model, config.op_types, config.include, config.exclude)
@@ -219,8 +222,6 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
     if config.act_bits is not None:
-        from onnxq.passes.activation_quant import add_activation_qdq
-
         model = add_activation_qdq(model, config.act_bits, config.calibration)
     summary.notes += ctx.notes
     summary.bytes_after = model_bytes(model)
@@ -238,9 +239,6 @@ def _solve_all(
     store = working = sequential = None
     groups = [targets]
     if config.method != "rtn":
-        from onnxq.calibration.data import iter_batches
-        from onnxq.calibration.sequential import SequentialCalibration
-        from onnxq.passes.hessian_solve import HessianStore
 
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
@@ -260,8 +258,6 @@ def _solve_all(
                     hessians, stats, crosses = sequential.step(index)
                     _record_calibration(store, summary, hessians, stats, crosses)
                 elif store is not None:
-                    from onnxq.calibration.stream import collect_hessians
-
                     _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
                 for target in group:
                     if target.matrix_key not in solved:
@@ -300,8 +296,6 @@ def _solve_one(
                           scale_dtype=scale_dtype)
         _check_grid(target, weight, qw, scale_dtype, clip, summary)
     else:
-        from onnxq.passes.hessian_solve import solve_with_hessian
-
         qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention,
                                         scale_dtype)
     if target.dtype == onnx.TensorProto.FLOAT16:
@@ -333,7 +327,6 @@ def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, 
 
 def sequential_groups(targets: list[Target]) -> list[list[Target]]:
     """Consecutive targets that read the same activation (q/k/v, gate/up) form one group, in graph order."""
-    from onnxq.calibration.keys import hessian_key
 
     groups: list[list[Target]] = []
     last_key = None
