@@ -16,8 +16,9 @@ from onnxq.inspect import InspectReport, inspect_model
 from onnxq.ir.model import copy_model, external_data_files, load_external_data, load_model, save_model
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
-from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_model
-from onnxq.passes.splitquant import split_model
+from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_in_place
+from onnxq.passes.split_report import SplitReport
+from onnxq.passes.splitquant import split_in_place
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 PathOrNone = str | os.PathLike | None
@@ -80,15 +81,15 @@ def quantize_with_summary(
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
     model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration)
-    quantized, summary = quantize_model(model, config)
-    note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in quantized.graph.node) else None
+    summary = quantize_in_place(model, config)  # the model is this call's own (loaded, or a copy of the caller's)
+    note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in model.graph.node) else None
     if note:
         summary.notes.append(note)
     if output is not None:
-        save_model(quantized, output)
+        save_model(model, output)
     if layer_log is not None:
         write_text(layer_log, summary.layer_log(), "--log")
-    return quantized, summary
+    return model, summary
 
 
 def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object) -> onnx.ModelProto:
@@ -113,13 +114,12 @@ def split_with_report(
     activations: bool = False,
     calibration: object = None,
     seed: int = 0,
-) -> tuple[onnx.ModelProto, object]:
+) -> tuple[onnx.ModelProto, SplitReport]:
     """Like :func:`split`, also returning the cost report."""
-
     if activations and calibration is None:
         raise OnnxqError("--activations needs calibration data to place the thresholds; pass --calib data.npz")
     model = _open(model_or_path, {"-o": output}, calibration)
-    model, report = split_model(model, activations=activations, calibration=calibration, seed=seed)
+    report = split_in_place(model, activations=activations, calibration=calibration, seed=seed)
     if output is not None:
         save_model(model, output)
     return model, report

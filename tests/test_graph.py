@@ -138,3 +138,18 @@ def test_inspect_reports_quantized_bytes():
         report = onnxq.inspect(onnxq.quantize(model, bits=4, group_size=64, format=fmt))
         assert report.rows[0].state == "quantized"
         assert report.total_bytes <= float_report.total_bytes * max_fraction
+
+
+def test_copy_model_without_keeps_everything_but_the_named_weights():
+    from onnxq.demo import data_path
+    from onnxq.ir.model import copy_model_without
+
+    model = onnx.load(data_path("digits_cnn.onnx"))
+    assert copy_model_without(model, set()) == model
+    names = {t.name for t in model.graph.initializer if t.raw_data and len(t.raw_data) >= 1024}
+    shell = copy_model_without(model, names)
+    assert [t.name for t in shell.graph.initializer] == [t.name for t in model.graph.initializer]
+    for tensor in shell.graph.initializer:
+        assert (tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data) == (tensor.name in names)
+    assert len(shell.SerializeToString()) < len(model.SerializeToString()) // 10
+    assert list(shell.graph.node) == list(model.graph.node)

@@ -130,6 +130,37 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def copy_model_without(model: onnx.ModelProto, tensors: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the main-graph initializers named in ``tensors`` are data-less placeholders
+    (same name, type and shape, order kept, marked external), for tools that serialize the model (< 2 GB, and no
+    copy of the weights)."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    for tensor in model.graph.initializer:
+        if tensor.name not in tensors:
+            out.graph.initializer.add().CopyFrom(tensor)
+            continue
+        stub = out.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="onnxq-placeholder")
+    return out
+
+
+def _copy_field(target: object, field: object, value: object) -> None:
+    """Copy one set protobuf field (repeated, message or scalar) of a message into ``target``."""
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """Total bytes of all initializers (weights), the measure of model size."""
     return sum(tensor_nbytes(t) for t in model.graph.initializer)

@@ -133,9 +133,16 @@ def activation_inputs(model: onnx.ModelProto) -> list[tuple[int, int, str]]:
 
 def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: object) -> onnx.ModelProto:
     """A copy of ``model`` whose layer activations are fake-quantized per tensor at ``act_bits`` (8 or 4)."""
+    quantized = copy_model(model)
+    activation_qdq_in_place(quantized, act_bits, calibration)
+    return quantized
+
+
+def activation_qdq_in_place(model: onnx.ModelProto, act_bits: int, calibration: object) -> None:
+    """The activation fake-quantization pass: QuantizeLinear→DequantizeLinear per tensor at ``act_bits`` (8 or 4)
+    on every layer activation of ``model``, in place, with ranges calibrated in ORT (recorded in the metadata)."""
     if act_bits not in (4, 8):
         raise OnnxqError(f"--act-bits {act_bits} is not supported; use 8 or 4")
-    model = copy_model(model)
     sites = activation_inputs(model)
     if not sites:
         raise OnnxqError("no layer with a constant weight reads an activation; nothing to fake-quantize")
@@ -171,7 +178,6 @@ def add_activation_qdq(model: onnx.ModelProto, act_bits: int, calibration: objec
     model.graph.node.extend(writer.nodes)
     toposort(model)
     set_metadata(model, ACT_QUANT_METADATA_KEY, json.dumps({"bits": act_bits, "tensors": record}, sort_keys=True))
-    return model
 
 
 def _split_source(

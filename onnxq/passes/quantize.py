@@ -23,7 +23,7 @@ from onnxq.formats.onnxq_op import emit_onnxq
 from onnxq.formats.qdq import emit_qdq, required_opset
 from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
-from onnxq.ir.model import copy_model, model_bytes, opset_version
+from onnxq.ir.model import copy_model, copy_model_without, model_bytes, opset_version, tensor_nbytes
 from onnxq.ir.targets import (
     TARGET_OP_TYPES,
     Skipped,
@@ -32,9 +32,9 @@ from onnxq.ir.targets import (
     find_targets,
     initializer_array,
 )
-from onnxq.passes.activation_quant import add_activation_qdq
+from onnxq.passes.activation_quant import activation_qdq_in_place
 from onnxq.passes.hessian_solve import HessianStore, solve_with_hessian
-from onnxq.passes.splitquant import split_model
+from onnxq.passes.splitquant import split_in_place
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
 from onnxq.solvers.grid import off_grid
@@ -48,6 +48,7 @@ FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = 
     "onnxq": emit_onnxq,
 }
 METHODS = ("rtn", "gptq", "decoupleq")
+PLACEHOLDER_BYTES = 1024  # initializers this large are left out of the model ONNX's version converter sees
 
 
 @dataclass
@@ -183,21 +184,26 @@ class QuantizeSummary:
 
 def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx.ModelProto, QuantizeSummary]:
     """Quantize a copy of ``model``; the input is never modified."""
+    quantized = copy_model(model)
+    return quantized, quantize_in_place(quantized, config)
+
+
+def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> QuantizeSummary:
+    """The quantize pass: rewrite ``model`` in place (split first with ``config.split``, activation QDQ after with
+    ``config.act_bits``); returns what it did."""
     config.validate()
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
-    model = copy_model(model)
     constants_to_initializers(model)
     if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
 
         config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
         summary.notes += config.calibration.notes
     if config.split:
-        model, _ = split_model(model, activations=config.split_activations, calibration=config.calibration,
-                               seed=config.seed)
+        split_in_place(model, activations=config.split_activations, calibration=config.calibration, seed=config.seed)
     report = find_targets(model, config.op_types, config.include, config.exclude)
     if _needs_dequantize_linear(report.targets, config) and opset_version(model) < required_opset(config.bits):
-        model = _with_opset(model, required_opset(config.bits))
+        _convert_opset(model, required_opset(config.bits))
         report = find_targets(model, config.op_types, config.include, config.exclude)
     summary.skipped = report.skipped
     if not report.targets:
@@ -222,11 +228,11 @@ def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
     if config.act_bits is not None:
-        model = add_activation_qdq(model, config.act_bits, config.calibration)
+        activation_qdq_in_place(model, config.act_bits, config.calibration)
     summary.notes += ctx.notes
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
-    return model, summary
+    return summary
 
 
 def _solve_all(
@@ -381,13 +387,15 @@ def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> b
                config.group_size)) is None for t in targets)
 
 
-def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """The model at default-domain opset ≥ ``version`` (ONNX's version converter when needed)."""
+def _convert_opset(model: onnx.ModelProto, version: int) -> None:
+    """Bring ``model`` to default-domain opset ≥ ``version`` in place (ONNX's version converter when needed)."""
     current = opset_version(model)
     if current >= version:
-        return model
+        return
+    weights = {t.name: t for t in model.graph.initializer if tensor_nbytes(t) >= PLACEHOLDER_BYTES}
+    shell = copy_model_without(model, set(weights))  # the converter serializes: keep it under 2 GB and fast
     try:
-        converted = onnx.version_converter.convert_version(model, version)
+        converted = onnx.version_converter.convert_version(shell, version)
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         raise OnnxqError(
             f"qdq format needs opset {version} but the model is opset {current} and ONNX's version converter "
@@ -395,6 +403,9 @@ def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         ) from None
     if converted.ir_version < 10:
         converted.ir_version = 10 if version < 23 else 11
-    return converted
+    for tensor in converted.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(weights[tensor.name])
+    model.CopyFrom(converted)
 
 

@@ -53,12 +53,23 @@ def split_model(
     method: str = "exact",
 ) -> tuple[onnx.ModelProto, SplitReport]:
     """Split a copy of ``model`` (the input is never modified); returns the split model and its report."""
+    split = copy_model(model)
+    return split, split_in_place(split, activations, calibration, seed, method)
+
+
+def split_in_place(
+    model: onnx.ModelProto,
+    activations: bool = False,
+    calibration: object = None,
+    seed: int = 0,
+    method: str = "exact",
+) -> SplitReport:
+    """The SplitQuant pass: rewrite ``model`` in place; returns what it changed."""
     start = time.perf_counter()
     if method not in METHODS:
         raise OnnxqError(f"k-means method '{method}' is unknown; use one of {', '.join(METHODS)}")
     if activations and calibration is None:
         raise OnnxqError("splitting activations needs calibration data to place the thresholds; pass --calib data.npz")
-    model = copy_model(model)
     constants_to_initializers(model)
     report = SplitReport(method=method, seed=seed, nodes_before=len(model.graph.node), bytes_before=model_bytes(model))
 
@@ -73,7 +84,7 @@ def split_model(
     report.nodes_after = len(model.graph.node)
     report.bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - start
-    return model, report
+    return report
 
 
 # ----------------------------------------------------------------------------- activations
