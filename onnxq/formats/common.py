@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.ir.index import NameScope, add_initializer
+from onnxq.ir.index import NameScope, add_initializer, tensor_types
 from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight, expand_groups
 
@@ -27,7 +27,8 @@ class EmitContext:
     def rank(self, tensor: str) -> int:
         """Rank of ``tensor`` from shape inference (run once, on first use); 0 if unknown."""
         if self._ranks is None:
-            self._ranks = infer_ranks(self.model)
+            ranks = tensor_types(self.model).items()
+            self._ranks = {name: rank for name, (_, rank) in ranks if rank is not None}
         return self._ranks.get(tensor, 0)
 
     def add_initializer(self, base: str, values: np.ndarray) -> str:
@@ -41,19 +42,6 @@ class EmitContext:
     def node(self, op_type: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
         domain = attrs.pop("domain", "")
         return helper.make_node(op_type, inputs, outputs, name=self.names.fresh(base), domain=domain, **attrs)
-
-
-def infer_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor ranks from ONNX shape inference (empty if inference fails, e.g. on > 2 GiB models)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - shape inference is best effort
-        inferred = model
-    ranks = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            ranks[v.name] = len(v.type.tensor_type.shape.dim)
-    return ranks
 
 
 @dataclass

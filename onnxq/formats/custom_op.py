@@ -14,12 +14,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.packing import pack_bits
-from onnxq.quantized_weight import QuantizedWeight
+from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
 
 DOMAIN = "onnxq"
 OP_TYPE = "MatMulLowBit"
 OPSET_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -56,7 +55,7 @@ def emit_matmul_lowbit(
         raise ValueError(f"dtype must be float32 or float16, got {dtype}")
     if weight.bits not in SUPPORTED_BITS:
         raise ValueError(f"MatMulLowBit supports bits {SUPPORTED_BITS}, got {weight.bits}")
-    n, k = weight.shape
+    n = weight.shape[0]
     packed, scales, zeros = lowbit_tensors(weight, dtype)
     initializers = [
         numpy_helper.from_array(packed, f"{name_prefix}_B"),
@@ -70,15 +69,12 @@ def emit_matmul_lowbit(
             raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
         initializers.append(numpy_helper.from_array(bias.astype(dtype), f"{name_prefix}_bias"))
         inputs.append(initializers[-1].name)
-    node = helper.make_node(
-        OP_TYPE,
-        inputs,
-        [output_name],
-        name=name_prefix,
-        domain=DOMAIN,
-        K=k,
-        N=n,
-        bits=weight.bits,
-        group_size=weight.group_size,
-    )
-    return [node], initializers
+    return [lowbit_node(inputs, output_name, weight, name_prefix)], initializers
+
+
+def lowbit_node(inputs: list[str], output: str, weight: QuantizedWeight, name: str) -> onnx.NodeProto:
+    """The MatMulLowBit node reading ``inputs`` (A, B, scales, zeros[, bias]) for ``weight`` (its K, N, bits and
+    group size)."""
+    n, k = weight.shape
+    return helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN, K=k, N=n, bits=weight.bits,
+                            group_size=weight.group_size)

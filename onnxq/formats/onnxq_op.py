@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 
 from onnxq.formats.common import EmitContext, Rewrite, float_dtype
-from onnxq.formats.custom_op import DOMAIN, OP_TYPE, lowbit_tensors
+from onnxq.formats.custom_op import OP_TYPE, lowbit_node, lowbit_tensors
 from onnxq.formats.matmulnbits import emit_fused_product, fused_product_unsupported
 from onnxq.formats.qdq import emit_qdq
 from onnxq.ir.index import attribute
@@ -33,9 +33,7 @@ def emit_onnxq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite
             ctx.cache[key] = (ctx.add_initializer(f"{base}_lowbit", packed),
                               ctx.add_initializer(f"{base}_scale", scales),
                               ctx.add_initializer(f"{base}_zero", zeros))
-        inputs = list(ctx.cache[key]) + ([bias] if bias else [])
-        n, k = weight.shape
-        return ctx.node(OP_TYPE, [a_input, *inputs], [output], f"{target.name}_{OP_TYPE}", domain=DOMAIN,
-                        K=k, N=n, bits=weight.bits, group_size=weight.group_size)
+        inputs = [a_input, *ctx.cache[key]] + ([bias] if bias else [])
+        return lowbit_node(inputs, output, weight, ctx.names.fresh(f"{target.name}_{OP_TYPE}"))
 
     return emit_fused_product(target, qw, ctx, build, carries_offsets=True)

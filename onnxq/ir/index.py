@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.errors import OnnxqError
+from onnxq.ir.model import copy_model_without, tensor_nbytes
 
 
 def attribute(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -150,3 +151,24 @@ def add_initializer(model: onnx.ModelProto, names: NameScope, base: str, values:
     name = names.fresh(base)
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
     return name
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
+    """``{tensor: (element type, rank or None)}`` for every tensor ONNX shape inference can type (best effort: the
+    graph's own declarations when inference fails). Inference runs on a weight-less copy, so > 2 GB models work."""
+    shell = copy_model_without(model, {t.name for t in model.graph.initializer if tensor_nbytes(t) >= 1024})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shell)
+    except Exception:  # noqa: BLE001 - best effort (custom ops, unusual graphs)
+        inferred = shell
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor = v.type.tensor_type if v.type.HasField("tensor_type") else None
+        if tensor is not None and (tensor.elem_type or tensor.HasField("shape")):
+            types[v.name] = (tensor.elem_type, len(tensor.shape.dim) if tensor.HasField("shape") else None)
+    return types
+
+
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """``{tensor: ONNX element type}`` of every tensor :func:`tensor_types` can type."""
+    return {name: elem for name, (elem, _) in tensor_types(model).items() if elem}

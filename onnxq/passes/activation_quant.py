@@ -24,7 +24,7 @@ from onnxq.calibration.data import iter_batches
 from onnxq.calibration.sessions import SessionFactory, run_session
 from onnxq.errors import OnnxqError
 from onnxq.formats.custom_op import OP_TYPE as CUSTOM_OP_TYPE
-from onnxq.ir.index import NameScope, toposort
+from onnxq.ir.index import NameScope, element_types, toposort
 from onnxq.ir.metadata import ACT_QUANT_METADATA_KEY, set_metadata, split_activations
 from onnxq.ir.model import copy_model, opset_version
 
@@ -155,7 +155,7 @@ def activation_qdq_in_place(model: onnx.ModelProto, act_bits: int, calibration: 
     measured = [b for t in tensors for b in (splits[sources[t][0]]["branches"] if sources[t] else [t])]
     ranges = calibrated_ranges(model, calibration, measured)
     ranges.update({t: (0.0, 0.0) for t in measured if t not in ranges})  # never seen a value: zero range
-    dtypes = elem_types(model)
+    dtypes = element_types(model)
 
     writer = _QdqWriter(model, act_bits, dtypes)
     replacement: dict[str, str] = {}  # activation → the tensor layers read instead
@@ -267,16 +267,3 @@ class _QdqWriter:
             total = out
         self.nodes.extend(nodes)
         return total
-
-
-def elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can type (best effort)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - best effort (custom ops, huge models)
-        inferred = model
-    types = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            types[v.name] = v.type.tensor_type.elem_type
-    return types

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.ir.index import NameScope, add_initializer, node_name, replace_nodes
+from onnxq.ir.index import NameScope, add_initializer, element_types, node_name, replace_nodes
 from onnxq.ir.metadata import (
     SPLIT_ACTIVATIONS_METADATA_KEY,
     set_metadata,
@@ -19,7 +19,7 @@ from onnxq.ir.metadata import (
 )
 from onnxq.ir.model import opset_version
 from onnxq.ir.targets import Skipped
-from onnxq.passes.activation_quant import elem_types, run_calibration
+from onnxq.passes.activation_quant import run_calibration
 from onnxq.passes.split_report import BRANCH_NAMES, SplitActivation, SplitReport
 from onnxq.solvers.kmeans1d import kmeans_1d
 
@@ -169,7 +169,7 @@ def split_activation_sites(model: onnx.ModelProto, sites: list[ActivationSite], 
     """Rename each activation output ``y`` to ``y_unsplit`` and rebuild ``y`` as the sum of three ranges."""
     graph = model.graph
     names = NameScope(model)
-    types = elem_types(model)
+    types = element_types(model)
     producer_index = {o: i for i, n in enumerate(graph.node) for o in n.output}
     record = split_activations(model)
     after: dict[int, list[onnx.NodeProto]] = {}
