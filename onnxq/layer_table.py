@@ -1,4 +1,4 @@
-"""``onnxq inspect``: a table of quantizable (and already quantized) layers with their bytes."""
+"""The table behind ``onnxq inspect``: quantizable (and already quantized) layers with their bytes."""
 
 from __future__ import annotations
 

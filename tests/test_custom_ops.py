@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from onnxq import custom_ops
 from onnxq.errors import OnnxqError
-from onnxq.formats.custom_op import DOMAIN, OPSET_VERSION, emit_matmul_lowbit, lowbit_tensors
+from onnxq.formats.lowbit_layout import DOMAIN, OPSET_VERSION, emit_matmul_lowbit, lowbit_tensors
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.rtn import quantize_rtn
 

@@ -19,7 +19,7 @@ import pytest
 
 from onnxq import custom_ops
 from onnxq.errors import OnnxqError
-from onnxq.formats.custom_op import DOMAIN, OP_TYPE, emit_matmul_lowbit, lowbit_tensors
+from onnxq.formats.lowbit_layout import DOMAIN, OP_TYPE, emit_matmul_lowbit, lowbit_tensors
 from onnxq.packing import unpack_bits
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.rtn import quantize_rtn

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from onnxq.custom_ops import library_path
 from onnxq.errors import OnnxqError
-from onnxq.formats.custom_op import DOMAIN as CUSTOM_OP_DOMAIN
+from onnxq.formats.lowbit_layout import DOMAIN as CUSTOM_OP_DOMAIN
 from onnxq.ir.index import backward_slice, reads
 
 Feed = dict[str, np.ndarray]  # input name → array, one batch

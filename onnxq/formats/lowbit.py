@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 
 from onnxq.formats.common import EmitContext, Rewrite, float_dtype
-from onnxq.formats.custom_op import OP_TYPE, lowbit_node, lowbit_tensors
+from onnxq.formats.lowbit_layout import OP_TYPE, lowbit_node, lowbit_tensors
 from onnxq.formats.matmulnbits import emit_fused_product, fused_product_unsupported
 from onnxq.formats.qdq import emit_qdq
 from onnxq.ir.index import attribute

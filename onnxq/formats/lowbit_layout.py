@@ -1,4 +1,4 @@
-"""``onnxq`` format: the custom op ``onnxq::MatMulLowBit`` computing ``Y = A·dequant(B)ᵀ (+ bias)``.
+"""``onnxq`` format layout: the custom op ``onnxq::MatMulLowBit`` computing ``Y = A·dequant(B)ᵀ (+ bias)``.
 
 Layout (docs/custom_ops.md): B uint8 ``[N, G, ceil(group·bits/8)]`` with codes LSB-first along K and K
 padded to ``G·group`` with zero codes; scales and zeros ``[N, G]`` in the activation dtype;

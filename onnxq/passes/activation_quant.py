@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from onnxq.calibration.data import iter_batches
 from onnxq.calibration.sessions import SessionFactory, run_session
 from onnxq.errors import OnnxqError
-from onnxq.formats.custom_op import OP_TYPE as CUSTOM_OP_TYPE
+from onnxq.formats.lowbit_layout import OP_TYPE as CUSTOM_OP_TYPE
 from onnxq.ir.index import NameScope, element_types, toposort
 from onnxq.ir.metadata import ACT_QUANT_METADATA_KEY, set_metadata, split_activations
 from onnxq.ir.model import copy_model, opset_version

@@ -18,8 +18,8 @@ from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
+from onnxq.formats.lowbit import emit_onnxq
 from onnxq.formats.matmulnbits import block_size_for, emit_matmulnbits
-from onnxq.formats.onnxq_op import emit_onnxq
 from onnxq.formats.qdq import emit_qdq, required_opset
 from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
