@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import custom_ops
-from onnxq.formats.custom_op import DOMAIN, OPSET_VERSION, emit_matmul_lowbit
+from onnxq.formats.lowbit_layout import DOMAIN, OPSET_VERSION, emit_matmul_lowbit
 from onnxq.packing import pack_bits
 from onnxq.quantized_weight import QuantizedWeight
 

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import custom_ops
 from onnxq.errors import OnnxqError
-from onnxq.formats.custom_op import DOMAIN, OPSET_VERSION, emit_matmul_lowbit, lowbit_tensors
+from onnxq.formats.lowbit_layout import DOMAIN, OPSET_VERSION, emit_matmul_lowbit, lowbit_tensors
 from onnxq.packing import pack_bits
 from onnxq.quantized_weight import QuantizedWeight
 
