@@ -330,3 +330,69 @@ def test_zero_size_weight_is_skipped_with_a_reason(shape):
     assert [r.name for r in summary.layers] == ["real"]
     assert any(s.name == "empty" and "is empty" in s.reason for s in summary.skipped)
     onnx.checker.check_model(quantized)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_unknown_unnamed_dims_survive_ort_constant_folding(fmt):
+    """A MatMul on ``[?, ?, 64]`` (no dim names) followed by ``Reshape(y, [Shape(y)[0], -1, 4, 12])``, the head split
+    of optimum's attention. MatMulLowBit's shape inference gave the unknown dims the value -1, ORT folded
+    ``Shape(y)[0]`` to -1 and refused the Reshape ("multiple -1 dimensions") under ORT_ENABLE_ALL."""
+    _needs_library(fmt)
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axis"], ["b1"]),
+             helper.make_node("Concat", ["b1", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["y", "shape"], ["z"], name="heads")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis"),
+             numpy_helper.from_array(np.array([-1, 4, 12], np.int64), "rest")]
+    model = _model(nodes, [_value("x", [None, None, 64])], [_value("z", [None, None, 4, 12])], inits, opset=17,
+                   ir_version=8)
+    quantized = onnxq.quantize(model, bits=8, group_size=-1, format=fmt)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    expected = (x.astype(np.float64) @ w).reshape(2, -1, 4, 12)
+    for level in LEVELS:
+        got = _run_any(quantized, {"x": x}, level)[0]
+        assert got.shape == (2, 3, 4, 12) and frobenius_error(got, expected) <= 0.01, level
+
+
+def test_conv_transpose_is_listed_as_skipped():
+    rng = np.random.default_rng(10)
+    model = _model([helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+                    helper.make_node("ConvTranspose", ["h", "wt"], ["y"], name="up", strides=[2, 2])],
+                   [_value("x", ["N", 4, 8, 8])], [_value("y", ["N", 2, 17, 17])],
+                   [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w"),
+                    numpy_helper.from_array(rng.standard_normal((8, 2, 3, 3)).astype(np.float32), "wt")],
+                   opset=17, ir_version=8)
+    _, summary = onnxq.quantize_with_summary(model, bits=8, group_size=-1, format="qdq")
+    assert [r.name for r in summary.layers] == ["conv"]
+    assert [(s.name, s.op_type) for s in summary.skipped] == [("up", "ConvTranspose")]
+    assert [r.name for r in onnxq.inspect(model).rows] == ["conv"]
+
+
+def test_a_model_whose_weights_are_all_inside_subgraphs_is_refused_with_the_reason():
+    rng = np.random.default_rng(11)
+    body = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="inner")], "then", [],
+                             [_value("t", ["M", 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_value("e", ["M", 8])])
+    model = _model([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=body, else_branch=other)],
+                   [_value("x", ["M", 8]), _value("cond", [], TensorProto.BOOL)], [_value("y", ["M", 8])],
+                   [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    with pytest.raises(OnnxqError, match=r"1 layers skipped, e\.g\. 'inner' \(inside the 'then_branch' subgraph"):
+        onnxq.quantize(model, bits=8)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_batch_declared_as_minus_one_calibrates(sequential):
+    """paddle2onnx declares a dynamic batch as ``dim_value: -1``; it was taken as a fixed batch of -1 ("calibration
+    data holds no batches", or a traceback without sequential calibration)."""
+    model, w = positive_matmul_model(k=32, n=8)
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    x = np.random.default_rng(12).standard_normal((20, 32)).astype(np.float32)
+    quantized = onnxq.quantize(model, method="decoupleq", bits=4, group_size=16, calibration={"x": x},
+                               sequential=sequential)
+    assert frobenius_error(session(quantized).run(None, {"x": x})[0], x.astype(np.float64) @ w) <= 0.05

@@ -50,7 +50,8 @@ class InputSpec:
 
     @property
     def fixed_batch(self) -> int | None:
-        if self.dims and isinstance(self.dims[0], int):
+        """The batch the model fixes on axis 0: a positive dim (paddle2onnx writes -1 for a dynamic one)."""
+        if self.dims and isinstance(self.dims[0], int) and self.dims[0] > 0:
             return self.dims[0]
         return None
 

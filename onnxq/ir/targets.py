@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from onnxq.ir.index import attribute, node_name, replace_nodes
 
 TARGET_OP_TYPES = ("MatMul", "Gemm", "Conv")
+UNSUPPORTED_WEIGHT_OPS = ("ConvTranspose",)  # read a constant weight, listed as skipped
 
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -135,6 +136,9 @@ def find_targets(
     for index, node in enumerate(graph.node):
         if node.op_type not in TARGET_OP_TYPES:
             _note_subgraphs(node, op_types, report)
+            if node.op_type in UNSUPPORTED_WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
+                report.skipped.append(Skipped(node_name(node), node.op_type,
+                                              f"{node.op_type} is not quantized by onnxq (left in float)"))
             continue
         name = node_name(node)
         if node.op_type not in op_types:

@@ -210,7 +210,7 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         raise OnnxqError(
             "no quantizable layers found (MatMul/Gemm/Conv with a constant weight"
             + (", matching --include/--exclude/--op-types" if config.include or config.exclude else "")
-            + "); run 'onnxq inspect' to see why"
+            + ")" + _skipped_hint(report.skipped) + "; run 'onnxq inspect' to see why"
         )
     branch_nodes = split_branch_nodes(model)
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
@@ -233,6 +233,14 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _skipped_hint(skipped: list[Skipped]) -> str:
+    """``: N layers skipped, e.g. 'name' (reason)`` for the no-targets error (empty when nothing was skipped)."""
+    if not skipped:
+        return ""
+    first = skipped[0]
+    return f": {len(skipped)} layers skipped, e.g. '{first.name}' ({first.reason})"
 
 
 def _solve_all(

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include <new>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -338,8 +339,20 @@ OrtStatus* ORT_API_CALL infer_shape(const OrtCustomOp* /*op*/, OrtShapeInferCont
   std::vector<const char*> symbols(rank, nullptr);
   if (!status && rank) status = g_api->GetDimensions(a_info, dims.data(), rank);
   if (!status && rank) status = g_api->GetSymbolicDimensions(a_info, symbols.data(), rank);
+  // An unknown dim without a name must stay unknown: ORT reads (-1, "") on an output as the value -1 and folds
+  // Shape(Y) into constants with -1 in them (a later Reshape then sees two -1s), so each gets a fresh symbol.
+  static std::atomic<uint64_t> unknown_dims{0};
   std::vector<std::string> symbol_names;
-  for (const char* s : symbols) symbol_names.emplace_back(s ? s : "");
+  for (size_t i = 0; i < rank; ++i) {
+    const char* s = symbols[i];
+    if (s && *s) {
+      symbol_names.emplace_back(s);
+    } else if (dims[i] < 0) {
+      symbol_names.emplace_back("onnxq_unknown_" + std::to_string(unknown_dims.fetch_add(1)));
+    } else {
+      symbol_names.emplace_back("");
+    }
+  }
   // a_info is owned by the inference context: not released here.
   if (status || rank == 0) return status;  // unknown rank: leave the output shape unknown
 
