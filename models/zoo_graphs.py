@@ -90,9 +90,12 @@ def constant_weights() -> tuple[onnx.ModelProto, Feeds]:
 
 
 def if_branches() -> tuple[onnx.ModelProto, Feeds]:
-    """``If``: the then-branch reads an outer-scope initializer, the else-branch a Constant defined inside it."""
+    """``If``: the then-branch reads an outer-scope initializer, the else-branch a Constant defined inside it; the
+    main graph also reads the outer initializer (``y_main = x @ W``), so that layer is quantized and the branches
+    must keep reading the float weight."""
     b = _Builder(2)
     outer = b.weight("w_outer", (64, 48))
+    b.node("MatMul", ["x", outer], "y_main")
     then_graph = helper.make_graph([helper.make_node("MatMul", ["x", outer], ["y_then"], name="then/MatMul")],
                                    "then", [], [helper.make_tensor_value_info("y_then", FLOAT, None)])
     inner = _Builder(3)
@@ -102,15 +105,17 @@ def if_branches() -> tuple[onnx.ModelProto, Feeds]:
     flag = b.node("ReduceSum", ["x"], "sum", keepdims=0)
     flag = b.node("Greater", [flag, b.constant("zero", np.array(0.0, np.float32))], "positive")
     b.node("If", [flag], "y", then_branch=then_graph, else_branch=else_graph)
-    model = b.model({"x": ["M", 64]}, ["y"])
+    model = b.model({"x": ["M", 64]}, ["y", "y_main"])
     feeds = _normal(2, x=(BATCH, 64))
     return model, feeds
 
 
 def loop_body() -> tuple[onnx.ModelProto, Feeds]:
-    """``Loop`` (3 trips) whose body computes ``h ← tanh(h @ W)`` with ``W`` an outer-scope initializer."""
+    """``Loop`` (3 trips) whose body computes ``h ← tanh(h @ W)`` with ``W`` an outer-scope initializer, started
+    from ``h₀ = x @ W`` in the main graph (quantized; the body keeps the float ``W``)."""
     b = _Builder(4)
     w = b.weight("w_loop", (32, 32), scale=1.5 / np.sqrt(32))
+    start = b.node("MatMul", ["x", w], "h0")
     body = helper.make_graph(
         [helper.make_node("MatMul", ["h_in", w], ["h_mm"], name="body/MatMul"),
          helper.make_node("Tanh", ["h_mm"], ["h_out"], name="body/Tanh"),
@@ -124,7 +129,7 @@ def loop_body() -> tuple[onnx.ModelProto, Feeds]:
     )
     trips = b.constant("trips", np.array(3, np.int64))
     keep = b.constant("keep", np.array(True))
-    b.node("Loop", [trips, keep, "x"], "y", body=body)
+    b.node("Loop", [trips, keep, start], "y", body=body)
     return b.model({"x": ["M", 32]}, {"y": ["M", 32]}), _normal(4, x=(BATCH, 32))
 
 
