@@ -2,12 +2,12 @@
 ``onnx.helper`` (random weights, seeded).
 
 Every builder returns ``(model, feeds)``; :data:`SYNTHETIC` maps a zoo name to its builder. The cases: weights as
-``Constant`` nodes; weights used only inside ``If``/``Loop`` bodies (an outer-scope initializer, and a Constant
-inside the branch); one weight shared by two MatMuls; one weight read as ``MatMul(x, W)`` and as
-``Gemm(z, W, transB=1)``; a weight that is also a graph output; a left-operand weight (``W @ x``); Gemm with
-transA/transB/alpha/beta; Conv1d (stride, dilation); grouped Conv; depthwise Conv whose channels are one-signed;
-ConvTranspose; 3-D batched MatMul weights; activations with unnamed dims;
-a batch declared as ``dim_value -1`` (paddle2onnx); initializers also listed as graph inputs (IR 3); opset 13 and 23.
+``Constant`` nodes; weights used inside ``If``/``Loop`` bodies (an outer-scope initializer also read by a
+main-graph MatMul, and a Constant inside the branch); one weight shared by two MatMuls; one weight read as
+``MatMul(x, W)`` and as ``Gemm(z, W, transB=1)``; a weight that is also a graph output; a left-operand weight
+(``W @ x``); Gemm with transA/transB/alpha/beta; Conv1d (stride, dilation); grouped Conv; depthwise Conv whose
+channels are one-signed; ConvTranspose; 3-D batched MatMul weights; activations with unnamed dims; a batch declared
+as ``dim_value -1`` (paddle2onnx); initializers also listed as graph inputs (IR 3); opset 13 and 23.
 """
 
 from __future__ import annotations
