@@ -107,16 +107,21 @@ def correlated_hessian(k: int, seed: int) -> np.ndarray:
     return x.T @ x
 
 
+HESSIAN_CASES = {  # a weight family, bits, K, group size and seed for the H-weighted comparisons with RTN
+    "kind": st.sampled_from(("mixed", "positive", "negative", "constant", "one-outlier")),
+    "bits": st.sampled_from(BITS),
+    "k": st.integers(2, 40),
+    "group_size": st.sampled_from([-1, 4, 7, 16]),
+    "seed": st.integers(0, 2**16),
+}
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
-    kind=st.sampled_from(("mixed", "positive", "negative", "constant", "one-outlier")),
-    bits=st.sampled_from(BITS),
-    k=st.integers(2, 40),
-    group_size=st.sampled_from([-1, 4, 7, 16]),
+    **HESSIAN_CASES,
     symmetric=st.booleans(),
     zero_convention=st.sampled_from(["integer", "float"]),
     act_order=st.booleans(),
-    seed=st.integers(0, 2**16),
 )
 def test_gptq_loss_never_worse_than_rtn(kind, bits, k, group_size, symmetric, zero_convention, act_order, seed):
     weight = make_weight(kind, 5, k, seed)
@@ -128,13 +133,7 @@ def test_gptq_loss_never_worse_than_rtn(kind, bits, k, group_size, symmetric, ze
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(
-    kind=st.sampled_from(("mixed", "positive", "negative", "constant", "one-outlier")),
-    bits=st.sampled_from(BITS),
-    k=st.integers(2, 40),
-    group_size=st.sampled_from([-1, 4, 7, 16]),
-    seed=st.integers(0, 2**16),
-)
+@given(**HESSIAN_CASES)
 def test_decoupleq_loss_never_worse_than_rtn(kind, bits, k, group_size, seed):
     weight = make_weight(kind, 5, k, seed)
     hessian = correlated_hessian(k, seed)
