@@ -43,7 +43,6 @@ def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None =
 def _calibration_files(calibration: object) -> list[Path]:
     if not isinstance(calibration, (str, os.PathLike)):
         return []
-
     return load_calibration(calibration)
 
 

@@ -302,32 +302,33 @@ def _solve_one(
     else:
         zero_mask = None
     losses: tuple[float | None, float | None] = (None, None)
+    # a split branch's zeros are always on the grid, so shrinking its range costs them nothing:
+    # branches get the MSE range search by default (docs/splitquant.md measures why)
+    clip = config.clip_search or zero_mask is not None
     if config.method == "rtn":
-        # a split branch's zeros are always on the grid, so shrinking its range costs them nothing:
-        # branches get the MSE range search by default (docs/splitquant.md measures why)
-        clip = config.clip_search or zero_mask is not None
         qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, clip,
                           scale_dtype=scale_dtype)
-        _check_grid(target, weight, qw, scale_dtype, clip, summary)
     else:
         qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention,
                                         scale_dtype)
     if target.dtype == onnx.TensorProto.FLOAT16:
         qw = _round_to_float16(qw)
-    err = float(np.linalg.norm(qw.dequantize(np.float64) - weight) / max(np.linalg.norm(weight), 1e-30))
+    dequantized = qw.dequantize(np.float64)
+    if config.method == "rtn" and not clip:
+        _check_grid(target, weight, qw, dequantized, scale_dtype, summary)
+    err = float(np.linalg.norm(dequantized - weight) / max(np.linalg.norm(weight), 1e-30))
     summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
                                       config.format, err, *losses))
     return qw
 
 
 def _check_grid(
-    target: Target, weight: np.ndarray, qw: QuantizedWeight, dtype: type, clipped: bool, summary: QuantizeSummary
+    target: Target, weight: np.ndarray, qw: QuantizedWeight, dequantized: np.ndarray, dtype: type,
+    summary: QuantizeSummary,
 ) -> None:
     """Warn, naming the layer, when a round-to-nearest weight is off its own grid by more than half a step
     (it cannot be unless the range was shrunk on purpose: a failing check is a bug to report)."""
-    if clipped:
-        return
-    bad = off_grid(weight, qw, dtype)
+    bad = off_grid(weight, qw, dtype, dequantized)
     if bad.any():
         summary.notes.append(f"WARNING: layer '{target.name}': {int(bad.sum())} of {bad.size} weights are off their "
                              "grid by more than half a step (a bug: please report it with the model)")

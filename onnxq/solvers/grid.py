@@ -95,12 +95,20 @@ def nearest_codes(
     return np.where(np.isnan(codes), zero_points, codes)
 
 
-def off_grid(weight: np.ndarray, quantized: QuantizedWeight, dtype: np.dtype | type = np.float32) -> np.ndarray:
+def off_grid(
+    weight: np.ndarray,
+    quantized: QuantizedWeight,
+    dtype: np.dtype | type = np.float32,
+    dequantized: np.ndarray | None = None,
+) -> np.ndarray:
     """Bool ``[N, K]``: where ``|w − ŵ|`` exceeds half a step, ``|s|/2``, plus the storage precision of ``w``
-    and ``z`` (``4·eps(dtype)·(|w| + |z|)``).  Never set for round-to-nearest on a min/max grid."""
+    and ``z`` (``4·eps(dtype)·(|w| + |z|)``).  Never set for round-to-nearest on a min/max grid.  ``dequantized``:
+    ``quantized.dequantize(np.float64)`` when the caller has it already."""
     k = quantized.shape[1]
     step = np.abs(expand_groups(quantized.scales.astype(np.float64), k, quantized.group_size))
     zeros = 0.0 if quantized.offsets is None else expand_groups(quantized.offsets, k, quantized.group_size)
     weight = np.asarray(weight, dtype=np.float64)
     tolerance = 4.0 * float(np.finfo(dtype).eps) * (np.abs(weight) + np.abs(zeros))
-    return np.abs(weight - quantized.dequantize(np.float64)) > 0.5 * step + tolerance
+    if dequantized is None:
+        dequantized = quantized.dequantize(np.float64)
+    return np.abs(weight - dequantized) > 0.5 * step + tolerance
