@@ -106,3 +106,15 @@ def select_rows(take_other: np.ndarray, base: QuantizedWeight, other: QuantizedW
         bits=base.bits,
         group_size=base.group_size,
     )
+
+
+def stack_rows(pieces: list[QuantizedWeight]) -> QuantizedWeight:
+    """Concatenate quantized weights along N (same bits and group size; a missing float zero counts as 0)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    offsets = None
+    if any(p.offsets is not None for p in pieces):
+        offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in pieces])
+    return QuantizedWeight(np.concatenate([p.codes for p in pieces]), np.concatenate([p.scales for p in pieces]),
+                           np.concatenate([p.zero_points for p in pieces]), offsets, pieces[0].bits,
+                           pieces[0].group_size)

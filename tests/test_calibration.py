@@ -565,7 +565,7 @@ def test_digits_hessians_are_psd_and_match_mean_squares(kind):
         if target.op_type == "Conv":
             # centre taps of the kernel see every input pixel exactly once at stride 1; in general compare the
             # per-channel energy: Σ_rows patch² at the centre tap ≤ Σ x² and = for stride 1 'same' padding
-            groups = target.groups
+            groups = target.conv_groups
             kh, kw = target.weight_shape[2:]
             centre = [c * kh * kw + (kh // 2) * kw + kw // 2 for c in range(h.shape[-1] // (kh * kw))]
             per_channel = np.concatenate([np.diag(g)[centre] for g in h])

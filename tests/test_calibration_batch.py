@@ -136,7 +136,8 @@ def test_sequential_hessians_and_float_targets_of_batch_one_equal_batch_eight():
     calib = DATA_DIR / "digits_calib.npz"
     steps = {}
     for size in (1, 8):
-        sequential = SequentialCalibration(model, groups, iter_batches(calib, size, model=model), reference=model)
+        sequential = SequentialCalibration(model, groups, iter_batches(calib, size, model=model),
+                                           float_targets=True)
         try:
             steps[size] = [sequential.step(index) for index in range(len(groups))]
         finally:
@@ -144,7 +145,7 @@ def test_sequential_hessians_and_float_targets_of_batch_one_equal_batch_eight():
     for (h1, _, c1), (h8, _, c8) in zip(steps[1], steps[8], strict=True):
         for key in h8:
             assert np.abs(h1[key] - h8[key]).max() <= 1e-6 * np.abs(h8[key]).max()
-        assert c1.keys() == c8.keys()  # nothing solved yet: the reference equals the working model (no C)
+        assert c1.keys() == c8.keys()  # nothing committed: the float inputs equal the quantized ones (no C)
 
 
 # ----------------------------------------------------------------------------- every consumer

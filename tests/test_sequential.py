@@ -15,7 +15,7 @@ from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.stream import collect_hessians
 from onnxq.ir.model import copy_model
 from onnxq.ir.targets import find_targets, initializer_array
-from onnxq.passes.quantize import _write_dequantized, sequential_groups
+from onnxq.passes.quantize import sequential_groups
 from onnxq.solvers.rtn import quantize_rtn
 
 
@@ -26,7 +26,7 @@ def _sequential_against_rerun(model: onnx.ModelProto, calibration: dict, memory_
     groups = sequential_groups(targets)
     working = copy_model(model)
     batches = iter_batches(calibration, batch_size=4, model=model)
-    sequential = SequentialCalibration(working, groups, batches, memory_limit)
+    sequential = SequentialCalibration(model, groups, batches, memory_limit)
     worst, float_h = 0.0, collect_hessians(model, targets, batches)[0]
     last = {}
     try:
@@ -41,7 +41,7 @@ def _sequential_against_rerun(model: onnx.ModelProto, calibration: dict, memory_
                 last[key] = h
             for target in group:
                 weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
-                _write_dequantized(working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
+                _commit(sequential, working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
     finally:
         sequential.close()
     return worst, sequential, float_h, last
@@ -64,7 +64,7 @@ def test_steps_out_of_order_are_refused():
     model = graphs.residual_model()
     groups = sequential_groups(find_targets(model).targets)
     batches = iter_batches({"x": np.ones((2, 24), np.float32)}, model=model)
-    sequential = SequentialCalibration(copy_model(model), groups, batches)
+    sequential = SequentialCalibration(model, groups, batches)
     with pytest.raises(ValueError, match="in order"):
         sequential.step(1)
     sequential.close()
@@ -97,13 +97,14 @@ def test_minilm_steps_match_full_rerun():
 
 
 def test_cross_terms_pair_quantized_and_float_inputs():
-    """With a reference model, C = Σ xᵀx_float for every layer input that a solved weight changed."""
+    """With float targets, C = Σ xᵀx_float for every layer input that a solved weight changed."""
     model = graphs.residual_model()
     x = np.random.default_rng(3).standard_normal((10, 24)).astype(np.float32)
     groups = sequential_groups(find_targets(model).targets)
     working = copy_model(model)
     batches = iter_batches({"x": x}, batch_size=4, model=model)
-    sequential = SequentialCalibration(working, groups, batches, reference=model)
+    before = model.SerializeToString()
+    sequential = SequentialCalibration(model, groups, batches, float_targets=True)
     float_inputs = _values(model, {"x": x})
     try:
         for index, group in enumerate(groups):
@@ -118,10 +119,20 @@ def test_cross_terms_pair_quantized_and_float_inputs():
                     np.testing.assert_allclose(crosses[key], xq.T.astype(np.float64) @ xf, rtol=1e-5, atol=1e-4)
             for target in group:
                 weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
-                _write_dequantized(working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
+                _commit(sequential, working, target, quantize_rtn(weight.astype(np.float64), 2, 8, False, "float"))
     finally:
         sequential.close()
-    assert sequential.reference_store.peak_bytes > 0
+    assert sequential.float_store.peak_bytes > 0
+    assert model.SerializeToString() == before  # the model is only read
+
+
+def _commit(sequential: SequentialCalibration, working: onnx.ModelProto, target, qw) -> None:
+    """Hand the solved weight to ``sequential`` and write it into the test's own copy of the model."""
+    values = target.initializer_from_matrix(qw.dequantize(np.float32))
+    sequential.commit(target.weight_name, values)
+    for tensor in working.graph.initializer:
+        if tensor.name == target.weight_name:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
 
 
 def _values(model: onnx.ModelProto, feed: dict) -> dict[str, np.ndarray]:

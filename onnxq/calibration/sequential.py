@@ -1,9 +1,10 @@
 """Sequential calibration: each layer group's ``H`` from the activations of the already-quantized earlier groups.
 
-Groups are solved in graph order; before group ``i`` is calibrated, the weights of groups ``< i`` hold their
-dequantized values (the caller writes them into the working model).  A tensor is *stale* while it depends on a
-weight that is still to be solved (groups ``≥ i``), *settled* otherwise.  The *frontier* ``F_i`` is the set of
-settled, computed tensors that stale nodes still need (on the way to a later group's input).  Its values are kept
+Layer groups are solved in graph order; before group ``i`` is calibrated, the weights of groups ``< i`` hold their
+dequantized values: the caller hands each solved weight back with :meth:`SequentialCalibration.commit`, which
+replaces it in this object's own table of weights (the model itself is never changed).  A tensor is *stale* while it
+depends on a weight that is still to be solved (groups ``≥ i``), *settled* otherwise.  The *frontier* ``F_i`` is the
+set of settled, computed tensors that stale nodes still need (on the way to a later group's input).  Its values are kept
 for every calibration batch, so step ``i`` runs only the nodes whose outputs settled since step ``i − 1``, fed by
 ``F_{i−1}`` and the graph inputs: over all steps every node runs once, i.e. sequential calibration costs one
 forward pass over the calibration data, the same as calibrating every layer on float inputs.
@@ -26,13 +27,7 @@ import onnx
 from onnxq.calibration.data import CalibrationBatches, model_input_specs
 from onnxq.calibration.keys import HessianKey, plan_keys
 from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, model_shell, open_session, run_session
-from onnxq.calibration.stream import (
-    REFERENCE_SUFFIX,
-    CalibrationStats,
-    accumulate_pass,
-    finish_pass,
-    process_cpu_seconds,
-)
+from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, process_cpu_seconds
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import Target
 
@@ -91,40 +86,47 @@ class FrontierStore:
 
 
 class SequentialCalibration:
-    """``step(i)`` returns the Hessians of group ``i``'s layers, computed on the model as it is now.
+    """``step(i)`` returns the Hessians of layer group ``i``, computed with the weights committed so far.
 
-    ``model`` is the working model: the caller writes each solved group's dequantized weights into it before the
-    next step.  Steps must be taken in order ``0, 1, 2, …``.
+    ``model`` is only read.  After solving group ``i``, the caller passes each solved weight to :meth:`commit`
+    before ``step(i + 1)``.  Steps must be taken in order ``0, 1, 2, …``.  With ``float_targets`` each step also
+    runs the float model (the original weights) and returns ``C = Σ xᵀx_float`` per key.
     """
 
     def __init__(
         self,
         model: onnx.ModelProto,
-        groups: list[list[Target]],
+        layer_groups: list[list[Target]],
         batches: CalibrationBatches,
         memory_limit: int | None = None,
         threads: int = ORT_THREADS,
-        reference: onnx.ModelProto | None = None,
+        float_targets: bool = False,
     ) -> None:
-        self.model, self.groups, self.batches, self.threads = model, groups, batches, threads
-        self.reference = reference
+        self.model, self.layer_groups, self.batches, self.threads = model, layer_groups, batches, threads
+        self.float_targets = float_targets
         limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
-        self.store = FrontierStore(limit if reference is None else limit // 2)
-        self.reference_store = FrontierStore(limit // 2) if reference is not None else None
+        self.store = FrontierStore(limit // 2 if float_targets else limit)
+        self.float_store = FrontierStore(limit // 2) if float_targets else None
         self.specs = model_input_specs(model)
-        self.constants = {t.name: t for t in model.graph.initializer}  # updated in place by the caller
+        self.float_weights = {t.name: t for t in model.graph.initializer}
+        self.weights = dict(self.float_weights)  # the float weights, with the committed ones replaced
         self.produced = {name for node in model.graph.node for name in node.output if name}
-        self.keys = [plan_keys(group) for group in groups]
+        self.keys = [plan_keys(group) for group in layer_groups]
         self.next_step = 0
         self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
         self.dtypes: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
 
+    def commit(self, weight_name: str, values: np.ndarray) -> None:
+        """Use ``values`` (the solved weight, dequantized, in the initializer's layout) for ``weight_name`` in the
+        steps that follow."""
+        self.weights[weight_name] = onnx.numpy_helper.from_array(np.ascontiguousarray(values), weight_name)
+
     def step(
         self, index: int
     ) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats, dict[HessianKey, np.ndarray]]:
-        """``(H per key, stats, C per key)``: ``H = Σ xᵀx`` on the current model; with a ``reference`` model,
-        ``C = Σ xᵀx_ref`` with ``x_ref`` the reference model's value of the same layer input (else ``{}``)."""
+        """``(H per key, stats, C per key)``: ``H = Σ xᵀx`` with the committed weights; with ``float_targets``,
+        ``C = Σ xᵀx_float`` with ``x_float`` the float model's value of the same layer input (else ``{}``)."""
         if index != self.next_step:
             raise ValueError(f"sequential calibration steps must be taken in order: expected {self.next_step}")
         self.next_step += 1
@@ -137,34 +139,34 @@ class SequentialCalibration:
         nodes = [self.model.graph.node[i] for i in backward_slice(self.model.graph, set(outputs), cached)]
         self.node_runs += len(nodes)
         new_frontier = [t for t in outputs if t in frontier]
-        runs = [self._runner(self.model, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")]
-        changed = self._changed(index) & set(layer_inputs)  # inputs that differ from the reference model's
-        if self.reference is not None:
-            runs.append(self._runner(self.reference, self.reference_store, nodes, outputs, new_frontier,
-                                     [t for t in layer_inputs if t in changed], cached, REFERENCE_SUFFIX))
+        quantized = self._runner(self.weights, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")
+        changed = self._changed(index) & set(layer_inputs)  # inputs that differ from the float model's
+        floating = None
+        if self.float_targets:
+            floating = self._runner(self.float_weights, self.float_store, nodes, outputs, new_frontier,
+                                    [t for t in layer_inputs if t in changed], cached, "f")
 
-        def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
-            return {name: value for one in runs for name, value in one(batch, origin, feed).items()}
+        def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            return quantized(batch, origin, feed), {} if floating is None else floating(batch, origin, feed)
 
         sums, samples, count, peak = accumulate_pass(
-            run, self.batches, self.specs, self.constants, units, None, lambda _: None, self.reference is not None
+            run, self.batches, self.specs, self.weights, units, None, lambda _: None, self.float_targets
         )
-        runs = run = None
+        quantized = floating = run = None
         for path in Path(self._tmp.name).iterdir():
             path.unlink()
-        for store in filter(None, (self.store, self.reference_store)):
+        for store in filter(None, (self.store, self.float_store)):
             store.keep(frontier)
         hessians, stats = finish_pass(sums, samples, count, peak, start, cpu_start)
-        stats.activation_bytes_per_batch = max(stats.activation_bytes_per_batch, self.store.peak_bytes)
         crosses = {}
-        if self.reference is not None:
+        if self.float_targets:
             crosses = {key: s.cross_result() for key, s in sums.items() if units[key].tensor in changed}
         return hessians, stats, crosses
 
-    def _runner(self, model: onnx.ModelProto, store: FrontierStore, nodes: list[onnx.NodeProto],
-                outputs: list[str], new_frontier: list[str], layer_inputs: list[str], cached: set[str], suffix: str):
-        """``run(batch, origin, feed)`` for one model (working or reference) and its frontier store."""
-        session, feeds = self._session(model, store, nodes, outputs, cached) if nodes else (None, [])
+    def _runner(self, weights: dict[str, onnx.TensorProto], store: FrontierStore, nodes: list[onnx.NodeProto],
+                outputs: list[str], new_frontier: list[str], layer_inputs: list[str], cached: set[str], tag: str):
+        """``run(batch, origin, feed) -> layer inputs`` for one set of weights and its frontier store."""
+        session, feeds = self._session(weights, store, nodes, outputs, cached, tag) if nodes else (None, [])
 
         def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
             inputs = {name: feed[name] if name in self.specs else store.get(batch, name) for name in feeds}
@@ -172,18 +174,18 @@ class SequentialCalibration:
             for name in new_frontier:
                 self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype))
                 store.put(batch, name, values[name])
-            return {t + suffix: values[t] if t in values else store.get(batch, t) for t in layer_inputs}
+            return {t: values[t] if t in values else store.get(batch, t) for t in layer_inputs}
 
         return run
 
     def close(self) -> None:
-        for store in filter(None, (self.store, self.reference_store)):
+        for store in filter(None, (self.store, self.float_store)):
             store.close()
         self._tmp.cleanup()
 
     def _changed(self, index: int) -> set[str]:
-        """Tensors that depend on a weight solved before step ``index`` (equal to the reference's otherwise)."""
-        changed = {t.weight_name for group in self.groups[:index] for t in group}
+        """Tensors that depend on a weight solved before step ``index`` (equal to the float model's otherwise)."""
+        changed = {t.weight_name for group in self.layer_groups[:index] for t in group}
         for node in self.model.graph.node:
             if reads(node) & changed:
                 changed.update(node.output)
@@ -191,8 +193,8 @@ class SequentialCalibration:
 
     def _frontier(self, index: int) -> set[str]:
         """Settled computed tensors that stale nodes on the way to a later group's input read (``F_index``)."""
-        solved = {t.weight_name for group in self.groups[:index] for t in group}
-        pending = {t.weight_name for group in self.groups[index:] for t in group} - solved
+        solved = {t.weight_name for group in self.layer_groups[:index] for t in group}
+        pending = {t.weight_name for group in self.layer_groups[index:] for t in group} - solved
         later_inputs = {u.tensor for keys in self.keys[index + 1:] for u in keys.values()}
         useful = set(backward_slice(self.model.graph, later_inputs, set()))
         stale = set(pending)
@@ -205,28 +207,28 @@ class SequentialCalibration:
                     frontier |= {name for name in names_read if name in self.produced and name not in stale}
         return frontier
 
-    def _session(self, model: onnx.ModelProto, store: FrontierStore, nodes: list[onnx.NodeProto],
-                 outputs: list[str], cached: set[str]):
-        """An ORT session running ``nodes`` with ``model``'s weights, fed by graph inputs and cached frontier
-        tensors; and its feed names."""
-        graph = model.graph
+    def _session(self, weights: dict[str, onnx.TensorProto], store: FrontierStore, nodes: list[onnx.NodeProto],
+                 outputs: list[str], cached: set[str], tag: str):
+        """An ORT session running ``nodes`` with ``weights``, fed by graph inputs and cached frontier tensors; and
+        its feed names.  Only the initializers ``nodes`` read are written (to this object's temp folder)."""
+        graph = self.model.graph
         made = {name for node in nodes for name in node.output}
         names_read = set().union(*(reads(node) for node in nodes))
-        sub = model_shell(model)
+        sub = model_shell(self.model)
         sub.graph.node.extend(nodes)
         feeds = []
         for value in graph.input:
-            if value.name in names_read and value.name not in self.constants:
+            if value.name in names_read and value.name not in weights:
                 sub.graph.input.append(value)
                 feeds.append(value.name)
         for name in sorted(names_read & cached - made):
             rank = store.get(0, name).ndim
             sub.graph.input.append(onnx.helper.make_tensor_value_info(name, self.dtypes[name], [None] * rank))
             feeds.append(name)
-        sub.graph.initializer.extend(t for t in graph.initializer if t.name in names_read)
+        sub.graph.initializer.extend(weights[t.name] for t in graph.initializer if t.name in names_read)
         sub.graph.value_info.extend(v for v in graph.value_info if v.name in names_read and v.name in made)
         sub.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-        stem = f"step{self.next_step}{'r' if model is self.reference else ''}"
+        stem = f"step{self.next_step}{tag}"
         path = Path(self._tmp.name) / f"{stem}.onnx"
         onnx.save_model(sub, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{stem}.data", size_threshold=INLINE_TENSOR_BYTES)

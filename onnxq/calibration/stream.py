@@ -40,9 +40,6 @@ except ImportError:  # pragma: no cover
     threadpool_limits = None
 
 
-REFERENCE_SUFFIX = "\0reference"  # run results: the reference (float model) value of a layer input
-
-
 ProgressCallback = Callable[[int, int, str], None]  # (batches done, total or 0 if unknown, message)
 
 
@@ -59,15 +56,6 @@ class CalibrationStats:
     cpu_seconds: float = 0.0  # process user + system time (wall time misleads on a busy machine)
     peak_rss_bytes: int = 0  # process peak resident memory (getrusage), after calibration
     hessian_bytes: int = 0  # float64 bytes of all H returned
-    activation_bytes_per_batch: int = 0  # largest extra-output bytes ORT returned for one batch
-
-    def summary(self) -> str:
-        return (
-            f"calibration: {len(self.rows)} Hessians from {self.samples} samples in {self.batches} batches, "
-            f"{self.passes} pass(es), {self.seconds:.1f} s (CPU {self.cpu_seconds:.1f} s), "
-            f"Hessians {self.hessian_bytes / 2**20:.0f} MiB, activations {self.activation_bytes_per_batch / 2**20:.0f} "
-            f"MiB per batch, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
-        )
 
     def merge(self, other: CalibrationStats) -> None:
         self.rows.update(other.rows)
@@ -78,7 +66,6 @@ class CalibrationStats:
         self.cpu_seconds += other.cpu_seconds
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
         self.hessian_bytes += other.hessian_bytes
-        self.activation_bytes_per_batch = max(self.activation_bytes_per_batch, other.activation_bytes_per_batch)
 
 
 def process_peak_rss_bytes() -> int:
@@ -163,9 +150,11 @@ def iter_hessian_groups(
             else:
                 session = factory.session(needed) if needed else None
             counter.label = f"calibration pass {index + 1}/{len(groups)}"
+            def run(_: int, origin: str, feed: Feed, session=session, needed=needed) -> tuple[dict, dict]:
+                return run_session(session, needed, feed, origin), {}
+
             sums, samples, count, peak_outputs = accumulate_pass(
-                lambda _, origin, feed, session=session, needed=needed: run_session(session, needed, feed, origin),
-                batches, specs, constants, group_units, token_mask, counter.step,
+                run, batches, specs, constants, group_units, token_mask, counter.step,
             )
             session = None
             yield finish_pass(sums, samples, count, peak_outputs, start, cpu_start)
@@ -188,7 +177,7 @@ class _BatchCounter:
 
 
 def accumulate_pass(
-    run: Callable[[int, str, Feed], dict[str, np.ndarray]],
+    run: Callable[[int, str, Feed], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
     batches: Iterable[Feed],
     specs: Mapping[str, InputSpec],
     constants: Mapping[str, onnx.TensorProto],
@@ -198,8 +187,8 @@ def accumulate_pass(
     cross: bool = False,
 ) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
     """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
-    batch i is added to the sums.  Its result holds the layer inputs that are not graph inputs or constants, and
-    with ``cross`` their reference values under ``name + REFERENCE_SUFFIX`` (see :class:`HessianSum`).
+    batch i is added to the sums.  It returns ``(values, float_values)``: the layer inputs that are not graph inputs
+    or constants, and with ``cross`` the float model's values of those that differ (see :class:`HessianSum`).
 
     The sums are updated in batch order on the calling thread with single-threaded BLAS (many mid-sized
     ``syrk`` calls: threading them costs more than it gains, and ORT has the other core), so results do not
@@ -209,13 +198,14 @@ def accumulate_pass(
     users = keys_by_tensor(units)
     samples = count = peak_outputs = 0
 
-    def accumulate(origin: str, feed: Feed, values: dict[str, np.ndarray]) -> None:
+    def accumulate(origin: str, feed: Feed, results: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
         nonlocal samples, count, peak_outputs
-        peak_outputs = max(peak_outputs, sum(v.nbytes for v in values.values()))
+        values, float_values = results
+        peak_outputs = max(peak_outputs, sum(v.nbytes for part in results for v in part.values()))
         keep = _token_mask(feed, token_mask, origin)
         for tensor, keys in users.items():
             x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
-            ref = values.pop(tensor + REFERENCE_SUFFIX, None)
+            ref = float_values.pop(tensor, None)
             for key in keys:
                 if keep is not None and units[key].kind == "rows":
                     sums[key].add(_masked_rows(x, keep), None if ref is None else _masked_rows(ref, keep))
@@ -257,7 +247,6 @@ def finish_pass(
         cpu_seconds=process_cpu_seconds() - cpu_start,
         peak_rss_bytes=process_peak_rss_bytes(),
         hessian_bytes=sum(h.nbytes for h in hessians.values()),
-        activation_bytes_per_batch=peak_outputs,
     )
     return hessians, stats
 

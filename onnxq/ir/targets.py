@@ -95,7 +95,7 @@ class Target:
         return self.weight_name, "transposed" if transposed else "as stored"
 
     @property
-    def groups(self) -> int:
+    def conv_groups(self) -> int:
         """Conv groups (1 for MatMul/Gemm)."""
         return next((a.i for a in self.node.attribute if a.name == "group"), 1) if self.op_type == "Conv" else 1
 

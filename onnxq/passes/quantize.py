@@ -13,6 +13,7 @@ import onnx
 from onnxq.calibration.data import check_batch_size, iter_batches
 from onnxq.calibration.keys import hessian_key
 from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config_checks import check_method_options, check_ranges, check_types
 from onnxq.errors import OnnxqError
@@ -33,13 +34,12 @@ from onnxq.ir.targets import (
     initializer_array,
 )
 from onnxq.passes.activation_quant import activation_qdq_in_place
-from onnxq.passes.hessian_solve import HessianStore, solve_with_hessian
 from onnxq.passes.splitquant import split_in_place
 from onnxq.progress import Progress
 from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
+from onnxq.solvers.base import NEEDS_STATS, DecoupleqParams, GptqParams, RtnParams, SolverParams, solve
 from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
-from onnxq.solvers.rtn import quantize_rtn
 
 FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = {
     "matmulnbits": emit_matmulnbits,
@@ -80,6 +80,18 @@ class QuantizeConfig:
     sequential: bool = True  # calibrate layer groups in order on quantized inputs (onnxq.sequential)
     float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
     calib_batch_size: int | None = None  # samples per calibration ORT run; None: automatic (onnxq.calibration)
+
+    def solver_params(self, group_size: int, scale_dtype: type) -> SolverParams:
+        """The method's params object (:mod:`onnxq.solvers.base`) for one weight of resolved ``group_size``."""
+        zero_convention = self.zero_convention or ("float" if self.method == "decoupleq" else "integer")
+        common = {"bits": self.bits, "group_size": group_size, "scale_dtype": scale_dtype}
+        if self.method == "rtn":
+            return RtnParams(**common, symmetric=self.symmetric, zero_convention=zero_convention,
+                             clip_search=self.clip_search)
+        if self.method == "gptq":
+            return GptqParams(**common, symmetric=self.symmetric, zero_convention=zero_convention, damp=self.damp,
+                              act_order=self.act_order)
+        return DecoupleqParams(**common, iters=self.iters, damp=self.damp, round_mode=self.round_mode)
 
     @property
     def needs_calibration(self) -> bool:
@@ -250,24 +262,22 @@ def _solve_all(
     """Solve every distinct weight matrix once (a weight read in two orientations is two matrices, see
     :attr:`Target.matrix_key`); Hessian methods calibrate first (group by group when sequential)."""
     solved: dict[tuple[str, str], QuantizedWeight] = {}
-    store = working = sequential = None
-    groups = [targets]
+    store = sequential = None
+    layer_groups = [targets]
     if config.method != "rtn":
-
         batches = iter_batches(config.calibration, model=model)
         batches.check(model)
-        store = HessianStore({}, config.damp, act_order=config.method == "decoupleq" or config.act_order)
+        store = HessianStore(config.damp, act_order=config.method == "decoupleq" or config.act_order)
         if config.sequential:
-            groups = sequential_groups(targets)
-            working = copy_model(model)
+            layer_groups = sequential_groups(targets)
             frontier_limit = None if config.max_memory is None else config.max_memory // 2
-            reference = model if config.float_target else None
-            sequential = SequentialCalibration(working, groups, batches, frontier_limit, reference=reference)
+            sequential = SequentialCalibration(model, layer_groups, batches, frontier_limit,
+                                               float_targets=config.float_target)
             fit = ", each layer fit to the float model's output" if config.float_target else ""
-            summary.notes.append(f"sequential calibration: {len(groups)} layer groups{fit}")
+            summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
     try:
         with Progress(len(targets), "quantize", config.progress) as bar:
-            for index, group in enumerate(groups):
+            for index, group in enumerate(layer_groups):
                 if sequential is not None:
                     hessians, stats, crosses = sequential.step(index)
                     _record_calibration(store, summary, hessians, stats, crosses)
@@ -275,9 +285,11 @@ def _solve_all(
                     _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
                 for target in group:
                     if target.matrix_key not in solved:
-                        solved[target.matrix_key] = _solve_one(model, target, config, store, branch_nodes, summary)
-                        if working is not None:
-                            _write_dequantized(working, target, solved[target.matrix_key])
+                        qw = solved[target.matrix_key] = _solve_one(model, target, config, store, branch_nodes,
+                                                                    summary)
+                        if sequential is not None:
+                            dtype = onnx.helper.tensor_dtype_to_np_dtype(target.dtype)
+                            sequential.commit(target.weight_name, target.initializer_from_matrix(qw.dequantize(dtype)))
                     bar.step(target.name)
     finally:
         if sequential is not None:
@@ -294,31 +306,16 @@ def _solve_one(
         raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN or "
                          "Inf; fix the model, or leave the node in float with --exclude")
     scale_dtype = np.float16 if target.dtype == onnx.TensorProto.FLOAT16 else np.float32
-    group_size = resolve_group_size(weight.shape[1], config.group_size)
-    zero_convention = config.zero_convention or ("float" if config.method == "decoupleq" else "integer")
+    params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
+    stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
     zero_mask = (weight == 0) if target.name in branch_nodes else None
-    if zero_mask is not None and zero_mask.any():
-        zero_convention = "integer"  # zeros of a split branch must dequantize to exactly 0
-    else:
-        zero_mask = None
-    losses: tuple[float | None, float | None] = (None, None)
-    # a split branch's zeros are always on the grid, so shrinking its range costs them nothing:
-    # branches get the MSE range search by default (docs/splitquant.md measures why)
-    clip = config.clip_search or zero_mask is not None
-    if config.method == "rtn":
-        qw = quantize_rtn(weight, config.bits, group_size, config.symmetric, zero_convention, clip,
-                          scale_dtype=scale_dtype)
-    else:
-        qw, losses = solve_with_hessian(weight, target, config, store, zero_mask, group_size, zero_convention,
-                                        scale_dtype)
-    if target.dtype == onnx.TensorProto.FLOAT16:
-        qw = _round_to_float16(qw)
+    qw, report = solve(weight, params, stats, zero_mask)
     dequantized = qw.dequantize(np.float64)
-    if config.method == "rtn" and not clip:
+    if report.nearest:
         _check_grid(target, weight, qw, dequantized, scale_dtype, summary)
     err = float(np.linalg.norm(dequantized - weight) / max(np.linalg.norm(weight), 1e-30))
     summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
-                                      config.format, err, *losses))
+                                      config.format, err, report.loss_rtn, report.loss_method))
     return qw
 
 
@@ -353,23 +350,6 @@ def sequential_groups(targets: list[Target]) -> list[list[Target]]:
             groups.append([target])
         last_key = key
     return groups
-
-
-def _write_dequantized(model: onnx.ModelProto, target: Target, qw: QuantizedWeight) -> None:
-    """Replace the weight initializer by its dequantized value (so later groups see quantized inputs)."""
-    for tensor in model.graph.initializer:
-        if tensor.name == target.weight_name:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            values = target.initializer_from_matrix(qw.dequantize(dtype))
-            tensor.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(values), tensor.name))
-            return
-
-
-def _round_to_float16(qw: QuantizedWeight) -> QuantizedWeight:
-    """Scales/offsets as float16 will store them, so the reference equals what runs."""
-    offsets = None if qw.offsets is None else qw.offsets.astype(np.float16).astype(np.float32)
-    return QuantizedWeight(qw.codes, qw.scales.astype(np.float16).astype(np.float32), qw.zero_points, offsets,
-                           qw.bits, qw.group_size)
 
 
 def _apply_rewrites(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:

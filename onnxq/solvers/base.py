@@ -1,0 +1,159 @@
+"""The solver registry: ``solve(W, params, stats, zero_mask) -> (QuantizedWeight, SolveReport)``, one weight at a time.
+
+Each method has one frozen params type; a method's options are exactly the fields of its type, so an option a
+method does not support cannot be given to it (:data:`PARAMS` maps method names to the types).
+
+* :class:`RtnParams`: round to nearest on the min/max grid (:mod:`onnxq.solvers.rtn`), no statistics;
+* :class:`GptqParams` and :class:`DecoupleqParams`: minimise ``(w − q) H (w − q)ᵀ`` per row given the layer's
+  :class:`LayerStats` (:mod:`onnxq.solvers.gptq`, :mod:`onnxq.solvers.decoupleq`).
+
+Rules that hold for every method, applied here once:
+
+* **conv groups**: a grouped Conv has one Hessian per conv group; its output channels
+  ``c·N/C … (c+1)·N/C`` are solved against ``H[c]`` and the pieces stacked back along N;
+* **float targets**: with ``C = Σ xᵀx_float`` in the stats, the Hessian methods fit
+  :func:`~onnxq.solvers.hessian.float_output_target`'s ``W̃`` instead of ``W``;
+* **zero masks** (SplitQuant branches, whose zeros must dequantize to exactly 0): the integer zero point is used,
+  masked entries get the code ``zp``; RTN also searches the clip range then, since a branch's zeros are on the
+  grid whatever the range (``docs/splitquant.md`` measures why);
+* **storage dtype**: scales and float zeros are rounded to ``scale_dtype`` (float16 for fp16 models), so the
+  dequantized reference equals what runs.
+
+The report holds the undamped H-weighted losses ``Σ_rows (w̃ − q) H (w̃ − q)ᵀ`` of plain RTN (rounding ``W``)
+and of the method, against the same target ``W̃`` (Hessian methods only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from onnxq.quantized_weight import QuantizedWeight, stack_rows
+from onnxq.solvers.decoupleq import quantize_decoupleq
+from onnxq.solvers.gptq import quantize_gptq
+from onnxq.solvers.grid import ZeroConvention
+from onnxq.solvers.hessian import PreparedHessian, float_output_target, layer_loss
+from onnxq.solvers.rtn import quantize_rtn
+
+
+@dataclass(frozen=True)
+class RtnParams:
+    """Round to nearest: ``c = clip(round((w − z)/s) + zp)`` on the group's min/max grid."""
+
+    bits: int
+    group_size: int  # resolved: columns per quantization group (K for per channel)
+    symmetric: bool = False
+    zero_convention: ZeroConvention = "integer"
+    clip_search: bool = False  # MSE-optimal range shrinking per group (the only case where values may be clipped)
+    scale_dtype: type = np.float32
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    """GPTQ: column sweep with the rounding error propagated through the Cholesky factor of ``H_d⁻¹``."""
+
+    bits: int
+    group_size: int
+    symmetric: bool = False
+    zero_convention: ZeroConvention = "integer"
+    damp: float = 0.01  # H_d = H + damp·mean(diag H)·I
+    act_order: bool = False
+    scale_dtype: type = np.float32
+
+
+@dataclass(frozen=True)
+class DecoupleqParams:
+    """decoupleQ: integer codes and float ``(s, z)`` solved alternately (float zero convention)."""
+
+    bits: int
+    group_size: int
+    iters: int = 4
+    damp: float = 0.01
+    round_mode: Literal["gptq", "train"] = "gptq"
+    scale_dtype: type = np.float32
+
+
+SolverParams = RtnParams | GptqParams | DecoupleqParams
+PARAMS: dict[str, type] = {"rtn": RtnParams, "gptq": GptqParams, "decoupleq": DecoupleqParams}
+NEEDS_STATS = {"rtn": False, "gptq": True, "decoupleq": True}
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What calibration hands a layer: per conv group (one entry for MatMul/Gemm) the prepared ``H`` and, with
+    float targets, ``C = Σ xᵀx_float`` (else None)."""
+
+    hessians: tuple[PreparedHessian, ...]
+    crosses: tuple[np.ndarray | None, ...]
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """Undamped H-weighted losses of plain RTN and of the method (None for RTN, which has no statistics)."""
+
+    loss_rtn: float | None = None
+    loss_method: float | None = None
+    nearest: bool = False  # every weight was rounded to its nearest grid point (RTN, range not shrunk)
+
+
+def solve(
+    weight: np.ndarray,
+    params: SolverParams,
+    stats: LayerStats | None = None,
+    zero_mask: np.ndarray | None = None,
+) -> tuple[QuantizedWeight, SolveReport]:
+    """Quantize ``weight[N, K]`` (float64) with the method of ``params``; see the module docstring for the rules."""
+    if zero_mask is not None and not zero_mask.any():
+        zero_mask = None
+    if isinstance(params, RtnParams):
+        if zero_mask is not None:
+            params = replace(params, zero_convention="integer", clip_search=True)
+        qw = quantize_rtn(weight, params.bits, params.group_size, params.symmetric, params.zero_convention,
+                          params.clip_search, scale_dtype=params.scale_dtype)
+        report = SolveReport(nearest=not params.clip_search)
+    elif stats is None:
+        raise ValueError(f"{type(params).__name__} needs LayerStats (calibration)")
+    else:
+        qw, report = _solve_with_hessians(weight, params, stats, zero_mask)
+    return _stored_as(qw, params.scale_dtype), report
+
+
+def _solve_with_hessians(
+    weight: np.ndarray, params: GptqParams | DecoupleqParams, stats: LayerStats, zero_mask: np.ndarray | None
+) -> tuple[QuantizedWeight, SolveReport]:
+    conv_groups = len(stats.hessians)
+    rows = weight.shape[0] // conv_groups
+    pieces, loss_rtn, loss_method = [], 0.0, 0.0
+    for c, (hessian, cross) in enumerate(zip(stats.hessians, stats.crosses, strict=True)):
+        part = slice(c * rows, (c + 1) * rows)
+        original = weight[part]
+        target = original if cross is None else float_output_target(original, hessian, cross)
+        mask = None if zero_mask is None else zero_mask[part]
+        if isinstance(params, GptqParams):
+            qw = quantize_gptq(target, hessian, params.bits, params.group_size, params.symmetric,
+                               params.zero_convention, params.damp, params.act_order, zero_mask=mask,
+                               scale_dtype=params.scale_dtype)
+            zero_convention = params.zero_convention
+            symmetric = params.symmetric
+        else:
+            qw, _ = quantize_decoupleq(target, hessian, params.bits, params.group_size, iters=params.iters,
+                                       damp=params.damp, round_mode=params.round_mode, zero_mask=mask)
+            zero_convention, symmetric = "float", False
+        raw = hessian.undamped()
+        rtn = quantize_rtn(original, params.bits, params.group_size, symmetric,
+                           "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)
+        loss_rtn += float(layer_loss(target, rtn.dequantize(np.float64), raw).sum())
+        loss_method += float(layer_loss(target, qw.dequantize(np.float64), raw).sum())
+        pieces.append(qw)
+    return stack_rows(pieces), SolveReport(loss_rtn, loss_method)
+
+
+def _stored_as(qw: QuantizedWeight, dtype: type) -> QuantizedWeight:
+    """``qw`` with scales and float zeros as ``dtype`` stores them (values kept in float32 arrays)."""
+    if np.dtype(dtype) == np.float32:
+        return qw
+    float_zeros = None if qw.offsets is None else qw.offsets.astype(dtype).astype(np.float32)
+    return QuantizedWeight(qw.codes, qw.scales.astype(dtype).astype(np.float32), qw.zero_points, float_zeros,
+                           qw.bits, qw.group_size)
