@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from onnxq.calibration.data import load_calibration
+from onnxq.config import QuantizeConfig
 from onnxq.custom_ops import custom_op_library_note
 from onnxq.errors import OnnxqError
 from onnxq.formats.lowbit_layout import DOMAIN as ONNXQ_DOMAIN
@@ -16,7 +17,7 @@ from onnxq.ir.model import copy_model, external_data_files, load_external_data, 
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
 from onnxq.layer_table import InspectReport, inspect_model
-from onnxq.passes.quantize import QuantizeConfig, QuantizeSummary, quantize_in_place
+from onnxq.passes.quantize import QuantizeSummary, quantize_in_place
 from onnxq.passes.split_report import SplitReport
 from onnxq.passes.splitquant import split_in_place
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import signal
 import sys
 from collections.abc import Sequence
 
 import onnxq.api as api
+from onnxq.config import QuantizeConfig
 from onnxq.demo import run_demo
 from onnxq.errors import OnnxqError
 from onnxq.ir.paths import run_temp_dir
@@ -46,61 +47,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"onnxq: error: {message}; see '{self.prog} -h'\n")
 
 
-def _gigabytes(text: str) -> int:
-    """``--max-memory`` in GB, as bytes (its range is checked with the other options)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of GB")
-    return int(value * (1 << 30))
+def add_config_options(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """One command-line option per field of the dataclass ``config_type`` (see :mod:`onnxq.config`).
+
+    Options default to ``argparse.SUPPRESS``: only what the user gives reaches the config, whose own defaults apply
+    to the rest (so each default is written once, in the dataclass)."""
+    for f in dataclasses.fields(config_type):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        shown = meta.get("shown", f.default)
+        help_text = meta["help"] + ("" if shown is None or isinstance(shown, bool) else f" (default {shown})")
+        common = {"dest": f.name, "default": argparse.SUPPRESS}
+        if isinstance(f.default, bool) and "negative" in meta:
+            pair = parser.add_mutually_exclusive_group()
+            pair.add_argument(flag, action="store_true", help=help_text, **common)
+            pair.add_argument(meta["negative"], action="store_false", help="the opposite (default)", **common)
+        elif f.default is True:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text + " (default on)",
+                                **common)
+        elif f.default is False:
+            parser.add_argument(flag, action="store_true", help=help_text, **common)
+        else:
+            kind = meta.get("parse") or _value_type(f)
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"),
+                                help=help_text, **common)
 
 
-def _add_quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "decoupleq"], help="solver (default rtn)")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=64,
-                   help="columns per scale along the reduction axis; -1 = per output channel (default 64)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", help="symmetric grid (zero point 2^(b-1))")
-    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid (default)")
-    p.add_argument("--format", default="matmulnbits", choices=["matmulnbits", "qdq", "fake", "onnxq"],
-                   help="matmulnbits: com.microsoft::MatMulNBits; qdq: ONNX DequantizeLinear; fake: float weights; "
-                        "onnxq: the onnxq::MatMulLowBit custom op (needs the custom-op library)")
-    p.add_argument("--zero", dest="zero_convention", choices=["integer", "float"], default=None,
-                   help="integer zero-point w=s(q-zp) or float zero w=s*q+z (default: float for decoupleq)")
-    p.add_argument("--clip-search", action="store_true", help="RTN: MSE-optimal range shrinking per group")
-    p.add_argument("--include", metavar="REGEX", help="only layers whose node name matches")
-    p.add_argument("--exclude", metavar="REGEX", help="skip layers whose node name matches")
-    p.add_argument("--op-types", default="MatMul,Gemm,Conv", help="comma-separated (default MatMul,Gemm,Conv)")
-    p.add_argument("--accuracy-level", type=int, default=0,
-                   help="MatMulNBits accuracy_level: 0 exact fp32 (default), 4 int8 activations (faster)")
-    p.add_argument("--calib", dest="calibration", metavar="PATH",
-                   help="calibration inputs: .npz or folder of .npz (gptq/decoupleq)")
-    p.add_argument("--calib-batch-size", type=int, default=None, metavar="N",
-                   help="calibration samples per ONNX Runtime run (default: the model's fixed batch, else 8, or 1 "
-                        "when the model fails or mixes samples at 8)")
-    p.add_argument("--iters", type=int, default=4, help="decoupleq alternations (default 4)")
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ·mean(diag H) (default 0.01)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ column order by decreasing Hessian diagonal")
-    p.add_argument("--round", dest="round_mode", choices=["gptq", "train"], default="gptq",
-                   help="decoupleq integer step (default gptq)")
-    p.add_argument("--max-memory", type=_gigabytes, default=None, metavar="GB",
-                   help="bound for calibration Hessians and kept activations (beyond it they go to temp files)")
-    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
-                   help="calibrate each layer group on the outputs of the already-quantized earlier layers "
-                        "(default on; costs one forward pass over the calibration data, like --no-sequential)")
-    p.add_argument("--float-target", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --sequential: fit each layer's output on quantized inputs to the float model's output "
-                        "on float inputs (default on; runs the float model alongside)")
-    p.add_argument("--split", action="store_true", help="run SplitQuant first, then quantize each branch")
-    p.add_argument("--split-activations", action="store_true", help="with --split: also split activations")
-    p.add_argument("--act-bits", type=int, choices=[4, 8], default=None,
-                   help="add per-tensor activation fake-quantization (QDQ) with calibrated ranges")
-    p.add_argument("--seed", type=int, default=0, help="random seed (k-means, sampling)")
-    p.add_argument("--log", metavar="PATH", help="write a per-layer table (weight error, H-weighted loss of RTN "
-                   "and of the method) as tab-separated text")
+def _value_type(f: dataclasses.Field) -> type:
+    """The argparse type of a non-bool field from its annotation (``int``, ``float``, else ``str``)."""
+    name = str(f.type).removesuffix(" | None")
+    return {"int": int, "float": float}.get(name, str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="then run both models in ONNX Runtime (on the --calib inputs, else generated ones) and print "
                         "each output's error, as 'onnxq verify' does")
-    _add_quant_options(p)
+    add_config_options(p, QuantizeConfig)
+    p.add_argument("--log", metavar="PATH", help="write a per-layer table (weight error, H-weighted loss of RTN "
+                   "and of the method) as tab-separated text")
 
     p = sub.add_parser("split", help="SplitQuant: split layers into three k-means branches joined by Add",
                        epilog=SPLIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,28 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quant_options(args: argparse.Namespace) -> dict:
-    options = {k: getattr(args, k) for k in (
-        "method", "bits", "group_size", "symmetric", "format", "zero_convention", "clip_search", "include",
-        "exclude", "accuracy_level", "calibration", "iters", "damp", "act_order", "round_mode", "split",
-        "split_activations", "act_bits", "seed", "sequential", "float_target", "calib_batch_size")}
-    options["op_types"] = tuple(t.strip() for t in args.op_types.split(",") if t.strip())
-    if args.max_memory is not None:
-        options["max_memory"] = args.max_memory
-    return options
+def _config_options(args: argparse.Namespace, config_type: type) -> dict:
+    """The config fields the user gave on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print(api.inspect(args.model).table())
     elif args.command == "quantize":
-        _, summary = api.quantize_with_summary(args.model, args.output, args.log, **_quant_options(args))
+        _, summary = api.quantize_with_summary(args.model, args.output, args.log,
+                                                  **_config_options(args, QuantizeConfig))
         print("\n".join(summary.lines()))
         print(f"wrote {args.output}")
         if args.log:
             print(f"wrote {args.log} (per-layer losses)")
         if args.verify:
-            print(verify_models(args.model, args.output, args.calibration, seed=args.seed).table())
+            options = _config_options(args, QuantizeConfig)
+            report = verify_models(args.model, args.output, options.get("calibration"), seed=options.get("seed", 0))
+            print(report.table())
     elif args.command == "split":
         _, report = api.split_with_report(args.model, args.output, activations=args.activations,
                                           calibration=args.calibration, seed=args.seed)

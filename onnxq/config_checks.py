@@ -1,7 +1,7 @@
-"""Checks of a :class:`~onnxq.passes.quantize.QuantizeConfig` that need no model: each option's type (API callers
+"""Checks of a :class:`~onnxq.config.QuantizeConfig` that need no model: each option's type (API callers
 can pass anything), its range, and options the chosen method cannot honour (refused, never silently ignored).
 
-Errors name the option as the command line spells it (``symmetric`` is ``--sym``, ``calibration`` is ``--calib``).
+Errors name the option as the command line spells it (the field's ``flag``: ``symmetric`` is ``--sym``).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping
 
 from onnxq.calibration.data import CalibrationBatches
 from onnxq.errors import OnnxqError
-
-CLI_NAMES = {"symmetric": "--sym", "zero_convention": "--zero", "round_mode": "--round", "calibration": "--calib",
-             "progress": "progress (API option)"}
+from onnxq.solvers.base import PARAMS
 
 
-def option_name(field_name: str) -> str:
-    """How the command line spells the option behind a config field."""
-    return CLI_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+def option_name(field: dataclasses.Field) -> str:
+    """How the command line spells the option behind a config field (API-only options by their field name)."""
+    if field.metadata.get("cli", True) is False:
+        return f"{field.name} (API option)"
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
 
 def _is_int(value: object) -> bool:
@@ -58,7 +58,7 @@ def check_types(config: object) -> None:
             continue
         allowed = check[1] + (" or None" if optional else "")
         shown = " ".join(repr(value).split())[:60]  # one line, however large the value
-        raise OnnxqError(f"{option_name(field.name)} must be {allowed}, got {type(value).__name__} {shown}")
+        raise OnnxqError(f"{option_name(field)} must be {allowed}, got {type(value).__name__} {shown}")
 
 
 def check_ranges(config) -> None:
@@ -89,12 +89,18 @@ def check_ranges(config) -> None:
             raise OnnxqError(f"{option} {pattern!r} is not a valid regular expression ({exc}); fix it") from None
 
 
+# options with a rule of their own below (their meaning depends on the value, not only on being given); act_order:
+# decoupleQ always sweeps in act order, so --act-order is refused for rtn only
+VALUE_RULES = {"bits", "group_size", "scale_dtype", "symmetric", "zero_convention", "act_order"}
+
+
 def check_method_options(config) -> None:
-    """Refuse options set (to a value other than their default) that the method or format would ignore."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    """Refuse options set (to a value other than their default) that the method or format would ignore: a solver
+    option is one of the method's params fields (:data:`onnxq.solvers.base.PARAMS`) or refused."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
 
     def given(name: str) -> bool:
-        return getattr(config, name) != defaults[name]
+        return getattr(config, name) != fields[name].default
 
     method = config.method
     refusals = [
@@ -109,17 +115,8 @@ def check_method_options(config) -> None:
          "a float zero) or --zero float"),
         (method == "rtn" and config.act_order,
          "--act-order orders GPTQ's columns and --method rtn has none; drop it or use --method gptq"),
-        (method != "decoupleq" and given("iters"),
-         f"--iters is a decoupleQ option that --method {method} would ignore; drop it or use --method decoupleq"),
-        (method != "decoupleq" and given("round_mode"),
-         f"--round is a decoupleQ option that --method {method} would ignore; drop it or use --method decoupleq"),
-        (method == "rtn" and given("damp"),
-         "--damp damps the calibration Hessian and --method rtn has none; drop it or use --method gptq/decoupleq"),
         (method == "rtn" and given("max_memory"),
          "--max-memory bounds the calibration Hessians and --method rtn has none; drop it"),
-        (method != "rtn" and config.clip_search,
-         f"--clip-search is an RTN option that --method {method} would ignore (it fits its grid to the "
-         "calibration data); drop it or use --method rtn"),
         (config.split_activations and not config.split,
          "--split-activations works with --split only; add --split or drop it"),
         (config.format != "matmulnbits" and given("accuracy_level"),
@@ -128,3 +125,13 @@ def check_method_options(config) -> None:
     for refused, message in refusals:
         if refused:
             raise OnnxqError(message)
+    owners: dict[str, list[str]] = {}
+    for name, params in PARAMS.items():
+        for param in dataclasses.fields(params):
+            owners.setdefault(param.name, []).append(name)
+    for name, methods in owners.items():
+        if name in VALUE_RULES or method in methods or not given(name):
+            continue
+        flag = option_name(fields[name])
+        raise OnnxqError(f"{flag} is an option of --method {'/'.join(methods)} that --method {method} would ignore; "
+                         f"drop it or use --method {methods[0]}")

@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxq.config import QuantizeConfig
 from onnxq.ir.model import load_model, model_bytes
-from onnxq.passes.quantize import QuantizeConfig, quantize_model
+from onnxq.passes.quantize import quantize_model
 
 MODEL_INPUTS = {"mlp": "pixels", "cnn": "image"}
 FORMATS = ("matmulnbits", "qdq", "fake")

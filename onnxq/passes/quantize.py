@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
-from onnxq.calibration.data import check_batch_size, iter_batches
+from onnxq.calibration.data import iter_batches
 from onnxq.calibration.keys import hessian_key
 from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
-from onnxq.config_checks import check_method_options, check_ranges, check_types
+from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
-from onnxq.formats.fake import emit_fake
-from onnxq.formats.lowbit import emit_onnxq
-from onnxq.formats.matmulnbits import block_size_for, emit_matmulnbits
-from onnxq.formats.qdq import emit_qdq, required_opset
+from onnxq.formats.matmulnbits import block_size_for
+from onnxq.formats.qdq import required_opset
+from onnxq.formats.registry import EMITTERS
 from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import copy_model, copy_model_without, model_bytes, opset_version, tensor_nbytes
 from onnxq.ir.targets import (
-    TARGET_OP_TYPES,
     Skipped,
     Target,
     constants_to_initializers,
@@ -36,96 +33,12 @@ from onnxq.ir.targets import (
 from onnxq.passes.activation_quant import activation_qdq_in_place
 from onnxq.passes.splitquant import split_in_place
 from onnxq.progress import Progress
-from onnxq.quantized_weight import SUPPORTED_BITS, QuantizedWeight
-from onnxq.solvers.base import NEEDS_STATS, DecoupleqParams, GptqParams, RtnParams, SolverParams, solve
+from onnxq.quantized_weight import QuantizedWeight
+from onnxq.solvers.base import NEEDS_STATS, solve
 from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
 
-FORMATS: dict[str, Callable[[Target, QuantizedWeight, EmitContext], Rewrite]] = {
-    "matmulnbits": emit_matmulnbits,
-    "qdq": emit_qdq,
-    "fake": emit_fake,
-    "onnxq": emit_onnxq,
-}
-METHODS = ("rtn", "gptq", "decoupleq")
 PLACEHOLDER_BYTES = 1024  # initializers this large are left out of the model ONNX's version converter sees
-
-
-@dataclass
-class QuantizeConfig:
-    """Every option of ``onnxq quantize``; see the CLI help for their meaning."""
-
-    method: str = "rtn"
-    bits: int = 4
-    group_size: int = 64
-    symmetric: bool = False
-    format: str = "matmulnbits"
-    zero_convention: str | None = None  # "integer" | "float"; default: integer for rtn/gptq, float for decoupleq
-    clip_search: bool = False
-    include: str | None = None
-    exclude: str | None = None
-    op_types: tuple[str, ...] = TARGET_OP_TYPES
-    accuracy_level: int = 0
-    calibration: object = None  # path or dict of arrays (gptq/decoupleq)
-    iters: int = 4
-    damp: float = 0.01
-    act_order: bool = False
-    round_mode: str = "gptq"
-    max_memory: int | None = None
-    progress: bool | None = None
-    split: bool = False  # run SplitQuant first (onnxq quantize --split)
-    split_activations: bool = False
-    act_bits: int | None = None  # per-tensor activation fake-quantization (QDQ) after weight quantization
-    seed: int = 0
-    sequential: bool = True  # calibrate layer groups in order on quantized inputs (onnxq.sequential)
-    float_target: bool = True  # sequential: fit each layer's output to the float model's (solvers.hessian)
-    calib_batch_size: int | None = None  # samples per calibration ORT run; None: automatic (onnxq.calibration)
-
-    def solver_params(self, group_size: int, scale_dtype: type) -> SolverParams:
-        """The method's params object (:mod:`onnxq.solvers.base`) for one weight of resolved ``group_size``."""
-        zero_convention = self.zero_convention or ("float" if self.method == "decoupleq" else "integer")
-        common = {"bits": self.bits, "group_size": group_size, "scale_dtype": scale_dtype}
-        if self.method == "rtn":
-            return RtnParams(**common, symmetric=self.symmetric, zero_convention=zero_convention,
-                             clip_search=self.clip_search)
-        if self.method == "gptq":
-            return GptqParams(**common, symmetric=self.symmetric, zero_convention=zero_convention, damp=self.damp,
-                              act_order=self.act_order)
-        return DecoupleqParams(**common, iters=self.iters, damp=self.damp, round_mode=self.round_mode)
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether this run reads calibration data (Hessian methods, activation ranges, activation splits)."""
-        return self.method != "rtn" or self.act_bits is not None or self.split_activations
-
-    def validate(self) -> None:
-        """One-line errors for a wrong type, value or combination of options (onnxq.config_checks)."""
-        check_types(self)
-        if self.bits not in SUPPORTED_BITS:
-            raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
-            raise OnnxqError(f"--group-size {self.group_size} is out of range; use -1 (per channel) or 2..65536")
-        if self.format not in FORMATS:
-            raise OnnxqError(f"--format {self.format} is unknown; use one of {', '.join(FORMATS)}")
-        if self.method not in METHODS:
-            raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(METHODS)}")
-        if self.act_bits not in (None, 4, 8):
-            raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
-        if self.needs_calibration and self.calibration is None:
-            raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
-                             "pass --calib data.npz")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
-        bad = set(self.op_types) - set(TARGET_OP_TYPES)
-        if bad:
-            supported = ",".join(TARGET_OP_TYPES)
-            raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
-        check_batch_size(self.calib_batch_size)
-        if self.calib_batch_size is not None and not self.needs_calibration:
-            raise OnnxqError("--calib-batch-size applies to runs that calibrate (gptq/decoupleq, --act-bits, "
-                             "split activations); drop it")
-        check_ranges(self)
-        check_method_options(self)
 
 
 @dataclass
@@ -228,7 +141,7 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
     rewrites: dict[int, Rewrite] = {}
     ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level)
-    emit = FORMATS[config.format]
+    emit = EMITTERS[config.format]
     for target in report.targets:
         rewrites[target.node_index] = emit(target, solved[target.matrix_key], ctx)
     _apply_rewrites(model, rewrites)

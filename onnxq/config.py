@@ -1,0 +1,132 @@
+"""Every option of ``onnxq quantize`` in one typed dataclass; the command line is generated from its fields.
+
+Each field's metadata gives how the command line spells it (``flag``, default ``--field-name``), its help text,
+choices and parser; ``cli=False`` marks API-only options.  A method's own options are the fields of its params type
+(:data:`onnxq.solvers.base.PARAMS`): :meth:`QuantizeConfig.solver_params` builds it, and an option the chosen method
+has no field for is refused (:func:`onnxq.config_checks.check_method_options`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxq.calibration.data import check_batch_size
+from onnxq.config_checks import check_method_options, check_ranges, check_types
+from onnxq.errors import OnnxqError
+from onnxq.formats.registry import EMITTERS
+from onnxq.ir.targets import TARGET_OP_TYPES
+from onnxq.quantized_weight import SUPPORTED_BITS
+from onnxq.solvers.base import PARAMS, DecoupleqParams, GptqParams, RtnParams, SolverParams
+
+
+def gigabytes(text: str) -> int:
+    """``--max-memory`` in GB, as bytes (its range is checked with the other options)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of GB")
+    return int(value * (1 << 30))
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``MatMul, Gemm`` → ``("MatMul", "Gemm")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - argparse's word
+    """A config field with its command-line spelling: ``flag``, ``negative`` (a bool's off switch), ``choices``,
+    ``metavar``, ``parse`` (text → value), ``shown`` (the default as help prints it), ``cli=False`` (API only)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class QuantizeConfig:
+    """Every option of ``onnxq quantize`` (see each field's help)."""
+
+    method: str = option("rtn", "solver", choices=tuple(PARAMS))
+    bits: int = option(4, "bits per weight: 2, 3, 4 or 8")
+    group_size: int = option(64, "columns per scale along the reduction axis; -1 = per output channel")
+    symmetric: bool = option(False, "symmetric grid (zero point 2^(b-1))", flag="--sym", negative="--asym")
+    format: str = option("matmulnbits", "matmulnbits: com.microsoft::MatMulNBits; qdq: ONNX DequantizeLinear; "
+                         "fake: float weights; onnxq: the onnxq::MatMulLowBit custom op (needs the custom-op "
+                         "library)", choices=tuple(EMITTERS))
+    zero_convention: str | None = option(None, "integer zero point w=s(q-zp) or float zero w=s*q+z (default: float "
+                                         "for decoupleq, else integer)", flag="--zero", choices=("integer", "float"))
+    clip_search: bool = option(False, "RTN: MSE-optimal range shrinking per group")
+    include: str | None = option(None, "only layers whose node name matches", metavar="REGEX")
+    exclude: str | None = option(None, "skip layers whose node name matches", metavar="REGEX")
+    op_types: tuple[str, ...] = option(TARGET_OP_TYPES, "comma-separated", parse=comma_list,
+                                       shown=",".join(TARGET_OP_TYPES))
+    accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (faster)")
+    calibration: object = option(None, "calibration inputs: .npz or folder of .npz (gptq/decoupleq)", flag="--calib",
+                                 metavar="PATH")
+    calib_batch_size: int | None = option(None, "calibration samples per ONNX Runtime run (default: the model's "
+                                          "fixed batch, else 8, or 1 when the model fails or mixes samples at 8)",
+                                          metavar="N")
+    iters: int = option(4, "decoupleq alternations")
+    damp: float = option(0.01, "Hessian damping λ·mean(diag H)")
+    act_order: bool = option(False, "GPTQ column order by decreasing Hessian diagonal")
+    round_mode: str = option("gptq", "decoupleq integer step", flag="--round", choices=("gptq", "train"))
+    max_memory: int | None = option(None, "bound for calibration Hessians and kept activations (beyond it they go "
+                                    "to temp files)", parse=gigabytes, metavar="GB")
+    progress: bool | None = option(None, "per-layer progress bar (default: on a TTY or ONNXQ_PROGRESS=1)", cli=False)
+    split: bool = option(False, "run SplitQuant first, then quantize each branch")
+    split_activations: bool = option(False, "with --split: also split activations")
+    act_bits: int | None = option(None, "add per-tensor activation fake-quantization (QDQ) with calibrated ranges",
+                                  choices=(4, 8))
+    seed: int = option(0, "random seed (k-means, sampling)")
+    sequential: bool = option(True, "calibrate each layer group on the outputs of the already-quantized earlier "
+                              "layers (costs one forward pass over the calibration data, like --no-sequential)")
+    float_target: bool = option(True, "with --sequential: fit each layer's output on quantized inputs to the float "
+                                "model's output on float inputs (runs the float model alongside)")
+
+    def solver_params(self, group_size: int, scale_dtype: type) -> SolverParams:
+        """The method's params object (:mod:`onnxq.solvers.base`) for one weight of resolved ``group_size``."""
+        zero_convention = self.zero_convention or ("float" if self.method == "decoupleq" else "integer")
+        common = {"bits": self.bits, "group_size": group_size, "scale_dtype": scale_dtype}
+        if self.method == "rtn":
+            return RtnParams(**common, symmetric=self.symmetric, zero_convention=zero_convention,
+                             clip_search=self.clip_search)
+        if self.method == "gptq":
+            return GptqParams(**common, symmetric=self.symmetric, zero_convention=zero_convention, damp=self.damp,
+                              act_order=self.act_order)
+        return DecoupleqParams(**common, iters=self.iters, damp=self.damp, round_mode=self.round_mode)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this run reads calibration data (Hessian methods, activation ranges, activation splits)."""
+        return self.method != "rtn" or self.act_bits is not None or self.split_activations
+
+    def validate(self) -> None:
+        """One-line errors for a wrong type, value or combination of options (onnxq.config_checks)."""
+        check_types(self)
+        if self.bits not in SUPPORTED_BITS:
+            raise OnnxqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size != -1 and not 2 <= self.group_size <= 1 << 16:
+            raise OnnxqError(f"--group-size {self.group_size} is out of range; use -1 (per channel) or 2..65536")
+        if self.format not in EMITTERS:
+            raise OnnxqError(f"--format {self.format} is unknown; use one of {', '.join(EMITTERS)}")
+        if self.method not in PARAMS:
+            raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(PARAMS)}")
+        if self.act_bits not in (None, 4, 8):
+            raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
+        if self.needs_calibration and self.calibration is None:
+            raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
+                             "pass --calib data.npz")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
+        bad = set(self.op_types) - set(TARGET_OP_TYPES)
+        if bad:
+            supported = ",".join(TARGET_OP_TYPES)
+            raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
+        check_batch_size(self.calib_batch_size)
+        if self.calib_batch_size is not None and not self.needs_calibration:
+            raise OnnxqError("--calib-batch-size applies to runs that calibrate (gptq/decoupleq, --act-bits, "
+                             "split activations); drop it")
+        check_ranges(self)
+        check_method_options(self)
