@@ -46,10 +46,22 @@ class EmitContext:
 
 @dataclass
 class Rewrite:
-    """Nodes to insert before the target, and optionally nodes that replace it."""
+    """Nodes to insert before the target, and optionally nodes that replace it (``None``: the target stays)."""
 
     before: list[onnx.NodeProto] = field(default_factory=list)
     replacement: list[onnx.NodeProto] | None = None
+
+    def nodes(self, target_node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """What stands where ``target_node`` stood."""
+        return self.before + (self.replacement if self.replacement is not None else [target_node])
+
+
+def with_input(node: onnx.NodeProto, index: int, name: str) -> onnx.NodeProto:
+    """A copy of ``node`` reading ``name`` as input ``index`` (emitters never change the model's nodes)."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[index] = name
+    return copy
 
 
 def float_dtype(target: Target) -> np.dtype:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxq.formats.common import EmitContext, Rewrite, float_dtype
+from onnxq.formats.common import EmitContext, Rewrite, float_dtype, with_input
 from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 
@@ -14,5 +14,4 @@ def emit_fake(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     if key not in ctx.cache:
         values = target.consumed_from_matrix(qw.dequantize(dtype))
         ctx.cache[key] = ctx.add_initializer(f"{target.weight_name}_fakequant", values)
-    target.node.input[target.input_index] = ctx.cache[key]
-    return Rewrite()
+    return Rewrite(replacement=[with_input(target.node, target.input_index, ctx.cache[key])])

@@ -16,9 +16,14 @@ from onnxq.ir.targets import Target
 from onnxq.quantized_weight import QuantizedWeight
 
 
+def fallback_reason(target: Target, group_size: int, ctx: EmitContext) -> str | None:
+    """Why ``target`` is emitted as ``qdq`` instead (None: it is not; every group size is supported)."""
+    return fused_product_unsupported(target, ctx, OP_TYPE)
+
+
 def emit_onnxq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     """Replace MatMul/Gemm by MatMulLowBit ``Y = A·(s·q + z)ᵀ (+ bias)``."""
-    reason = fused_product_unsupported(target, ctx, OP_TYPE)
+    reason = fallback_reason(target, qw.group_size, ctx)
     if reason:
         ctx.notes.append(f"{target.name}: {reason}; emitted as qdq")
         return emit_qdq(target, qw, ctx)

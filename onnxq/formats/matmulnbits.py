@@ -71,13 +71,18 @@ def pack_matmulnbits(qw: QuantizedWeight, block: int) -> tuple[np.ndarray, np.nd
     return packed, zero_points, bits
 
 
+def fallback_reason(target: Target, group_size: int, ctx: EmitContext) -> str | None:
+    """Why ``target`` (quantized with the resolved ``group_size``) is emitted as ``qdq`` instead (None: it is not)."""
+    reason = fused_product_unsupported(target, ctx, "MatMulNBits")
+    if reason is None and block_size_for(target.matrix_shape[1], group_size) is None:
+        reason = f"group size {group_size} is not a power of two ≥ {MIN_BLOCK}"
+    return reason
+
+
 def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     """Replace MatMul/Gemm by MatMulNBits (+ float-zero term, + bias); Conv goes to ``qdq``."""
-    k = qw.shape[1]
-    block = block_size_for(k, qw.group_size)
-    reason = fused_product_unsupported(target, ctx, "MatMulNBits")
-    if reason is None and block is None:
-        reason = f"group size {qw.group_size} is not a power of two ≥ {MIN_BLOCK}"
+    block = block_size_for(qw.shape[1], qw.group_size)
+    reason = fallback_reason(target, qw.group_size, ctx)
     if reason:
         ctx.notes.append(f"{target.name}: {reason}; emitted as qdq")
         return emit_qdq(target, qw, ctx)

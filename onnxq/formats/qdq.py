@@ -17,6 +17,7 @@ from onnxq.formats.common import (
     float_dtype,
     offset_correction,
     scaled,
+    with_input,
 )
 from onnxq.ir.index import attribute
 from onnxq.ir.targets import Target
@@ -102,18 +103,18 @@ def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
             nodes, out = dequantize_nodes(ctx, qw, base, dtype, transpose=target.orientation == "kn")
         rewrite.before.extend(nodes)
         ctx.cache[key] = out
-    node = target.node
-    node.input[target.input_index] = ctx.cache[key]
+    node = with_input(target.node, target.input_index, ctx.cache[key])
+    rewrite.replacement = [node]
     if target.orientation != "conv" and qw.has_offsets:
-        rewrite.before, rewrite.replacement = _add_offset_term(ctx, target, qw, dtype, rewrite.before)
+        rewrite.before, rewrite.replacement = _add_offset_term(ctx, target, node, qw, dtype, rewrite.before)
     return rewrite
 
 
 def _add_offset_term(
-    ctx: EmitContext, target: Target, qw: QuantizedWeight, dtype: np.dtype, before: list[onnx.NodeProto]
+    ctx: EmitContext, target: Target, node: onnx.NodeProto, qw: QuantizedWeight, dtype: np.dtype,
+    before: list[onnx.NodeProto],
 ) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
-    """Rename the node's output and add the exact float-zero correction term after it."""
-    node = target.node
+    """Rename the output of ``node`` (the target's replacement) and add the exact float-zero correction term."""
     left = target.op_type == "MatMul" and target.input_index == 0
     activation = node.input[1] if left else node.input[0]
     alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0

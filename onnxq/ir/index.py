@@ -83,6 +83,14 @@ def replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     graph.node.extend(copies)
 
 
+def splice_nodes(graph: onnx.GraphProto, replacements: dict[int, list[onnx.NodeProto]]) -> None:
+    """Replace the node at each index of ``replacements`` by its list of nodes (in place, order kept)."""
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        nodes.extend(replacements.get(index, [node]))
+    replace_nodes(graph, nodes)
+
+
 def toposort(model: onnx.ModelProto) -> None:
     """Order the main graph's nodes topologically, keeping the current order wherever it is already valid."""
     graph = model.graph

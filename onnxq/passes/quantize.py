@@ -17,10 +17,8 @@ from onnxq.calibration.stream import collect_hessians
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.formats.common import EmitContext, Rewrite
-from onnxq.formats.matmulnbits import block_size_for
-from onnxq.formats.qdq import required_opset
-from onnxq.formats.registry import EMITTERS
-from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, replace_nodes
+from onnxq.formats.registry import EMITTERS, required_opset_for
+from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, splice_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import copy_model, copy_model_without, model_bytes, opset_version, tensor_nbytes
 from onnxq.ir.targets import (
@@ -127,8 +125,11 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     if config.split:
         split_in_place(model, activations=config.split_activations, calibration=config.calibration, seed=config.seed)
     report = find_targets(model, config.op_types, config.include, config.exclude)
-    if _needs_dequantize_linear(report.targets, config) and opset_version(model) < required_opset(config.bits):
-        _convert_opset(model, required_opset(config.bits))
+    group_sizes = [resolve_group_size(t.matrix_shape[1], config.group_size) for t in report.targets]
+    opset = required_opset_for(config.format, report.targets, group_sizes, config.bits,
+                               EmitContext(model, NameScope(model)))
+    if opset is not None and opset_version(model) < opset:
+        _convert_opset(model, opset)
         report = find_targets(model, config.op_types, config.include, config.exclude)
     summary.skipped = report.skipped
     if not report.targets:
@@ -144,7 +145,7 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     emit = EMITTERS[config.format]
     for target in report.targets:
         rewrites[target.node_index] = emit(target, solved[target.matrix_key], ctx)
-    _apply_rewrites(model, rewrites)
+    splice_nodes(model.graph, {index: r.nodes(model.graph.node[index]) for index, r in rewrites.items()})
     remove_unused(model)
     allow_free_initializers(model)
     for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
@@ -263,30 +264,6 @@ def sequential_groups(targets: list[Target]) -> list[list[Target]]:
             groups.append([target])
         last_key = key
     return groups
-
-
-def _apply_rewrites(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
-    nodes: list[onnx.NodeProto] = []
-    for index, node in enumerate(model.graph.node):
-        rewrite = rewrites.get(index)
-        if rewrite is None:
-            nodes.append(node)
-            continue
-        nodes.extend(rewrite.before)
-        nodes.extend(rewrite.replacement if rewrite.replacement is not None else [node])
-    replace_nodes(model.graph, nodes)
-
-
-def _needs_dequantize_linear(targets: list[Target], config: QuantizeConfig) -> bool:
-    """Whether the output will contain DequantizeLinear (qdq, or a matmulnbits fallback)."""
-    if config.format == "qdq":
-        return True
-    if config.format == "onnxq":
-        return any(t.op_type == "Conv" for t in targets)
-    if config.format != "matmulnbits":
-        return False
-    return any(t.op_type == "Conv" or block_size_for(t.matrix_shape[1], resolve_group_size(t.matrix_shape[1],
-               config.group_size)) is None for t in targets)
 
 
 def _convert_opset(model: onnx.ModelProto, version: int) -> None:

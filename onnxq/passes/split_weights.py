@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.ir.index import NameScope, add_initializer, replace_nodes
+from onnxq.ir.index import NameScope, add_initializer, splice_nodes
 from onnxq.ir.metadata import (
     SPLIT_METADATA_KEY,
     metadata_json,
@@ -58,7 +58,7 @@ def split_weights(model: onnx.ModelProto, seed: int, method: str, report: SplitR
         report.layers.append(SplitLayer(target.name, target.op_type, target.weight_name, target.matrix_shape,
                                         np.dtype(helper.tensor_dtype_to_np_dtype(target.dtype)).itemsize,
                                         thresholds, counts, bias_note, branch_nodes, shared))
-    _replace_nodes(model, replacements)
+    splice_nodes(model.graph, replacements)
     if groups:
         set_metadata(model, SPLIT_METADATA_KEY, json.dumps(groups, sort_keys=True))
 
@@ -165,10 +165,3 @@ def _branch_nodes(
     nodes.append(helper.make_node("Add", [partial, outputs[2]], [node.output[0]],
                                   name=names.fresh(f"{target.name}_split_add")))
     return nodes, branch_names
-
-
-def _replace_nodes(model: onnx.ModelProto, replacements: dict[int, list[onnx.NodeProto]]) -> None:
-    nodes = []
-    for index, node in enumerate(model.graph.node):
-        nodes.extend(replacements.get(index, [node]))
-    replace_nodes(model.graph, nodes)
