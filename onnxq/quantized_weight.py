@@ -4,14 +4,14 @@ A layer weight is always seen by solvers as a 2-D matrix ``W`` of shape ``[N, K]
 ``N`` output channels, ``K`` the reduction axis.  Groups are contiguous runs of
 ``group_size`` columns along ``K`` (the last group may be shorter).  Dequantization:
 
-    w[n, k] = scales[n, g] * (codes[n, k] - zero_points[n, g]) + offsets[n, g],   g = k // group_size
+    w[n, k] = scales[n, g] * (codes[n, k] - zero_points[n, g]) + float_zeros[n, g],   g = k // group_size
 
 ``codes`` are unsigned integers in ``[0, 2**bits - 1]``.  The two zero conventions are
 both special cases of this form:
 
-* integer zero-point (``w = s·(q − zp)``): ``offsets`` is ``None`` (zero);
+* integer zero-point (``w = s·(q − zp)``): ``float_zeros`` is ``None`` (zero);
 * float zero (decoupleQ, ``w = s·q' + z`` with ``q' ∈ [−2^(b−1), 2^(b−1)−1]``):
-  ``zero_points`` is the constant ``2**(bits-1)`` and ``offsets`` holds ``z``.
+  ``zero_points`` is the constant ``2**(bits-1)`` and ``float_zeros`` holds ``z``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class QuantizedWeight:
     codes: np.ndarray  # uint8 [N, K], values in [0, 2**bits - 1]
     scales: np.ndarray  # float32 [N, G]
     zero_points: np.ndarray  # uint8 [N, G], values in [0, 2**bits - 1]
-    offsets: np.ndarray | None  # float32 [N, G] or None (integer zero-point convention)
+    float_zeros: np.ndarray | None  # float32 [N, G] or None (integer zero-point convention)
     bits: int
     group_size: int  # columns per group along K; equals K for per-channel
 
@@ -43,8 +43,8 @@ class QuantizedWeight:
             raise ValueError(
                 f"scales/zero_points must be {(n, groups)}, got {self.scales.shape}/{self.zero_points.shape}"
             )
-        if self.offsets is not None and self.offsets.shape != (n, groups):
-            raise ValueError(f"offsets must be {(n, groups)}, got {self.offsets.shape}")
+        if self.float_zeros is not None and self.float_zeros.shape != (n, groups):
+            raise ValueError(f"float_zeros must be {(n, groups)}, got {self.float_zeros.shape}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,12 +55,12 @@ class QuantizedWeight:
         return self.scales.shape[1]
 
     @property
-    def has_offsets(self) -> bool:
-        return self.offsets is not None and bool(np.any(self.offsets != 0))
+    def has_float_zeros(self) -> bool:
+        return self.float_zeros is not None and bool(np.any(self.float_zeros != 0))
 
     def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Return ``s·(q − zp) + z`` as a ``[N, K]`` array (computed in float64, then cast)."""
-        return dequantize(self.codes, self.scales, self.zero_points, self.offsets, self.group_size).astype(dtype)
+        return dequantize(self.codes, self.scales, self.zero_points, self.float_zeros, self.group_size).astype(dtype)
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -77,7 +77,7 @@ def dequantize(
     codes: np.ndarray,
     scales: np.ndarray,
     zero_points: np.ndarray,
-    offsets: np.ndarray | None,
+    float_zeros: np.ndarray | None,
     group_size: int,
 ) -> np.ndarray:
     """``w = s·(q − zp) + z`` in float64, groups along the last axis."""
@@ -85,8 +85,8 @@ def dequantize(
     s = expand_groups(scales.astype(np.float64), k, group_size)
     zp = expand_groups(zero_points.astype(np.float64), k, group_size)
     w = s * (codes.astype(np.float64) - zp)
-    if offsets is not None:
-        w += expand_groups(offsets.astype(np.float64), k, group_size)
+    if float_zeros is not None:
+        w += expand_groups(float_zeros.astype(np.float64), k, group_size)
     return w
 
 
@@ -94,15 +94,15 @@ def select_rows(take_other: np.ndarray, base: QuantizedWeight, other: QuantizedW
     """``base`` with the rows where ``take_other`` (bool ``[N]``) is set replaced by ``other``'s (same layout)."""
     if base.bits != other.bits or base.group_size != other.group_size or base.shape != other.shape:
         raise ValueError("select_rows needs two quantized weights of the same shape, bits and group size")
-    if (base.offsets is None) != (other.offsets is None):
+    if (base.float_zeros is None) != (other.float_zeros is None):
         raise ValueError("select_rows needs two quantized weights of the same zero convention")
     rows = np.asarray(take_other, dtype=bool)[:, None]
-    offsets = None if base.offsets is None else np.where(rows, other.offsets, base.offsets)
+    float_zeros = None if base.float_zeros is None else np.where(rows, other.float_zeros, base.float_zeros)
     return QuantizedWeight(
         codes=np.where(rows, other.codes, base.codes),
         scales=np.where(rows, other.scales, base.scales),
         zero_points=np.where(rows, other.zero_points, base.zero_points),
-        offsets=offsets,
+        float_zeros=float_zeros,
         bits=base.bits,
         group_size=base.group_size,
     )
@@ -112,9 +112,10 @@ def stack_rows(pieces: list[QuantizedWeight]) -> QuantizedWeight:
     """Concatenate quantized weights along N (same bits and group size; a missing float zero counts as 0)."""
     if len(pieces) == 1:
         return pieces[0]
-    offsets = None
-    if any(p.offsets is not None for p in pieces):
-        offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in pieces])
+    float_zeros = None
+    if any(p.float_zeros is not None for p in pieces):
+        float_zeros = np.concatenate([np.zeros_like(p.scales) if p.float_zeros is None else p.float_zeros
+                                      for p in pieces])
     return QuantizedWeight(np.concatenate([p.codes for p in pieces]), np.concatenate([p.scales for p in pieces]),
-                           np.concatenate([p.zero_points for p in pieces]), offsets, pieces[0].bits,
+                           np.concatenate([p.zero_points for p in pieces]), float_zeros, pieces[0].bits,
                            pieces[0].group_size)

@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxq.calibration.data import iter_batches, load_calibration
 from onnxq.calibration.keys import hessian_key
-from onnxq.calibration.stream import CalibrationStats, collect_hessians, iter_hessian_groups
+from onnxq.calibration.stream import CalibrationStats, collect_hessians, iter_hessian_passes
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model, save_model
 from onnxq.ir.targets import find_targets
@@ -367,7 +367,7 @@ def test_memory_grouped_passes_give_the_same_hessians(deep_model):
     assert seen == [(i + 1, 5 * stats.passes) for i in range(5 * stats.passes)]
 
     # the generator form hands out one group at a time
-    groups = list(iter_hessian_groups(deep_model, targets, batches, max_memory=16_000))
+    groups = list(iter_hessian_passes(deep_model, targets, batches, max_memory=16_000))
     assert len(groups) == stats.passes and all(isinstance(s, CalibrationStats) for _, s in groups)
 
 

@@ -20,7 +20,7 @@ from onnxq.calibration.stream import collect_hessians
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model, save_model
 from onnxq.ir.targets import find_targets
-from onnxq.passes.quantize import sequential_groups
+from onnxq.passes.quantize import layer_groups_of
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "onnxq" / "data"
 SEQ = 4
@@ -132,7 +132,7 @@ def test_hessians_of_batch_one_equal_batch_eight_on_digits(name):
 
 def test_sequential_hessians_and_float_targets_of_batch_one_equal_batch_eight():
     model = load_model(DATA_DIR / "digits_mlp.onnx")
-    groups = sequential_groups(find_targets(model).targets)
+    groups = layer_groups_of(find_targets(model).targets)
     calib = DATA_DIR / "digits_calib.npz"
     steps = {}
     for size in (1, 8):

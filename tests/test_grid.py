@@ -86,11 +86,11 @@ def test_float16_scales_keep_the_bound(kind, bits, symmetric, zero_convention, s
 def test_one_signed_group_keeps_its_whole_range(bits):
     """The bug this file was written for: min > 0 gave zp = 0 and a grid [0, max − min] that cut the top."""
     lo, hi = np.array([[0.5]]), np.array([[1.5]])
-    scales, zero_points, offsets = minmax_grid(lo, hi, bits)
-    top = scales * ((1 << bits) - 1 - zero_points) + offsets
+    scales, zero_points, float_zeros = minmax_grid(lo, hi, bits)
+    top = scales * ((1 << bits) - 1 - zero_points) + float_zeros
     assert zero_points[0, 0] == 0 and top[0, 0] >= 1.5 - scales[0, 0] / 2
     lo, hi = np.array([[-1.5]]), np.array([[-0.5]])
-    scales, zero_points, offsets = minmax_grid(lo, hi, bits)
+    scales, zero_points, float_zeros = minmax_grid(lo, hi, bits)
     assert zero_points[0, 0] == (1 << bits) - 1 and -scales[0, 0] * zero_points[0, 0] <= -1.5 + scales[0, 0] / 2
 
 

@@ -15,7 +15,7 @@ from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.stream import collect_hessians
 from onnxq.ir.model import copy_model
 from onnxq.ir.targets import find_targets, initializer_array
-from onnxq.passes.quantize import sequential_groups
+from onnxq.passes.quantize import layer_groups_of
 from onnxq.solvers.rtn import quantize_rtn
 
 
@@ -23,7 +23,7 @@ def _sequential_against_rerun(model: onnx.ModelProto, calibration: dict, memory_
     """Step through the groups, quantizing each (RTN W2 g8) after its step, and compare every step's H with
     collect_hessians on the working model. Returns (worst relative difference, calibration object, first-step H)."""
     targets = find_targets(model).targets
-    groups = sequential_groups(targets)
+    groups = layer_groups_of(targets)
     working = copy_model(model)
     batches = iter_batches(calibration, batch_size=4, model=model)
     sequential = SequentialCalibration(model, groups, batches, memory_limit)
@@ -62,7 +62,7 @@ def test_steps_match_full_rerun_and_run_each_node_once(memory_limit):
 
 def test_steps_out_of_order_are_refused():
     model = graphs.residual_model()
-    groups = sequential_groups(find_targets(model).targets)
+    groups = layer_groups_of(find_targets(model).targets)
     batches = iter_batches({"x": np.ones((2, 24), np.float32)}, model=model)
     sequential = SequentialCalibration(model, groups, batches)
     with pytest.raises(ValueError, match="in order"):
@@ -100,7 +100,7 @@ def test_cross_terms_pair_quantized_and_float_inputs():
     """With float targets, C = Σ xᵀx_float for every layer input that a solved weight changed."""
     model = graphs.residual_model()
     x = np.random.default_rng(3).standard_normal((10, 24)).astype(np.float32)
-    groups = sequential_groups(find_targets(model).targets)
+    groups = layer_groups_of(find_targets(model).targets)
     working = copy_model(model)
     batches = iter_batches({"x": x}, batch_size=4, model=model)
     before = model.SerializeToString()

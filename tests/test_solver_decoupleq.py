@@ -33,8 +33,8 @@ def damped_loss(weight: np.ndarray, qw, hessian: np.ndarray) -> float:
     return float(layer_loss(weight, qw.dequantize(np.float64), prepare_hessian(hessian).damped).sum())
 
 
-@pytest.mark.parametrize(("group_size", "with_offsets"), [(-1, True), (16, True), (24, False)])
-def test_float_step_is_least_squares(group_size: int, with_offsets: bool) -> None:
+@pytest.mark.parametrize(("group_size", "with_float_zeros"), [(-1, True), (16, True), (24, False)])
+def test_float_step_is_least_squares(group_size: int, with_float_zeros: bool) -> None:
     rng = np.random.default_rng(1)
     n, k = 6, 70  # 24 does not divide 70: a short last group
     weight, hessian = correlated_problem(n, k, seed=2)
@@ -42,18 +42,18 @@ def test_float_step_is_least_squares(group_size: int, with_offsets: bool) -> Non
     groups = -(-k // group_size)
     ints = rng.integers(-2, 2, size=(n, k)).astype(np.float64)
     scales = np.ones((n, groups))
-    offsets = np.zeros((n, groups)) if with_offsets else None
-    got_s, got_z = fit_float_params(weight, ints, hessian, group_size, scales, offsets)
+    float_zeros = np.zeros((n, groups)) if with_float_zeros else None
+    got_s, got_z = fit_float_params(weight, ints, hessian, group_size, scales, float_zeros)
 
     chol = np.linalg.cholesky(hessian)  # loss = ‖(Aθ − w)·C‖², H = C Cᵀ
     indicator = (np.arange(k)[:, None] // group_size == np.arange(groups)[None, :]).astype(np.float64)
     for row in range(n):
         design = ints[row][:, None] * indicator
-        if with_offsets:
+        if with_float_zeros:
             design = np.concatenate([design, indicator], axis=1)
         theta, *_ = np.linalg.lstsq(chol.T @ design, chol.T @ weight[row], rcond=None)
         np.testing.assert_allclose(got_s[row], theta[:groups], rtol=2e-6, atol=1e-9)
-        if with_offsets:
+        if with_float_zeros:
             np.testing.assert_allclose(got_z[row], theta[groups:], rtol=2e-6, atol=1e-9)
         else:
             assert np.all(got_z[row] == 0)
@@ -119,7 +119,7 @@ def test_bits_and_ragged_groups(bits: int, group_size: int) -> None:
     weight, hessian = correlated_problem(n=16, k=150, seed=bits)
     qw, stats = quantize_decoupleq(weight, hessian, bits, group_size, iters=2)
     assert qw.codes.max() <= (1 << bits) - 1
-    assert np.all(qw.zero_points == 1 << (bits - 1)) and qw.offsets is not None
+    assert np.all(qw.zero_points == 1 << (bits - 1)) and qw.float_zeros is not None
     assert qw.group_size == (150 if group_size == -1 else group_size)
     dq = damped_loss(weight, qw, hessian)
     assert dq <= damped_loss(weight, quantize_rtn(weight, bits, group_size, zero_convention="float"), hessian)
@@ -132,7 +132,7 @@ def test_zero_mask_gives_exact_zeros_with_integer_zero_points() -> None:
     for mask in (weight > low, (weight < low) | (weight > high), weight < high):  # the three SplitQuant branches
         branch = np.where(mask, 0.0, weight)
         qw, stats = quantize_decoupleq(branch, hessian, 2, 64, zero_mask=mask)
-        assert qw.offsets is None
+        assert qw.float_zeros is None
         deq = qw.dequantize(np.float32)
         assert np.all(deq[mask] == 0.0)
         zp = expand_groups(qw.zero_points, 200, 64)
@@ -150,7 +150,7 @@ def test_coordinate_descent_reaches_a_local_optimum_and_reports_the_exact_change
         rtn.codes.copy(),
         rtn.scales.astype(np.float64),
         rtn.zero_points.astype(np.float64),
-        rtn.offsets.astype(np.float64),
+        rtn.float_zeros.astype(np.float64),
     )
     before = layer_loss(weight, grid.dequantize(16), damped)
     codes, change = coordinate_descent(weight, damped, grid, 16, 3, sweeps=30, block_size=8)
@@ -173,7 +173,7 @@ def test_deterministic() -> None:
     a, _ = quantize_decoupleq(weight, hessian, 2, 32)
     b, _ = quantize_decoupleq(weight.copy(), hessian.copy(), 2, 32)
     assert np.array_equal(a.codes, b.codes)
-    assert a.scales.tobytes() == b.scales.tobytes() and a.offsets.tobytes() == b.offsets.tobytes()
+    assert a.scales.tobytes() == b.scales.tobytes() and a.float_zeros.tobytes() == b.float_zeros.tobytes()
 
 
 def test_row_chunks_and_shared_hessian_give_the_same_result() -> None:

@@ -54,8 +54,8 @@ def reference_gptq(
             if zero_mask is not None:
                 values = np.where(zero_mask[:, g * group_size : (g + 1) * group_size], 0.0, values)
             rtn = quantize_rtn(values, bits, values.shape[1], symmetric=symmetric, zero_convention=zero_convention)
-            offsets = np.zeros(n) if rtn.offsets is None else rtn.offsets[:, 0].astype(np.float64)
-            params[g] = (rtn.scales[:, 0].astype(np.float64), rtn.zero_points[:, 0].astype(np.float64), offsets)
+            float_zeros = np.zeros(n) if rtn.float_zeros is None else rtn.float_zeros[:, 0].astype(np.float64)
+            params[g] = (rtn.scales[:, 0].astype(np.float64), rtn.zero_points[:, 0].astype(np.float64), float_zeros)
         s, zp, z = params[g]
         q = np.clip(np.round((w[:, c] - z) / s) + zp, 0, levels)
         if zero_mask is not None:
@@ -114,7 +114,7 @@ def test_gptq_with_identity_hessian_is_rtn(symmetric: bool, zero_convention: str
     assert np.array_equal(qw.codes, rtn.codes)
     assert np.array_equal(qw.scales, rtn.scales)
     assert np.array_equal(qw.zero_points, rtn.zero_points)
-    assert (qw.offsets is None) == (rtn.offsets is None)
+    assert (qw.float_zeros is None) == (rtn.float_zeros is None)
 
 
 def test_gptq_beats_rtn_on_correlated_hessian() -> None:
@@ -131,7 +131,7 @@ def test_gptq_zero_mask_entries_dequantize_to_exact_zero() -> None:
     branch = np.where(mask, 0.0, weight)
     qw = quantize_gptq(branch, hessian, 2, 32, zero_convention="float", zero_mask=mask, act_order=True,
                        rtn_guard=False)
-    assert qw.offsets is None
+    assert qw.float_zeros is None
     deq = qw.dequantize(np.float32)
     assert np.all(deq[mask] == 0.0)
     assert np.array_equal(qw.codes, reference_gptq(branch, hessian, 2, 32, act_order=True, zero_mask=mask))
@@ -192,11 +192,11 @@ def test_gptq_sweep_reports_the_damped_loss() -> None:
         24,
         start.scales.astype(np.float64),
         np.full((12, groups), 4.0),
-        start.offsets.astype(np.float64),
+        start.float_zeros.astype(np.float64),
         order=order,
         block_size=32,
     )
     deq = expand_groups(start.scales.astype(np.float64), 72, 24) * (codes - 4.0) + expand_groups(
-        start.offsets.astype(np.float64), 72, 24
+        start.float_zeros.astype(np.float64), 72, 24
     )
     np.testing.assert_allclose(loss, layer_loss(weight, deq, prepared.damped), rtol=1e-9)

@@ -1,5 +1,5 @@
-"""Memory planning for calibration: measure one batch's activations and split the Hessian keys into groups that fit
-under ``max_memory``."""
+"""Memory planning for calibration: measure one batch's activations and split the Hessian keys into passes over the
+data, each of which fits under ``max_memory``."""
 
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def _working_bytes(unit: Unfolding, activation: int) -> int:
     return copies + block + 4 * unit.groups * unit.size * unit.size
 
 
-def group_keys(
+def plan_passes(
     keys: Mapping[HessianKey, Unfolding], activation_bytes: Mapping[str, int], max_memory: int
 ) -> list[list[HessianKey]]:
-    """Split keys (in order) into groups with ``Σ H + Σ distinct activations + max working memory ≤ max_memory``."""
-    groups: list[list[HessianKey]] = []
+    """Split keys (in order) into passes with ``Σ H + Σ distinct activations + max working memory ≤ max_memory``."""
+    passes: list[list[HessianKey]] = []
     current: list[HessianKey] = []
 
     def cost(members: list[HessianKey]) -> int:
@@ -68,12 +68,12 @@ def group_keys(
                 "raise --max-memory or use a smaller calibration batch size"
             )
         if current and cost([*current, key]) > max_memory:
-            groups.append(current)
+            passes.append(current)
             current = []
         current.append(key)
     if current:
-        groups.append(current)
-    return groups
+        passes.append(current)
+    return passes
 
 
 def _mib(n: int) -> str:

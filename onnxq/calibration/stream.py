@@ -1,7 +1,7 @@
 """Calibration: stream named model inputs through ONNX Runtime and accumulate layer Hessians ``H = Σ xᵀx``.
 
 Activations live for at most two batches (ORT computes batch i+1 while batch i is accumulated); under ``max_memory``
-the keys are split into groups, one pass over the data per group (:mod:`onnxq.calibration.memory`)."""
+the keys are split over several passes over the data (:mod:`onnxq.calibration.memory`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from onnxq.calibration.data import (
     model_input_specs,
 )
 from onnxq.calibration.keys import HessianKey, keys_by_tensor, plan_keys
-from onnxq.calibration.memory import group_keys, measure_activations
+from onnxq.calibration.memory import measure_activations, plan_passes
 from onnxq.calibration.sessions import ORT_THREADS, Feed, SessionFactory, run_session
 from onnxq.errors import OnnxqError
 from onnxq.ir.targets import Target
@@ -91,7 +91,7 @@ def _origins(batches: Iterable[Feed]) -> Iterator[tuple[str, Feed]]:
             yield f"calibration batch {index}", batch
 
 
-def iter_hessian_groups(
+def iter_hessian_passes(
     model: onnx.ModelProto,
     targets: list[Target],
     batches: Iterable[Feed] | str | os.PathLike | Mapping[str, np.ndarray],
@@ -100,11 +100,11 @@ def iter_hessian_groups(
     threads: int = ORT_THREADS,
     token_mask: str | None = None,
 ) -> Iterator[tuple[dict[HessianKey, np.ndarray], CalibrationStats]]:
-    """Yield ``(H per key, stats)`` one key group at a time, one pass over ``batches`` per group.
+    """Yield ``(H per key, stats)`` once per pass over ``batches``, each pass computing some of the keys.
 
-    Groups (contiguous in graph order) keep ``Σ H bytes + activations of two batches + working memory`` under
-    ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
-    A caller that solves each group and drops its H stays within ``max_memory`` for the calibration data.
+    The keys of a pass (contiguous in graph order) keep ``Σ H bytes + activations of two batches + working memory``
+    under ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
+    A caller that solves each pass's layers and drops their H stays within ``max_memory`` for the calibration data.
 
     ``token_mask``: name of a ``[batch, sequence]`` model input (e.g. ``attention_mask``); rows of a MatMul/Gemm
     activation laid out ``[batch, sequence, K]`` (or ``[batch·sequence, K]``) where it is 0 are left out of H,
@@ -122,7 +122,7 @@ def iter_hessian_groups(
     try:
         intermediates = [u.tensor for u in keys.values() if u.tensor not in specs and u.tensor not in constants]
         intermediates = list(dict.fromkeys(intermediates))
-        groups: list[list[HessianKey]] = [list(keys)]
+        passes: list[list[HessianKey]] = [list(keys)]
         probe_session = None
         activation_bytes: dict[str, int] = {}
         one_shot = iter(batches) is batches
@@ -132,29 +132,30 @@ def iter_hessian_groups(
                 batches = itertools.chain([first[1]], batches)
             probe_session = factory.session(intermediates) if intermediates else None
             activation_bytes = measure_activations(probe_session, intermediates, first, specs)
-            groups = group_keys(keys, activation_bytes, max_memory)
-            if len(groups) > 1:
+            passes = plan_passes(keys, activation_bytes, max_memory)
+            if len(passes) > 1:
                 probe_session = None
-        if len(groups) > 1 and one_shot:
+        if len(passes) > 1 and one_shot:
             raise OnnxqError(
-                f"calibration needs {len(groups)} passes over the data to fit in max_memory, but the batches are a "
+                f"calibration needs {len(passes)} passes over the data to fit in max_memory, but the batches are a "
                 "one-shot iterator; pass a list or iter_batches(...), or raise max_memory"
             )
-        counter = _BatchCounter(progress, len(batches) * len(groups) if hasattr(batches, "__len__") else 0)
-        for index, group in enumerate(groups):
+        counter = _BatchCounter(progress, len(batches) * len(passes) if hasattr(batches, "__len__") else 0)
+        for index, keys_of_pass in enumerate(passes):
             start, cpu_start = time.perf_counter(), process_cpu_seconds()
-            group_units = {key: keys[key] for key in group}
-            needed = list(dict.fromkeys(u.tensor for u in group_units.values() if u.tensor in intermediates))
-            if len(groups) == 1 and probe_session is not None:
+            units = {key: keys[key] for key in keys_of_pass}
+            needed = list(dict.fromkeys(u.tensor for u in units.values() if u.tensor in intermediates))
+            if len(passes) == 1 and probe_session is not None:
                 session = probe_session
             else:
                 session = factory.session(needed) if needed else None
-            counter.label = f"calibration pass {index + 1}/{len(groups)}"
+            counter.label = f"calibration pass {index + 1}/{len(passes)}"
+
             def run(_: int, origin: str, feed: Feed, session=session, needed=needed) -> tuple[dict, dict]:
                 return run_session(session, needed, feed, origin), {}
 
             sums, samples, count, peak_outputs = accumulate_pass(
-                run, batches, specs, constants, group_units, token_mask, counter.step,
+                run, batches, specs, constants, units, token_mask, counter.step,
             )
             session = None
             yield finish_pass(sums, samples, count, peak_outputs, start, cpu_start)
@@ -269,16 +270,16 @@ def collect_hessians(
     """``H = Σ xᵀx`` (float64) for every :func:`hessian_key` of ``targets``, with rows, time and peak memory.
 
     ``batches``: dicts of named model inputs (re-iterable when ``max_memory`` forces several passes), or an .npz
-    path / folder / dict of arrays.  See :func:`iter_hessian_groups` for the memory bound; the returned dict holds
+    path / folder / dict of arrays.  See :func:`iter_hessian_passes` for the memory bound; the returned dict holds
     every H at once.
     """
     start, cpu_start = time.perf_counter(), process_cpu_seconds()
     hessians: dict[HessianKey, np.ndarray] = {}
     stats = CalibrationStats()
-    groups = iter_hessian_groups(model, targets, batches, max_memory, progress, threads, token_mask)
-    for group, group_stats in groups:
-        hessians.update(group)
-        stats.merge(group_stats)
+    for pass_hessians, pass_stats in iter_hessian_passes(model, targets, batches, max_memory, progress, threads,
+                                                         token_mask):
+        hessians.update(pass_hessians)
+        stats.merge(pass_stats)
     stats.seconds = time.perf_counter() - start
     stats.cpu_seconds = process_cpu_seconds() - cpu_start
     stats.peak_rss_bytes = process_peak_rss_bytes()

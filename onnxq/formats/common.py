@@ -71,11 +71,11 @@ def float_dtype(target: Target) -> np.dtype:
 
 
 def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:
-    """The same codes with scales and offsets multiplied by ``factor`` (Gemm's alpha)."""
+    """The same codes with scales and float_zeros multiplied by ``factor`` (Gemm's alpha)."""
     if factor == 1.0:
         return qw
-    offsets = None if qw.offsets is None else (qw.offsets * factor).astype(np.float32)
-    return QuantizedWeight(qw.codes, (qw.scales * factor).astype(np.float32), qw.zero_points, offsets, qw.bits,
+    float_zeros = None if qw.float_zeros is None else (qw.float_zeros * factor).astype(np.float32)
+    return QuantizedWeight(qw.codes, (qw.scales * factor).astype(np.float32), qw.zero_points, float_zeros, qw.bits,
                            qw.group_size)
 
 
@@ -85,7 +85,7 @@ def group_indicator(k: int, group_size: int, dtype: np.dtype) -> np.ndarray:
     return expand_groups(np.eye(groups, dtype=dtype), k, group_size).T.copy()
 
 
-def offset_correction(
+def float_zero_correction(
     ctx: EmitContext, activation: str, qw: QuantizedWeight, dtype: np.dtype, left: bool, base: str
 ) -> tuple[list[onnx.NodeProto], str]:
     """Nodes computing the float-zero term exactly, without materialising ``Z`` per weight.
@@ -99,7 +99,7 @@ def offset_correction(
         e = group_indicator(k, qw.group_size, dtype)
         ctx.cache[key] = ctx.add_initializer(f"onnxq_group_sum_{k}_{qw.group_size}", e.T.copy() if left else e)
     indicator = ctx.cache[key]
-    zeros = qw.offsets.astype(dtype)
+    zeros = qw.float_zeros.astype(dtype)
     zero_name = ctx.add_initializer(f"{base}_float_zero", zeros if left else zeros.T.copy())
     nodes = []
     sums_key = ("group_sums", activation, k, qw.group_size, dtype.str, left)  # shared by layers reading A
@@ -116,5 +116,5 @@ def offset_correction(
 
 
 def integer_part(qw: QuantizedWeight) -> QuantizedWeight:
-    """``s·(q − zp)`` alone (offsets dropped), the part integer formats carry."""
+    """``s·(q − zp)`` alone (float_zeros dropped), the part integer formats carry."""
     return QuantizedWeight(qw.codes, qw.scales, qw.zero_points, None, qw.bits, qw.group_size)

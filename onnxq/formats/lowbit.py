@@ -41,4 +41,4 @@ def emit_onnxq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite
         inputs = [a_input, *ctx.cache[key]] + ([bias] if bias else [])
         return lowbit_node(inputs, output, weight, ctx.names.fresh(f"{target.name}_{OP_TYPE}"))
 
-    return emit_fused_product(target, qw, ctx, build, carries_offsets=True)
+    return emit_fused_product(target, qw, ctx, build, carries_float_zeros=True)

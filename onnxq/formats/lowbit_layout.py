@@ -3,7 +3,7 @@
 Layout (docs/custom_ops.md): B uint8 ``[N, G, ceil(group·bits/8)]`` with codes LSB-first along K and K
 padded to ``G·group`` with zero codes; scales and zeros ``[N, G]`` in the activation dtype;
 ``w = s·q + z`` with ``q`` the unsigned code.  From a :class:`QuantizedWeight`
-(``w = s·(q − zp) + offsets``): ``z = offsets − s·zp`` (computed in float64 from the scale as stored).
+(``w = s·(q − zp) + float_zeros``): ``z = float_zeros − s·zp`` (computed in float64 from the scale as stored).
 Running the op needs the library: :func:`onnxq.custom_ops.session_options`.
 """
 
@@ -31,8 +31,8 @@ def lowbit_tensors(weight: QuantizedWeight, dtype: np.dtype | type = np.float32)
     codes[:, :k] = weight.codes
     packed = pack_bits(codes.reshape(n, groups, weight.group_size), weight.bits)
     scales = weight.scales.astype(dtype)
-    offsets = np.zeros((n, groups)) if weight.offsets is None else weight.offsets.astype(np.float64)
-    zeros = (offsets - scales.astype(np.float64) * weight.zero_points.astype(np.float64)).astype(dtype)
+    float_zeros = np.zeros((n, groups)) if weight.float_zeros is None else weight.float_zeros.astype(np.float64)
+    zeros = (float_zeros - scales.astype(np.float64) * weight.zero_points.astype(np.float64)).astype(dtype)
     return packed, scales, zeros
 
 

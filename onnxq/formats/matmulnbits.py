@@ -18,8 +18,8 @@ from onnxq.formats.common import (
     EmitContext,
     Rewrite,
     float_dtype,
+    float_zero_correction,
     integer_part,
-    offset_correction,
     scaled,
 )
 from onnxq.formats.qdq import emit_qdq
@@ -54,8 +54,8 @@ def regroup(qw: QuantizedWeight, block: int) -> QuantizedWeight:
     def expand(a: np.ndarray) -> np.ndarray:
         return np.repeat(a, repeat, axis=1)[:, :groups].copy()
 
-    offsets = None if qw.offsets is None else expand(qw.offsets)
-    return QuantizedWeight(qw.codes, expand(qw.scales), expand(qw.zero_points), offsets, qw.bits, block)
+    float_zeros = None if qw.float_zeros is None else expand(qw.float_zeros)
+    return QuantizedWeight(qw.codes, expand(qw.scales), expand(qw.zero_points), float_zeros, qw.bits, block)
 
 
 def pack_matmulnbits(qw: QuantizedWeight, block: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -106,7 +106,7 @@ def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> R
         return ctx.node("MatMulNBits", inputs, [output], f"{target.name}_MatMulNBits", domain="com.microsoft",
                         K=k, N=n, bits=bits, block_size=block, accuracy_level=ctx.accuracy_level)
 
-    return emit_fused_product(target, qw, ctx, build, carries_offsets=False)
+    return emit_fused_product(target, qw, ctx, build, carries_float_zeros=False)
 
 
 def fused_product_unsupported(target: Target, ctx: EmitContext, op_name: str) -> str | None:
@@ -123,7 +123,7 @@ ProductBuilder = Callable[[str, str, QuantizedWeight, "str | None"], onnx.NodePr
 
 
 def emit_fused_product(
-    target: Target, qw: QuantizedWeight, ctx: EmitContext, build: ProductBuilder, carries_offsets: bool
+    target: Target, qw: QuantizedWeight, ctx: EmitContext, build: ProductBuilder, carries_float_zeros: bool
 ) -> Rewrite:
     """Replace the target by one fused op ``Y = A·dequant(W)ᵀ (+ bias)`` built by ``build``.
 
@@ -153,13 +153,13 @@ def emit_fused_product(
         bias_terms.append((node.input[2], float(attribute(node, "beta", 1.0))))
 
     result = ctx.names.fresh(f"{target.name}_product")
-    nodes = [build(a_input, result, qw if carries_offsets else integer_part(qw), bias_name)]
+    nodes = [build(a_input, result, qw if carries_float_zeros else integer_part(qw), bias_name)]
     if left:
         back = ctx.names.fresh(f"{result}_transposed")
         nodes.append(ctx.node("Transpose", [result], [back], f"{target.name}_transpose_out", perm=perm))
         result = back
-    if qw.has_offsets and not carries_offsets:
-        term_nodes, term = offset_correction(ctx, activation, qw, dtype, left, target.name)
+    if qw.has_float_zeros and not carries_float_zeros:
+        term_nodes, term = float_zero_correction(ctx, activation, qw, dtype, left, target.name)
         before += term_nodes
         summed = ctx.names.fresh(f"{target.name}_with_float_zero")
         nodes.append(ctx.node("Add", [result, term], [summed], f"{target.name}_add_float_zero"))

@@ -2,7 +2,7 @@
 
 ``DequantizeLinear(q, s, zp)`` computes ``s·(q − zp)`` per block of ``group_size`` along the
 reduction axis.  A float zero ``z`` (decoupleQ) is added exactly: for MatMul/Gemm by the
-correction term ``(A·E)·Zᵀ`` (see :func:`offset_correction`), for Conv by a second
+correction term ``(A·E)·Zᵀ`` (see :func:`float_zero_correction`), for Conv by a second
 ``DequantizeLinear`` of all-zero codes with zero-point 1 and scale ``−z``, which yields ``z``.
 """
 
@@ -15,7 +15,7 @@ from onnxq.formats.common import (
     EmitContext,
     Rewrite,
     float_dtype,
-    offset_correction,
+    float_zero_correction,
     scaled,
     with_input,
 )
@@ -73,10 +73,10 @@ def dequantize_nodes(
     return [node], out
 
 
-def _offset_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype) -> tuple[list, str]:
+def _float_zero_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype) -> tuple[list, str]:
     """DequantizeLinear producing ``Z_exp[N, K]`` from codes 0, zero-point 1 and scale ``−z``."""
     zero_codes = QuantizedWeight(
-        np.zeros_like(qw.codes), (-qw.offsets).astype(np.float32), np.ones_like(qw.zero_points), None, qw.bits,
+        np.zeros_like(qw.codes), (-qw.float_zeros).astype(np.float32), np.ones_like(qw.zero_points), None, qw.bits,
         qw.group_size,
     )
     return dequantize_nodes(ctx, zero_codes, f"{base}_float_zero", dtype, transpose=False)
@@ -91,10 +91,10 @@ def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     if key not in ctx.cache:
         if target.orientation == "conv":
             nodes, flat = dequantize_nodes(ctx, qw, base, dtype, transpose=False)
-            if qw.has_offsets:
-                offset_nodes, offsets = _offset_nodes(ctx, qw, base, dtype)
+            if qw.has_float_zeros:
+                float_zero_nodes, float_zeros = _float_zero_nodes(ctx, qw, base, dtype)
                 summed = ctx.names.fresh(f"{base}_dequant_sum")
-                nodes += offset_nodes + [ctx.node("Add", [flat, offsets], [summed], f"{base}_add_float_zero")]
+                nodes += float_zero_nodes + [ctx.node("Add", [flat, float_zeros], [summed], f"{base}_add_float_zero")]
                 flat = summed
             shape = ctx.add_initializer(f"{base}_shape", np.array(target.weight_shape, dtype=np.int64))
             out = ctx.names.fresh(f"{base}_dequant_{len(target.weight_shape)}d")
@@ -105,12 +105,12 @@ def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
         ctx.cache[key] = out
     node = with_input(target.node, target.input_index, ctx.cache[key])
     rewrite.replacement = [node]
-    if target.orientation != "conv" and qw.has_offsets:
-        rewrite.before, rewrite.replacement = _add_offset_term(ctx, target, node, qw, dtype, rewrite.before)
+    if target.orientation != "conv" and qw.has_float_zeros:
+        rewrite.before, rewrite.replacement = _add_float_zero_term(ctx, target, node, qw, dtype, rewrite.before)
     return rewrite
 
 
-def _add_offset_term(
+def _add_float_zero_term(
     ctx: EmitContext, target: Target, node: onnx.NodeProto, qw: QuantizedWeight, dtype: np.dtype,
     before: list[onnx.NodeProto],
 ) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
@@ -118,7 +118,7 @@ def _add_offset_term(
     left = target.op_type == "MatMul" and target.input_index == 0
     activation = node.input[1] if left else node.input[0]
     alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
-    nodes, term = offset_correction(ctx, activation, scaled(qw, alpha), dtype, left, target.name)
+    nodes, term = float_zero_correction(ctx, activation, scaled(qw, alpha), dtype, left, target.name)
     output = node.output[0]
     partial = ctx.names.fresh(f"{output}_without_float_zero")
     node.output[0] = partial

@@ -183,7 +183,7 @@ def _solve_all(
         batches.check(model)
         store = HessianStore(config.damp, act_order=config.method == "decoupleq" or config.act_order)
         if config.sequential:
-            layer_groups = sequential_groups(targets)
+            layer_groups = layer_groups_of(targets)
             frontier_limit = None if config.max_memory is None else config.max_memory // 2
             sequential = SequentialCalibration(model, layer_groups, batches, frontier_limit,
                                                float_targets=config.float_target)
@@ -223,7 +223,10 @@ def _solve_one(
     params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
     stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
     zero_mask = (weight == 0) if target.name in branch_nodes else None
-    qw, report = solve(weight, params, stats, zero_mask)
+    try:
+        qw, report = solve(weight, params, stats, zero_mask)
+    except OnnxqError as exc:  # the solvers know matrices, not nodes
+        raise OnnxqError(f"{target.op_type} node '{target.name}': {exc}") from None
     dequantized = qw.dequantize(np.float64)
     if report.nearest:
         _check_grid(target, weight, qw, dequantized, scale_dtype, summary)
@@ -251,7 +254,7 @@ def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, 
     summary.peak_memory_mb = max(summary.peak_memory_mb, stats.peak_rss_bytes / 2**20)
 
 
-def sequential_groups(targets: list[Target]) -> list[list[Target]]:
+def layer_groups_of(targets: list[Target]) -> list[list[Target]]:
     """Consecutive targets that read the same activation (q/k/v, gate/up) form one group, in graph order."""
 
     groups: list[list[Target]] = []

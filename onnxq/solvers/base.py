@@ -154,6 +154,6 @@ def _stored_as(qw: QuantizedWeight, dtype: type) -> QuantizedWeight:
     """``qw`` with scales and float zeros as ``dtype`` stores them (values kept in float32 arrays)."""
     if np.dtype(dtype) == np.float32:
         return qw
-    float_zeros = None if qw.offsets is None else qw.offsets.astype(dtype).astype(np.float32)
+    float_zeros = None if qw.float_zeros is None else qw.float_zeros.astype(dtype).astype(np.float32)
     return QuantizedWeight(qw.codes, qw.scales.astype(dtype).astype(np.float32), qw.zero_points, float_zeros,
                            qw.bits, qw.group_size)

@@ -16,7 +16,7 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
 * every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; the alternation
   stops after ``iters`` rounds or when at most ``min_improved_fraction`` of the channels improve.
 
-Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``offsets = z``.  With a
+Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``float_zeros = z``.  With a
 ``zero_mask`` (SplitQuant branches) the integer zero-point convention is used instead — ``q = s_g·(c − zp_g)``,
 ``zp_g`` an integer fixed by the (grid) min/max fit, masked entries get ``c = zp_g`` and dequantize to exactly 0 —
 and the float step solves only ``s``.  Channels are processed in chunks of ``max_rows`` (they are independent).
@@ -50,7 +50,7 @@ __all__ = ["quantize_decoupleq", "layer_loss", "fit_float_params"]
 class _Config:
     bits: int
     group_size: int
-    integer_zero: bool  # masked mode: q = s·(c − zp), no offsets
+    integer_zero: bool  # masked mode: q = s·(c − zp), no float_zeros
     iters: int
     round_mode: RoundMode
     grid_search: bool
@@ -123,7 +123,7 @@ def quantize_decoupleq(
         codes=np.empty((n, k), dtype=np.uint8),
         scales=np.empty((n, groups)),
         zero_points=np.empty((n, groups)),
-        offsets=np.zeros((n, groups)),
+        float_zeros=np.zeros((n, groups)),
     )
     chunk_stats = []
     rows = max(1, int(max_rows))
@@ -137,7 +137,7 @@ def quantize_decoupleq(
         codes=result.codes,
         scales=result.scales.astype(np.float32),
         zero_points=result.zero_points.astype(np.uint8),
-        offsets=None if config.integer_zero else result.offsets.astype(np.float32),
+        float_zeros=None if config.integer_zero else result.float_zeros.astype(np.float32),
         bits=bits,
         group_size=group_size,
     )
@@ -198,7 +198,7 @@ def _solve_rows(
             config.group_size,
             grid.scales,
             grid.zero_points,
-            grid.offsets,
+            grid.float_zeros,
             order=order,
             zero_mask=mask,
         )
@@ -213,9 +213,9 @@ def _solve_rows(
 
     def float_step(grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray]:
         ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
-        offsets = None if config.integer_zero else grid.offsets
-        scales, offsets, candidate_loss, current_loss = least_squares.fit(ints, grid.scales, offsets)
-        return GroupGrid(grid.codes, scales, grid.zero_points, offsets), candidate_loss, current_loss
+        float_zeros = None if config.integer_zero else grid.float_zeros
+        scales, float_zeros, candidate_loss, current_loss = least_squares.fit(ints, grid.scales, float_zeros)
+        return GroupGrid(grid.codes, scales, grid.zero_points, float_zeros), candidate_loss, current_loss
 
     def accept(
         best: GroupGrid,
@@ -268,16 +268,16 @@ def _rtn_grid(target: np.ndarray, mask: np.ndarray | None, config: _Config) -> G
     rtn = quantize_rtn(target, config.bits, config.group_size, zero_convention=convention)
     scales = rtn.scales.astype(np.float64)
     zero_points = rtn.zero_points.astype(np.float64)
-    offsets = np.zeros_like(scales) if rtn.offsets is None else rtn.offsets.astype(np.float64)
-    grid = GroupGrid(np.empty(target.shape, dtype=np.uint8), scales, zero_points, offsets)
+    float_zeros = np.zeros_like(scales) if rtn.float_zeros is None else rtn.float_zeros.astype(np.float64)
+    grid = GroupGrid(np.empty(target.shape, dtype=np.uint8), scales, zero_points, float_zeros)
     grid.codes = _rtn_codes(target, grid, config, mask)
     return grid
 
 
 def _rtn_codes(target: np.ndarray, grid: GroupGrid, config: _Config, mask: np.ndarray | None) -> np.ndarray:
     """Nearest codes on ``grid``'s parameters."""
-    scales, zero_points, offsets = grid.expanded(config.group_size)
-    return nearest_codes(target, safe_inverse(scales), zero_points, offsets, config.bits, mask).astype(np.uint8)
+    scales, zero_points, float_zeros = grid.expanded(config.group_size)
+    return nearest_codes(target, safe_inverse(scales), zero_points, float_zeros, config.bits, mask).astype(np.uint8)
 
 
 def _grid_search(
@@ -296,17 +296,17 @@ def _grid_search(
     best = start.with_codes(start.codes.copy())
     best_loss = start_loss.copy()
     hessian32 = hessian.astype(np.float32)
-    scales, zero_points, offsets = start.expanded(config.group_size)
+    scales, zero_points, float_zeros = start.expanded(config.group_size)
     inverse_scales = safe_inverse(scales)
     for shrink in np.linspace(1.0, config.min_shrink, config.grid_points)[1:]:
         candidate = GroupGrid(
             start.codes,
             (start.scales * shrink).astype(np.float32).astype(np.float64),
             start.zero_points,
-            (start.offsets * shrink).astype(np.float32).astype(np.float64),
+            (start.float_zeros * shrink).astype(np.float32).astype(np.float64),
         )
-        codes = nearest_codes(target, inverse_scales / shrink, zero_points, offsets * shrink, config.bits, mask)
-        error = (target - shrink * (scales * (codes - zero_points) + offsets)).astype(np.float32)
+        codes = nearest_codes(target, inverse_scales / shrink, zero_points, float_zeros * shrink, config.bits, mask)
+        error = (target - shrink * (scales * (codes - zero_points) + float_zeros)).astype(np.float32)
         candidate_loss = np.einsum("nk,nk->n", error @ hessian32, error, dtype=np.float64)
         better = candidate_loss < best_loss
         if np.any(better):

@@ -32,7 +32,7 @@ from onnxq.solvers.rtn import quantize_rtn
 
 SUB_BLOCK = 16  # columns updated immediately; the rest of a block is updated per sub-block by one product
 
-# fit_group(current_values [N, cols], mask [N, cols] or None) -> (scales, zero_points, offsets), each [N]
+# fit_group(current_values [N, cols], mask [N, cols] or None) -> (scales, zero_points, float_zeros), each [N]
 GroupFitter = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -72,13 +72,13 @@ def quantize_gptq(
         if group_mask is not None:
             values = np.where(group_mask, 0.0, values)
         rtn = quantize_rtn(values, bits, values.shape[1], symmetric, zero_convention, scale_dtype=scale_dtype)
-        offsets = rtn.offsets[:, 0] if rtn.offsets is not None else np.zeros(n)
-        return rtn.scales[:, 0], rtn.zero_points[:, 0], offsets
+        float_zeros = rtn.float_zeros[:, 0] if rtn.float_zeros is not None else np.zeros(n)
+        return rtn.scales[:, 0], rtn.zero_points[:, 0], float_zeros
 
     groups = num_groups(k, group_size)
     scales = np.zeros((n, groups))
     zero_points = np.zeros((n, groups))
-    offsets = np.zeros((n, groups))
+    float_zeros = np.zeros((n, groups))
     order = prepared.act_order() if act_order else None
     codes, _ = gptq_round(
         weight,
@@ -87,7 +87,7 @@ def quantize_gptq(
         group_size,
         scales,
         zero_points,
-        offsets,
+        float_zeros,
         order=order,
         zero_mask=mask,
         fit_group=fit_group,
@@ -97,7 +97,7 @@ def quantize_gptq(
         codes=codes,
         scales=scales.astype(np.float32),
         zero_points=zero_points.astype(np.uint8),
-        offsets=offsets.astype(np.float32) if zero_convention == "float" else None,
+        float_zeros=float_zeros.astype(np.float32) if zero_convention == "float" else None,
         bits=bits,
         group_size=group_size,
     )
@@ -114,7 +114,7 @@ def gptq_round(
     group_size: int,
     scales: np.ndarray,
     zero_points: np.ndarray,
-    offsets: np.ndarray,
+    float_zeros: np.ndarray,
     order: np.ndarray | None = None,
     zero_mask: np.ndarray | None = None,
     fit_group: GroupFitter | None = None,
@@ -123,7 +123,7 @@ def gptq_round(
     """The GPTQ column sweep; returns uint8 codes ``[N, K]`` (original column order) and the loss per row.
 
     ``upper`` is the upper Cholesky factor of ``H_d⁻¹`` in processing order ``order``.  ``scales``,
-    ``zero_points`` and ``offsets`` (float64 ``[N, G]``) give each group's grid ``s·(q − zp) + z``; with
+    ``zero_points`` and ``float_zeros`` (float64 ``[N, G]``) give each group's grid ``s·(q − zp) + z``; with
     ``fit_group`` they are filled in place when a group's first column is reached.  Masked entries get code ``zp``.
     The loss comes free: ``w − q = e·U`` for the scaled errors ``e``, and ``U H_d Uᵀ = I``, so
     ``(w − q) H_d (w − q)ᵀ = ‖e‖²``.
@@ -138,7 +138,7 @@ def gptq_round(
     # transposed layout: row c holds processing position c for all N rows (contiguous updates)
     work = np.ascontiguousarray(weight.T[order], dtype=np.float64)
     mask_t = None if zero_mask is None else np.ascontiguousarray(zero_mask.T[order])
-    params = _PositionParams(scales, zero_points, offsets, group_of_position)
+    params = _PositionParams(scales, zero_points, float_zeros, group_of_position)
     fitted = None if fit_group is None else np.zeros(scales.shape[1], dtype=bool)
     codes_t = np.empty((k, n), dtype=np.uint8)
     loss = np.zeros(n)
@@ -154,12 +154,12 @@ def gptq_round(
                     positions = position_of_column[g * group_size : min((g + 1) * group_size, k)]
                     current = _current_values(work, upper, errors, positions, c, i1, i2, j1, j2)
                     group_mask = None if mask_t is None else mask_t[positions].T
-                    scales[:, g], zero_points[:, g], offsets[:, g] = fit_group(current.T, group_mask)
+                    scales[:, g], zero_points[:, g], float_zeros[:, g] = fit_group(current.T, group_mask)
                     params.refresh(g)
                     fitted[g] = True
                 w = work[c]
                 # q = clip(round((w − z)/s) + zp, 0, L); value = s·(q − zp) + z
-                np.subtract(w, params.offsets[c], out=value)
+                np.subtract(w, params.float_zeros[c], out=value)
                 value *= params.inverse_scales[c]
                 np.rint(value, out=value)
                 value += params.zero_points[c]
@@ -169,7 +169,7 @@ def gptq_round(
                 codes_t[c] = value
                 value -= params.zero_points[c]
                 value *= params.scales[c]
-                value += params.offsets[c]
+                value += params.float_zeros[c]
                 err = errors[c - i1]
                 np.subtract(w, value, out=err)
                 err *= 1.0 / upper[c, c]
@@ -190,21 +190,21 @@ class _PositionParams:
     """Group parameters laid out per processing position (``[K, N]`` rows) for contiguous access."""
 
     def __init__(
-        self, scales: np.ndarray, zero_points: np.ndarray, offsets: np.ndarray, group_of_position: np.ndarray
+        self, scales: np.ndarray, zero_points: np.ndarray, float_zeros: np.ndarray, group_of_position: np.ndarray
     ) -> None:
-        self._source = (scales, zero_points, offsets)
+        self._source = (scales, zero_points, float_zeros)
         self._group_of_position = group_of_position
         self.scales = np.ascontiguousarray(scales.T[group_of_position], dtype=np.float64)
         self.zero_points = np.ascontiguousarray(zero_points.T[group_of_position], dtype=np.float64)
-        self.offsets = np.ascontiguousarray(offsets.T[group_of_position], dtype=np.float64)
+        self.float_zeros = np.ascontiguousarray(float_zeros.T[group_of_position], dtype=np.float64)
         self.inverse_scales = safe_inverse(self.scales)
 
     def refresh(self, group: int) -> None:
         rows = np.flatnonzero(self._group_of_position == group)
-        scales, zero_points, offsets = self._source
+        scales, zero_points, float_zeros = self._source
         self.scales[rows] = scales[:, group]
         self.zero_points[rows] = zero_points[:, group]
-        self.offsets[rows] = offsets[:, group]
+        self.float_zeros[rows] = float_zeros[:, group]
         self.inverse_scales[rows] = safe_inverse(scales[:, group])
 
 

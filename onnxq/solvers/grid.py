@@ -1,4 +1,4 @@
-"""The one grid rule: per-group scales, zero-points and offsets from a value range, and nearest codes on a grid.
+"""The one grid rule: per-group scales, zero-points and float_zeros from a value range, and nearest codes on a grid.
 
 A group's grid is ``q(c) = s·(c − zp) + z`` for codes ``c ∈ [0, L]``, ``L = 2^b − 1``.  From the group's range
 ``[lo, hi]`` (``m = 2^(b−1)``):
@@ -35,9 +35,9 @@ def minmax_grid(
     zero_convention: ZeroConvention = "integer",
     dtype: np.dtype | type = np.float32,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(scales, zero_points, offsets)`` (float64, ``lo``'s shape) of the grid covering ``[lo, hi]`` per group.
+    """``(scales, zero_points, float_zeros)`` (float64, ``lo``'s shape) of the grid covering ``[lo, hi]`` per group.
 
-    Scales and offsets are exactly representable in ``dtype`` (the storage type of the emitted scales).
+    Scales and float_zeros are exactly representable in ``dtype`` (the storage type of the emitted scales).
     """
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
@@ -56,8 +56,8 @@ def minmax_grid(
         span = hi - lo
         scales = round_up(np.where(span > 0, span / levels, np.where(lo != 0, np.abs(lo), 1.0)), dtype)
         # code 0 → lo (up to z's precision); a constant group is z itself, at code m (no overflow near float max)
-        offsets = np.where(span > 0, lo + scales * mid, lo).astype(dtype).astype(np.float64)
-        return scales, np.full(lo.shape, float(mid)), offsets
+        float_zeros = np.where(span > 0, lo + scales * mid, lo).astype(dtype).astype(np.float64)
+        return scales, np.full(lo.shape, float(mid)), float_zeros
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     span = hi - lo
     scales = round_up(np.where(span > 0, span / levels, 1.0), dtype)
@@ -84,12 +84,12 @@ def nearest_codes(
     values: np.ndarray,
     inverse_scales: np.ndarray,
     zero_points: np.ndarray,
-    offsets: np.ndarray,
+    float_zeros: np.ndarray,
     bits: int,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """``clip(round((w − z)/s) + zp, 0, 2^b − 1)`` elementwise (float64); masked and NaN entries get ``zp``."""
-    codes = np.clip(np.rint((values - offsets) * inverse_scales) + zero_points, 0, (1 << bits) - 1)
+    codes = np.clip(np.rint((values - float_zeros) * inverse_scales) + zero_points, 0, (1 << bits) - 1)
     if mask is not None:
         codes = np.where(mask, zero_points, codes)
     return np.where(np.isnan(codes), zero_points, codes)
@@ -106,7 +106,7 @@ def off_grid(
     ``quantized.dequantize(np.float64)`` when the caller has it already."""
     k = quantized.shape[1]
     step = np.abs(expand_groups(quantized.scales.astype(np.float64), k, quantized.group_size))
-    zeros = 0.0 if quantized.offsets is None else expand_groups(quantized.offsets, k, quantized.group_size)
+    zeros = 0.0 if quantized.float_zeros is None else expand_groups(quantized.float_zeros, k, quantized.group_size)
     weight = np.asarray(weight, dtype=np.float64)
     tolerance = 4.0 * float(np.finfo(dtype).eps) * (np.abs(weight) + np.abs(zeros))
     if dequantized is None:

@@ -56,7 +56,7 @@ class PreparedHessian:
             if upper is None:
                 raise OnnxqError(
                     "Hessian factorisation failed after damping: the calibration statistics are degenerate; "
-                    "use more calibration data or a larger --damp"
+                    "use more calibration data or a larger damping (damp)"
                 )
             self._upper_cache[key] = upper
         return self._upper_cache[key]

@@ -34,26 +34,26 @@ class ScaleLeastSquares:
         self.m22 = self.h_group_sums.reshape(self.groups, group_size, self.groups).sum(axis=1)
 
     def fit(
-        self, ints: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None
+        self, ints: np.ndarray, scales: np.ndarray, float_zeros: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Solve for ``(s, z)`` given integers ``a`` ``[n, K]`` (``z ≡ 0`` when ``offsets`` is None).
+        """Solve for ``(s, z)`` given integers ``a`` ``[n, K]`` (``z ≡ 0`` when ``float_zeros`` is None).
 
-        Returns the new scales and offsets (float64 holding float32-representable values, as they are stored),
+        Returns the new scales and float_zeros (float64 holding float32-representable values, as they are stored),
         the loss of the new ``θ`` and the loss of the current one, both from the same formula.
         """
         n = ints.shape[0]
         groups, group_size = self.groups, self.group_size
         padded = groups * group_size
-        with_offsets = offsets is not None
+        with_float_zeros = float_zeros is not None
         a_pad = np.zeros((n, padded))
         a_pad[:, : self.k] = ints
         a3 = a_pad.reshape(n, groups, group_size)
         hw3 = self.hw_pad.reshape(n, groups, group_size)
         rhs = np.einsum("ngj,ngj->ng", a3, hw3)
         theta0 = np.asarray(scales, dtype=np.float64)
-        if with_offsets:
+        if with_float_zeros:
             rhs = np.concatenate([rhs, hw3.sum(axis=2)], axis=1)
-            theta0 = np.concatenate([theta0, offsets], axis=1)
+            theta0 = np.concatenate([theta0, float_zeros], axis=1)
         size = rhs.shape[1]
         system = np.empty((n, size, size))
         for g in range(groups):
@@ -62,9 +62,9 @@ class ScaleLeastSquares:
             products = a_g @ self.h_pad[cols, :]  # [n, padded]: Σ_{k∈g} a_k H_kl
             products *= a_pad
             system[:, g, :groups] = products.reshape(n, groups, group_size).sum(axis=2)
-            if with_offsets:
+            if with_float_zeros:
                 system[:, g, groups:] = a_g @ self.h_group_sums[cols, :]
-        if with_offsets:
+        if with_float_zeros:
             system[:, groups:, :groups] = system[:, :groups, groups:].transpose(0, 2, 1)
             system[:, groups:, groups:] = self.m22
         system = 0.5 * (system + system.transpose(0, 2, 1))
@@ -83,7 +83,7 @@ class ScaleLeastSquares:
         bad = ~np.all(np.isfinite(theta), axis=1)
         theta[bad] = theta0[bad]
         candidate_loss = loss(theta)
-        if with_offsets:
+        if with_float_zeros:
             return theta[:, :groups], theta[:, groups:], candidate_loss, current_loss
         return theta, np.zeros_like(theta), candidate_loss, current_loss
 
@@ -94,12 +94,12 @@ def fit_float_params(
     hessian: np.ndarray,
     group_size: int,
     scales: np.ndarray,
-    offsets: np.ndarray | None,
+    float_zeros: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``(s, z)`` per row and group for fixed integers ``a`` (``z = 0`` when ``offsets`` is None).
+    """Least-squares ``(s, z)`` per row and group for fixed integers ``a`` (``z = 0`` when ``float_zeros`` is None).
 
-    ``scales``/``offsets`` (``[n, G]``) are the current values the ridge pulls unidentifiable parameters toward.
+    ``scales``/``float_zeros`` (``[n, G]``) are the current values the ridge pulls unidentifiable parameters toward.
     """
     least_squares = ScaleLeastSquares(np.asarray(target, np.float64), np.asarray(hessian, np.float64), group_size)
-    new_scales, new_offsets, _, _ = least_squares.fit(np.asarray(ints, np.float64), scales, offsets)
-    return new_scales, new_offsets
+    new_scales, new_float_zeros, _, _ = least_squares.fit(np.asarray(ints, np.float64), scales, float_zeros)
+    return new_scales, new_float_zeros

@@ -1,7 +1,7 @@
 """Integer steps on a fixed grid: choose codes ``c`` so that ``q = s·(c − zp) + z`` minimises ``(w − q) H (w − q)ᵀ``.
 
-The grid of each row is given per group (``scales``, ``zero_points``, ``offsets``: float64 ``[N, G]``); codes live in
-``[0, 2^b − 1]``; entries under ``zero_mask`` keep the code ``zp`` (they dequantize to exactly 0).
+The grid of each row is given per group (``scales``, ``zero_points``, ``float_zeros``: float64 ``[N, G]``); codes live
+in ``[0, 2^b − 1]``; entries under ``zero_mask`` keep the code ``zp`` (they dequantize to exactly 0).
 
 * :func:`coordinate_descent` — exact minimisation over one code at a time.  With ``e = q − w`` and ``g = e·H``,
   moving ``q_k`` by ``d`` changes the loss by ``2·d·g_k + d²·H_kk``; the best grid point is the one nearest to
@@ -29,16 +29,16 @@ class GroupGrid:
     codes: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray
-    offsets: np.ndarray
+    float_zeros: np.ndarray
 
     def take(self, rows: np.ndarray | slice, other: GroupGrid, source_rows: np.ndarray | slice | None = None) -> None:
         """Copy ``other``'s rows ``source_rows`` (default: the same ``rows``, e.g. a bool mask) into ``rows``."""
         source_rows = rows if source_rows is None else source_rows
-        for name in ("codes", "scales", "zero_points", "offsets"):
+        for name in ("codes", "scales", "zero_points", "float_zeros"):
             getattr(self, name)[rows] = getattr(other, name)[source_rows]
 
     def with_codes(self, codes: np.ndarray) -> GroupGrid:
-        return GroupGrid(codes, self.scales.copy(), self.zero_points.copy(), self.offsets.copy())
+        return GroupGrid(codes, self.scales.copy(), self.zero_points.copy(), self.float_zeros.copy())
 
     def expanded(self, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(s, zp, z)`` repeated to ``[N, K]``."""
@@ -46,12 +46,12 @@ class GroupGrid:
         return (
             expand_groups(self.scales, k, group_size),
             expand_groups(self.zero_points, k, group_size),
-            expand_groups(self.offsets, k, group_size),
+            expand_groups(self.float_zeros, k, group_size),
         )
 
     def dequantize(self, group_size: int) -> np.ndarray:
-        scales, zero_points, offsets = self.expanded(group_size)
-        return scales * (self.codes - zero_points) + offsets
+        scales, zero_points, float_zeros = self.expanded(group_size)
+        return scales * (self.codes - zero_points) + float_zeros
 
 
 def coordinate_descent(
@@ -69,11 +69,11 @@ def coordinate_descent(
     The loss change per row (``≤ 0``) is accumulated from the exact quadratic increments.
     """
     n, k = target.shape
-    scales, zero_points, offsets = (np.ascontiguousarray(a.T) for a in grid.expanded(group_size))
+    scales, zero_points, float_zeros = (np.ascontiguousarray(a.T) for a in grid.expanded(group_size))
     inverse_scales = safe_inverse(scales)
     mask_t = None if zero_mask is None else np.ascontiguousarray(zero_mask.T)
     codes_t = np.ascontiguousarray(grid.codes.T, dtype=np.float64)
-    values_t = scales * (codes_t - zero_points) + offsets  # q, [K, n]
+    values_t = scales * (codes_t - zero_points) + float_zeros  # q, [K, n]
     gradient_t = hessian @ (values_t - target.T)  # (e·H)ᵀ = H·eᵀ, [K, n]
     diag = np.diag(hessian).copy()
     change = np.zeros(n)
@@ -87,11 +87,11 @@ def coordinate_descent(
                     values_t[c] - g / diag[c],
                     inverse_scales[c],
                     zero_points[c],
-                    offsets[c],
+                    float_zeros[c],
                     bits,
                     None if mask_t is None else mask_t[c],
                 )
-                value = scales[c] * (code - zero_points[c]) + offsets[c]
+                value = scales[c] * (code - zero_points[c]) + float_zeros[c]
                 d = value - values_t[c]
                 step = d * (2.0 * g + d * diag[c])
                 keep = step >= 0  # no gain (ties, rounding noise): leave the code alone
@@ -118,9 +118,9 @@ def relaxed_rounding(
     """Projected gradient (FISTA) on the box-relaxed weights, rounding the columns progressively in stages."""
     n, k = target.shape
     levels = (1 << bits) - 1
-    scales, zero_points, offsets = grid.expanded(group_size)
-    low = scales * (0 - zero_points) + offsets
-    high = scales * (levels - zero_points) + offsets
+    scales, zero_points, float_zeros = grid.expanded(group_size)
+    low = scales * (0 - zero_points) + float_zeros
+    high = scales * (levels - zero_points) + float_zeros
     low, high = np.minimum(low, high), np.maximum(low, high)
     if zero_mask is not None:
         low = np.where(zero_mask, 0.0, low)
@@ -149,10 +149,10 @@ def relaxed_rounding(
             relaxed[:, cols],
             inverse_scales[:, cols],
             zero_points[:, cols],
-            offsets[:, cols],
+            float_zeros[:, cols],
             bits,
             None if zero_mask is None else zero_mask[:, cols],
         )
-        relaxed[:, cols] = scales[:, cols] * (codes - zero_points[:, cols]) + offsets[:, cols]
+        relaxed[:, cols] = scales[:, cols] * (codes - zero_points[:, cols]) + float_zeros[:, cols]
         fixed[cols] = True
-    return nearest_codes(relaxed, inverse_scales, zero_points, offsets, bits, zero_mask).astype(np.uint8)
+    return nearest_codes(relaxed, inverse_scales, zero_points, float_zeros, bits, zero_mask).astype(np.uint8)

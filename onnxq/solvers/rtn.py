@@ -50,29 +50,29 @@ def quantize_rtn(
             best = tuple(np.where(better, c, b) for c, b in zip(cand, best, strict=True))
             best_err = np.where(better, err, best_err)
 
-    scales, zero_points, offsets = best
-    codes = _round_codes(grouped, scales, zero_points, offsets, bits)
+    scales, zero_points, float_zeros = best
+    codes = _round_codes(grouped, scales, zero_points, float_zeros, bits)
     return QuantizedWeight(
         codes=from_groups(codes, k).astype(np.uint8),
         scales=scales.astype(np.float32),
         zero_points=zero_points.astype(np.uint8),
-        offsets=offsets.astype(np.float32) if zero_convention == "float" else None,
+        float_zeros=float_zeros.astype(np.float32) if zero_convention == "float" else None,
         bits=bits,
         group_size=group_size,
     )
 
 
 def _round_codes(
-    grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, offsets: np.ndarray, bits: int
+    grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, float_zeros: np.ndarray, bits: int
 ) -> np.ndarray:
     """Nearest codes per group (``[N, G, group_size]``); padding (NaN) becomes code ``zp``."""
-    return nearest_codes(grouped, safe_inverse(scales)[..., None], zero_points[..., None], offsets[..., None], bits)
+    return nearest_codes(grouped, safe_inverse(scales)[..., None], zero_points[..., None], float_zeros[..., None], bits)
 
 
 def _group_error(
-    grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, offsets: np.ndarray, bits: int
+    grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, float_zeros: np.ndarray, bits: int
 ) -> np.ndarray:
     """Sum of squared dequantization errors per group (padding ignored)."""
-    q = _round_codes(grouped, scales, zero_points, offsets, bits)
-    deq = scales[..., None] * (q - zero_points[..., None]) + offsets[..., None]
+    q = _round_codes(grouped, scales, zero_points, float_zeros, bits)
+    deq = scales[..., None] * (q - zero_points[..., None]) + float_zeros[..., None]
     return np.nansum((deq - grouped) ** 2, axis=2)
