@@ -150,7 +150,7 @@ class SequentialCalibration:
             return quantized(batch, origin, feed), {} if floating is None else floating(batch, origin, feed)
 
         sums, samples, count, peak = accumulate_pass(
-            run, self.batches, self.specs, self.weights, units, None, lambda _: None, self.float_targets
+            run, self.batches, self.specs, self.weights, units, self.float_targets
         )
         quantized = floating = run = None
         for path in Path(self._tmp.name).iterdir():

@@ -40,9 +40,6 @@ except ImportError:  # pragma: no cover
     threadpool_limits = None
 
 
-ProgressCallback = Callable[[int, int, str], None]  # (batches done, total or 0 if unknown, message)
-
-
 @dataclass
 class CalibrationStats:
     """What one calibration did: rows per key (normalise with ``H / rows``), passes, time and peak memory."""
@@ -96,19 +93,12 @@ def iter_hessian_passes(
     targets: list[Target],
     batches: Iterable[Feed] | str | os.PathLike | Mapping[str, np.ndarray],
     max_memory: int | None = None,
-    progress: ProgressCallback | None = None,
-    threads: int = ORT_THREADS,
-    token_mask: str | None = None,
 ) -> Iterator[tuple[dict[HessianKey, np.ndarray], CalibrationStats]]:
     """Yield ``(H per key, stats)`` once per pass over ``batches``, each pass computing some of the keys.
 
     The keys of a pass (contiguous in graph order) keep ``Σ H bytes + activations of two batches + working memory``
     under ``max_memory``; the activation bytes are measured on a one-sample probe run and scaled to the first batch.
     A caller that solves each pass's layers and drops their H stays within ``max_memory`` for the calibration data.
-
-    ``token_mask``: name of a ``[batch, sequence]`` model input (e.g. ``attention_mask``); rows of a MatMul/Gemm
-    activation laid out ``[batch, sequence, K]`` (or ``[batch·sequence, K]``) where it is 0 are left out of H,
-    so padding does not weigh on the solution.  Other activations are used whole.
     """
     batches = _as_batches(batches, model)
     keys = plan_keys(targets)
@@ -118,7 +108,7 @@ def iter_hessian_passes(
     if isinstance(batches, CalibrationBatches):
         batches.check(model)  # every file's names, dtypes and ranks, before the first ORT run
     constants = {t.name: t for t in model.graph.initializer}
-    factory = SessionFactory(model, threads)
+    factory = SessionFactory(model, ORT_THREADS)
     try:
         intermediates = [u.tensor for u in keys.values() if u.tensor not in specs and u.tensor not in constants]
         intermediates = list(dict.fromkeys(intermediates))
@@ -140,8 +130,7 @@ def iter_hessian_passes(
                 f"calibration needs {len(passes)} passes over the data to fit in max_memory, but the batches are a "
                 "one-shot iterator; pass a list or iter_batches(...), or raise max_memory"
             )
-        counter = _BatchCounter(progress, len(batches) * len(passes) if hasattr(batches, "__len__") else 0)
-        for index, keys_of_pass in enumerate(passes):
+        for keys_of_pass in passes:
             start, cpu_start = time.perf_counter(), process_cpu_seconds()
             units = {key: keys[key] for key in keys_of_pass}
             needed = list(dict.fromkeys(u.tensor for u in units.values() if u.tensor in intermediates))
@@ -149,13 +138,12 @@ def iter_hessian_passes(
                 session = probe_session
             else:
                 session = factory.session(needed) if needed else None
-            counter.label = f"calibration pass {index + 1}/{len(passes)}"
 
             def run(_: int, origin: str, feed: Feed, session=session, needed=needed) -> tuple[dict, dict]:
                 return run_session(session, needed, feed, origin), {}
 
             sums, samples, count, peak_outputs = accumulate_pass(
-                run, batches, specs, constants, units, token_mask, counter.step,
+                run, batches, specs, constants, units,
             )
             session = None
             yield finish_pass(sums, samples, count, peak_outputs, start, cpu_start)
@@ -165,26 +153,12 @@ def iter_hessian_passes(
         factory.close()
 
 
-class _BatchCounter:
-    """Calls ``progress(done, total, message)`` once per processed batch."""
-
-    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
-        self.progress, self.total, self.done, self.label = progress, total, 0, ""
-
-    def step(self, origin: str) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total, f"{self.label}, {origin}")
-
-
 def accumulate_pass(
     run: Callable[[int, str, Feed], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
     batches: Iterable[Feed],
     specs: Mapping[str, InputSpec],
     constants: Mapping[str, onnx.TensorProto],
     units: Mapping[HessianKey, Unfolding],
-    token_mask: str | None,
-    report: Callable[[str], None],
     cross: bool = False,
 ) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
     """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
@@ -203,19 +177,14 @@ def accumulate_pass(
         nonlocal samples, count, peak_outputs
         values, float_values = results
         peak_outputs = max(peak_outputs, sum(v.nbytes for part in results for v in part.values()))
-        keep = _token_mask(feed, token_mask, origin)
         for tensor, keys in users.items():
             x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
             ref = float_values.pop(tensor, None)
             for key in keys:
-                if keep is not None and units[key].kind == "rows":
-                    sums[key].add(_masked_rows(x, keep), None if ref is None else _masked_rows(ref, keep))
-                else:
-                    sums[key].add(x, ref)
+                sums[key].add(x, ref)
             del x, ref
         samples += batch_samples(feed)
         count += 1
-        report(origin)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool, _single_threaded_blas():
         pending = None
@@ -263,9 +232,6 @@ def collect_hessians(
     targets: list[Target],
     batches: Iterable[Feed] | str | os.PathLike | Mapping[str, np.ndarray],
     max_memory: int | None = None,
-    progress: ProgressCallback | None = None,
-    threads: int = ORT_THREADS,
-    token_mask: str | None = None,
 ) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats]:
     """``H = Σ xᵀx`` (float64) for every :func:`hessian_key` of ``targets``, with rows, time and peak memory.
 
@@ -276,34 +242,13 @@ def collect_hessians(
     start, cpu_start = time.perf_counter(), process_cpu_seconds()
     hessians: dict[HessianKey, np.ndarray] = {}
     stats = CalibrationStats()
-    for pass_hessians, pass_stats in iter_hessian_passes(model, targets, batches, max_memory, progress, threads,
-                                                         token_mask):
+    for pass_hessians, pass_stats in iter_hessian_passes(model, targets, batches, max_memory):
         hessians.update(pass_hessians)
         stats.merge(pass_stats)
     stats.seconds = time.perf_counter() - start
     stats.cpu_seconds = process_cpu_seconds() - cpu_start
     stats.peak_rss_bytes = process_peak_rss_bytes()
     return hessians, stats
-
-
-def _token_mask(feed: Feed, name: str | None, origin: str) -> np.ndarray | None:
-    if name is None:
-        return None
-    if name not in feed or feed[name].ndim != 2:
-        raise OnnxqError(
-            f"{origin}: token mask '{name}' is not a [batch, sequence] input of this batch; "
-            "name a 2-D model input such as attention_mask, or leave the token mask unset"
-        )
-    return feed[name] != 0
-
-
-def _masked_rows(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The rows of ``x`` at kept tokens when ``x`` is ``[batch, sequence, K]`` or ``[batch·sequence, K]``."""
-    if x.shape[:-1] == keep.shape:
-        return x[keep]
-    if x.ndim == 2 and x.shape[0] == keep.size:
-        return x[keep.reshape(-1)]
-    return x
 
 
 def _source_value(tensor: str, feed: Feed, constants: Mapping[str, onnx.TensorProto], origin: str) -> np.ndarray:
