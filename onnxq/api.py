@@ -17,9 +17,10 @@ from onnxq.ir.model import copy_model, external_data_files, load_external_data, 
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
 from onnxq.layer_table import InspectReport, inspect_model
-from onnxq.passes.quantize import QuantizeSummary, quantize_in_place
+from onnxq.passes.quantize import QuantizeSummary
 from onnxq.passes.split_report import SplitReport
 from onnxq.passes.splitquant import split_in_place
+from onnxq.pipeline import checker_error, finish, quantize_pipeline
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 PathOrNone = str | os.PathLike | None
@@ -81,7 +82,7 @@ def quantize_with_summary(
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
     model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration)
-    summary = quantize_in_place(model, config)  # the model is this call's own (loaded, or a copy of the caller's)
+    summary = quantize_pipeline(model, config)  # the model is this call's own (loaded, or a copy of the caller's)
     note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in model.graph.node) else None
     if note:
         summary.notes.append(note)
@@ -119,7 +120,9 @@ def split_with_report(
     if activations and calibration is None:
         raise OnnxqError("--activations needs calibration data to place the thresholds; pass --calib data.npz")
     model = _open(model_or_path, {"-o": output}, calibration)
+    input_error = checker_error(model)
     report = split_in_place(model, activations=activations, calibration=calibration, seed=seed)
+    report.notes += finish(model, input_error)
     if output is not None:
         save_model(model, output)
     return model, report

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from onnxq.config import QuantizeConfig
 from onnxq.ir.model import load_model, model_bytes
-from onnxq.passes.quantize import quantize_model
+from onnxq.pipeline import quantize_copy
 
 MODEL_INPUTS = {"mlp": "pixels", "cnn": "image"}
 FORMATS = ("matmulnbits", "qdq", "fake")
@@ -80,7 +80,7 @@ def demo_rows(models: tuple[str, ...] = ("mlp", "cnn"), bits: tuple[int, ...] = 
         for b in bits:
             for fmt in FORMATS:
                 config = QuantizeConfig(bits=b, group_size=DEMO_GROUP_SIZE, format=fmt, progress=False)
-                quantized, _ = quantize_model(model, config)
+                quantized, _ = quantize_copy(model, config)
                 accuracy, latency = evaluate(quantized, inputs, labels, name)
                 rows.append(DemoRow(name, b, fmt, accuracy, model_bytes(quantized), latency))
     return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -20,23 +20,19 @@ from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.registry import EMITTERS, required_opset_for
 from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, splice_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
-from onnxq.ir.model import copy_model, copy_model_without, model_bytes, opset_version, tensor_nbytes
+from onnxq.ir.model import model_bytes, opset_version
 from onnxq.ir.targets import (
     Skipped,
     Target,
-    constants_to_initializers,
     find_targets,
     initializer_array,
 )
-from onnxq.passes.activation_quant import activation_qdq_in_place
-from onnxq.passes.splitquant import split_in_place
+from onnxq.passes.opset import convert_opset_in_place
 from onnxq.progress import Progress
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.base import NEEDS_STATS, solve
 from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
-
-PLACEHOLDER_BYTES = 1024  # initializers this large are left out of the model ONNX's version converter sees
 
 
 @dataclass
@@ -105,31 +101,19 @@ class QuantizeSummary:
         return "\n".join(rows) + "\n"
 
 
-def quantize_model(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[onnx.ModelProto, QuantizeSummary]:
-    """Quantize a copy of ``model``; the input is never modified."""
-    quantized = copy_model(model)
-    return quantized, quantize_in_place(quantized, config)
-
-
 def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> QuantizeSummary:
-    """The quantize pass: rewrite ``model`` in place (split first with ``config.split``, activation QDQ after with
-    ``config.act_bits``); returns what it did."""
-    config.validate()
+    """The quantize pass: rewrite every target weight of ``model`` in place; returns what it did.
+
+    ``config`` has been validated, and its ``calibration`` (when the run calibrates) is one
+    :class:`~onnxq.calibration.data.CalibrationBatches` shared by the pipeline's passes (:mod:`onnxq.pipeline`)."""
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model))
-    constants_to_initializers(model)
-    if config.needs_calibration:  # one batch size for every calibration of this run (batch 1 if the model needs it)
-
-        config = replace(config, calibration=iter_batches(config.calibration, config.calib_batch_size, model))
-        summary.notes += config.calibration.notes
-    if config.split:
-        split_in_place(model, activations=config.split_activations, calibration=config.calibration, seed=config.seed)
     report = find_targets(model, config.op_types, config.include, config.exclude)
     group_sizes = [resolve_group_size(t.matrix_shape[1], config.group_size) for t in report.targets]
     opset = required_opset_for(config.format, report.targets, group_sizes, config.bits,
                                EmitContext(model, NameScope(model)))
     if opset is not None and opset_version(model) < opset:
-        _convert_opset(model, opset)
+        convert_opset_in_place(model, opset)
         report = find_targets(model, config.op_types, config.include, config.exclude)
     summary.skipped = report.skipped
     if not report.targets:
@@ -153,8 +137,6 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
-    if config.act_bits is not None:
-        activation_qdq_in_place(model, config.act_bits, config.calibration)
     summary.notes += ctx.notes
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
@@ -267,27 +249,3 @@ def layer_groups_of(targets: list[Target]) -> list[list[Target]]:
             groups.append([target])
         last_key = key
     return groups
-
-
-def _convert_opset(model: onnx.ModelProto, version: int) -> None:
-    """Bring ``model`` to default-domain opset ≥ ``version`` in place (ONNX's version converter when needed)."""
-    current = opset_version(model)
-    if current >= version:
-        return
-    weights = {t.name: t for t in model.graph.initializer if tensor_nbytes(t) >= PLACEHOLDER_BYTES}
-    shell = copy_model_without(model, set(weights))  # the converter serializes: keep it under 2 GB and fast
-    try:
-        converted = onnx.version_converter.convert_version(shell, version)
-    except Exception as exc:  # noqa: BLE001 - the converter raises many types
-        raise OnnxqError(
-            f"qdq format needs opset {version} but the model is opset {current} and ONNX's version converter "
-            f"failed ({str(exc).splitlines()[0][:120]}); use --format matmulnbits or fake"
-        ) from None
-    if converted.ir_version < 10:
-        converted.ir_version = 10 if version < 23 else 11
-    for tensor in converted.graph.initializer:
-        if tensor.name in weights:
-            tensor.CopyFrom(weights[tensor.name])
-    model.CopyFrom(converted)
-
-

@@ -52,6 +52,7 @@ class SplitReport:
     activations: list[SplitActivation] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     skipped_activations: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
     bytes_before: int = 0
@@ -103,6 +104,7 @@ class SplitReport:
         for s in self.skipped + self.skipped_activations:
             out.append(f"left alone: {s.op_type} '{s.name}': {s.reason}")
         out.append(f"extra nodes: {self.extra_nodes} ({self.nodes_before} -> {self.nodes_after})")
+        out.extend(f"note: {note}" for note in self.notes)
         if not self.layers:
             return out
         mb = 1e6
