@@ -3,7 +3,8 @@ the model's own input specs.
 
 Which input gets what (in the model's input order; :mod:`onnxq.calibration.sources.specs` gives the kinds and shapes):
 
-* ``--set NAME=file.npy`` inputs: the array as given (see :func:`set_value`), whatever the source;
+* ``--set NAME=file.npy`` inputs: the array as given (see :func:`set_value`), whatever the source (it overrides
+  what the source made);
 * ``--text``: the one ``ids`` input gets the token windows (:mod:`~onnxq.calibration.sources.text`);
 * ``--images``: the one ``image`` input gets the photos (:mod:`~onnxq.calibration.sources.images`);
 * ``--random``: every input gets :func:`~onnxq.calibration.sources.specs.generated_values` (one generator seeded
@@ -110,19 +111,18 @@ def build_calibration(
     specs = model_input_specs(proto)
     given = _read_set(set_inputs or {}, specs)
     wanted = {name: spec for name, spec in specs.items() if spec.required or name in given}
-    free = {name: spec for name, spec in wanted.items() if name not in given}
     filled: dict[str, np.ndarray] = {}
     notes: list[str] = []
     size = tuple(size) if size is not None else None
     if text is not None:
-        spec = _source_input(free, "ids", "--text fills token ids (an integer input named *ids*)")
+        spec = _source_input(wanted, given, "ids", "--text fills token ids (an integer input named *ids*)")
         fixed = spec.dims[1] if spec.dims and len(spec.dims) == 2 else None
         if isinstance(fixed, int) and fixed > 0 and fixed != seq_len:
             raise OnnxqError(f"input '{spec.name}' has a fixed length {fixed}; pass --seq-len {fixed}")
         filled[spec.name] = text_windows(text, tokenizer, model_path, samples, seq_len, seed).astype(spec.dtype)
         source = f"text {text}"
     elif images is not None:
-        spec = _source_input(free, "image", "--images fills a float image input [N, C, H, W] or [N, H, W, C]")
+        spec = _source_input(wanted, given, "image", "--images fills a float image input [N, C, H, W] or [N, H, W, C]")
         layout = image_layout(spec, layout)
         size = _image_size(spec, size, layout)
         channels = spec.dims[1] if layout == "NCHW" else spec.dims[3]
@@ -161,15 +161,16 @@ def _check_options(samples: int, seq_len: int, size: Sequence[int] | None, layou
         raise OnnxqError("--mean, --std and --layout apply to --images only; drop them or pass --images DIR")
 
 
-def _source_input(free: Mapping[str, InputSpec], kind: str, what: str) -> InputSpec:
-    """The one input of ``kind`` that is not given by ``--set``."""
-    found = [spec for spec in free.values() if input_kind(spec) == kind]
-    if len(found) != 1:
-        have = "none" if not found else ", ".join(spec.name for spec in found)
-        names = ", ".join(free) or "none"
-        raise OnnxqError(f"{what}; the model has {have} (free inputs: {names}); give the others with "
+def _source_input(wanted: Mapping[str, InputSpec], given: Mapping[str, np.ndarray], kind: str, what: str) -> InputSpec:
+    """The one input of ``kind`` the source fills: the one not given by ``--set``, else the one ``--set`` then
+    overrides."""
+    found = [spec for spec in wanted.values() if input_kind(spec) == kind]
+    free = [spec for spec in found if spec.name not in given]
+    if len(free if free else found) != 1:
+        have = ", ".join(spec.name for spec in free or found) or "none"
+        raise OnnxqError(f"{what}; the model has {have} (inputs: {', '.join(wanted)}); give the others with "
                          "--set NAME=file.npy")
-    return found[0]
+    return (free or found)[0]
 
 
 def _image_size(spec: InputSpec, size: tuple[int, ...] | None, layout: str | None) -> tuple[int, int]:

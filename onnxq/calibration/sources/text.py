@@ -1,10 +1,10 @@
 """Token windows of a text file for a language model's ``input_ids``.
 
 The file (UTF-8) is encoded whole with a Hugging Face ``tokenizers`` tokenizer, without special tokens (no BOS or
-EOS: a window is cut from the running text, as in training), and the token stream is cut into ``len // seq_len``
-non-overlapping windows of ``seq_len`` tokens.  ``samples`` of them are picked without replacement by
-``numpy.random.default_rng(seed)`` and kept in text order: every row is ``seq_len`` real consecutive tokens, the same
-file, tokenizer and seed give the same rows.
+EOS, no [CLS]/[SEP]: a window is cut from the running text) and without the tokenizer's truncation, and the token
+stream is cut into ``len // seq_len`` non-overlapping windows of ``seq_len`` tokens.  ``samples`` of them are
+picked without replacement by ``numpy.random.default_rng(seed)`` and kept in text order: every row is ``seq_len``
+real consecutive tokens; the same file, tokenizer and seed give the same rows.
 
 The tokenizer is ``--tokenizer`` (a ``tokenizer.json`` file or a folder holding one), else the ``tokenizer.json``
 beside the model.
@@ -67,7 +67,10 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def token_ids(text: str, tokenizer: Any) -> np.ndarray:
-    """The text's token ids (int64), no special tokens added."""
+    """The text's token ids (int64): no special tokens added, the tokenizer's own truncation and padding (e.g.
+    BERT's 128 tokens in ``tokenizer.json``) switched off so the whole text is kept."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
