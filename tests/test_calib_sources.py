@@ -207,6 +207,9 @@ def test_nhwc_input_takes_its_size_from_the_model_and_one_photo_by_seed(photo_di
     assert arrays["image"].shape == (1, 24, 32, 3) and 0 <= arrays["image"].min() and arrays["image"].max() <= 1
     with pytest.raises(OnnxqError, match=r"--size 10 10: input 'image' is fixed .*pass --size 24 32"):
         make_calibration(nhwc_model(), images=photo_dir, size=(10, 10))
+    with pytest.raises(OnnxqError, match=r"--images fills a float image input .* the model has none \(inputs: "
+                                         r"input_ids, .*\); use another source"):
+        make_calibration(mixed_model(), images=photo_dir, size=(10, 10))
 
 
 # ----------------------------------------------------------------------------- random, --set, refusals

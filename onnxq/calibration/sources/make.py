@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +167,11 @@ def _source_input(wanted: Mapping[str, InputSpec], given: Mapping[str, np.ndarra
     found = [spec for spec in wanted.values() if input_kind(spec) == kind]
     free = [spec for spec in found if spec.name not in given]
     if len(free if free else found) != 1:
-        have = ", ".join(spec.name for spec in free or found) or "none"
-        raise OnnxqError(f"{what}; the model has {have} (inputs: {', '.join(wanted)}); give the others with "
-                         "--set NAME=file.npy")
+        if not found:
+            raise OnnxqError(f"{what}; the model has none (inputs: {name_list(wanted)}); use another source, or "
+                             "--set NAME=file.npy for each input")
+        raise OnnxqError(f"{what}; the model has several ({name_list(s.name for s in free)}); give all but one "
+                         "with --set NAME=file.npy")
     return (free or found)[0]
 
 
@@ -201,12 +203,19 @@ def _spec_value(spec: InputSpec, samples: int, seq_len: int, cache: CacheSizes, 
     return generated_values(spec, shape, rng, set_remedy(spec.name))
 
 
+def name_list(names: Iterable[str], most: int = 6) -> str:
+    """Up to ``most`` names, then how many there are in all (an LLM has 60 cache inputs)."""
+    names = list(names)
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
+
+
 def _read_set(set_inputs: Mapping[str, SetValue], specs: Mapping[str, InputSpec]) -> dict[str, np.ndarray]:
     """``--set`` arrays by input name (an ``.npy`` path is read; a name the model lacks is refused)."""
     arrays = {}
     for name, value in set_inputs.items():
         if name not in specs:
-            raise OnnxqError(f"--set {name}: the model has no input '{name}' (inputs: {', '.join(specs)})")
+            raise OnnxqError(f"--set {name}: the model has no input '{name}' (inputs: {name_list(specs)})")
         if isinstance(value, np.ndarray):
             arrays[name] = value
             continue
