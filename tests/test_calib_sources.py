@@ -301,3 +301,17 @@ def test_decoupleq_quantizes_minilm_on_calibration_made_from_text(novel, tmp_pat
     assert result.returncode == 0, result.stderr
     row = result.stdout.strip().splitlines()[-1].split()
     assert row[0] == "last_hidden_state" and float(row[2]) > 0.999
+
+
+@pytest.mark.slow
+def test_decoupleq_quantizes_smollm2_genai_on_calibration_made_from_text(novel, tmp_path):
+    """~1 min: the genai export (GroupQueryAttention, past declared with kv_cache_dim) through calib → decoupleQ W4
+    of the first decoder layer; logits stay close to the float model's on the calibration windows."""
+    path = zoo_model("smollm2-genai-fp32")
+    calib = tmp_path / "calib.npz"
+    api.calibrate(path, calib, text=novel, samples=8, seq_len=64)
+    result = onnxq_cli("quantize", str(path), "-o", str(tmp_path / "q4.onnx"), "--method", "decoupleq", "--bits",
+                       "4", "--calib", str(calib), "--include", r"layers\.0/", "--verify")
+    assert result.returncode == 0, result.stderr
+    logits = next(line.split() for line in result.stdout.splitlines() if line.startswith("logits "))
+    assert float(logits[2]) > 0.9999
