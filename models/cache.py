@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from onnxq.calibration.sources.save import write_npz as save_npz
 
 CACHE_ENV = "ONNXQ_CACHE"
 
@@ -55,21 +55,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], compress: bool = True) -> Path:
-    """Write ``arrays`` as an ``.npz`` that ``np.load`` reads, byte-identical across runs (fixed zip timestamps).
-
-    ``np.savez`` stamps the current time into each zip entry; this writer uses 1980-01-01 and sorted keys,
-    and replaces ``path`` atomically.
-    """
-    target = Path(path)
-    with atomic_output(target) as temp_path, zipfile.ZipFile(temp_path, "w") as archive:
-        for name in sorted(arrays):
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            archive.writestr(info, buffer.getvalue())
-    return target
+    """Write ``arrays`` as an ``.npz`` that ``np.load`` reads, byte-identical across runs (fixed zip timestamps,
+    sorted keys: :func:`onnxq.calibration.sources.save.write_npz`), creating the folder; replaces ``path``
+    atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_npz(path, arrays, compress, option="the .npz path")
 
 
 def onnx_file_sha256(path: str | os.PathLike[str]) -> str:

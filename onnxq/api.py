@@ -9,6 +9,8 @@ from pathlib import Path
 import onnx
 
 from onnxq.calibration.data import load_calibration
+from onnxq.calibration.sources.make import Calibration, build_calibration
+from onnxq.calibration.sources.save import write_npz
 from onnxq.config import QuantizeConfig
 from onnxq.custom_ops import custom_op_library_note
 from onnxq.errors import OnnxqError
@@ -131,3 +133,17 @@ def split_with_report(
 def split(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object) -> onnx.ModelProto:
     """SplitQuant: each layer (and optionally activation) becomes three k-means branches summed by Add."""
     return split_with_report(model_or_path, output, **options)[0]  # type: ignore[arg-type]
+
+
+def calibrate(model_or_path: ModelOrPath, output: str | os.PathLike, **options: object) -> Calibration:
+    """``onnxq calib``: calibration arrays made from the model's input specs and one source (options of
+    :func:`onnxq.calibration.sources.make.build_calibration`), written to ``output`` (a byte-identical ``.npz``;
+    never one of the files read)."""
+    reads = [] if isinstance(model_or_path, onnx.ModelProto) else [Path(model_or_path)]
+    reads += [Path(options[key]) for key in ("text", "tokenizer") if options.get(key) is not None]  # type: ignore
+    sets = options.get("set_inputs") or {}
+    reads += [Path(v) for v in sets.values() if isinstance(v, (str, os.PathLike))]  # type: ignore[union-attr]
+    check_outputs({"-o": output}, reads)
+    calibration = build_calibration(model_or_path, **options)  # type: ignore[arg-type]
+    write_npz(output, calibration.arrays, reads=reads)
+    return calibration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,13 @@ VERIFY_EXAMPLES = """examples:
   onnxq verify model.onnx model.q4.onnx --calib calib.npz      # on the calibration inputs
   onnxq verify model.onnx model.q4.onnx --samples 4            # on inputs generated from the input specs
   onnxq quantize model.onnx -o model.q4.onnx --verify          # the same right after quantizing
+"""
+CALIB_EXAMPLES = """examples:
+  onnxq calib smollm2/model.onnx -o calib.npz --text book.txt                 # tokenizer.json beside the model
+  onnxq calib optimum/model.onnx -o calib.npz --text book.txt --tokenizer hf/ --samples 128 --seq-len 512
+  onnxq calib det.onnx -o calib.npz --images photos/ --size 640 640 --mean .485 .456 .406 --std .229 .224 .225
+  onnxq calib model.onnx -o calib.npz --random --set im_shape=shape.npy   # random values: real data is better
+  onnxq quantize model.onnx -o model.q4.onnx --method decoupleq --bits 4 --calib calib.npz
 """
 DEMO_EXAMPLES = """examples:
   onnxq demo                  # built-in digits models, 2/4/8 bits, every format
@@ -122,6 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N calibration samples (default all), or N generated inputs (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
 
+    p = sub.add_parser("calib", help="make calibration data (.npz) from a text file, photos or random values",
+                       epilog=CALIB_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fill every model input: token ids from --text, an image input from --images, "
+                                   "or everything from --random; masks 1, positions 0..L-1, token types 0, "
+                                   "key/value caches empty (past length 0); --set gives any input by hand.")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the .npz to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="UTF-8 text, cut into --samples windows of --seq-len tokens")
+    source.add_argument("--images", metavar="DIR", help="folder of .jpg/.png photos")
+    source.add_argument("--random", action="store_true", help="values from the input specs (real data is better)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or its folder (default: beside the model)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image height and width")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean of pixel/255 (default 0)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std of pixel/255 (default 1)")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], help="image layout (default: from the channel axis)")
+    p.add_argument("--samples", type=int, default=128, metavar="N", help="samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per sample (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="which windows/photos/values (default 0)")
+    p.add_argument("--set", dest="set_inputs", action="append", default=[], metavar="NAME=file.npy",
+                   help="an input given by hand: samples along axis 0, or one sample repeated (repeatable)")
+
     p = sub.add_parser("demo", help="quantize the built-in digits models and compare accuracy, size, latency",
                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["mlp", "cnn", "all"], default="all")
@@ -132,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_options(args: argparse.Namespace, config_type: type) -> dict:
     """The config fields the user gave on the command line."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
+
+
+def _calib_options(args: argparse.Namespace) -> dict:
+    sets = {}
+    for item in args.set_inputs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise OnnxqError(f"--set {item}: write NAME=file.npy")
+        sets[name] = path
+    options = {k: getattr(args, k) for k in (
+        "text", "tokenizer", "images", "size", "mean", "std", "layout", "random", "samples", "seq_len", "seed")}
+    return {**options, "set_inputs": sets}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         report = verify_models(args.float_model, args.quantized_model, args.calibration, args.samples, args.seed)
         print(report.table())
+    elif args.command == "calib":
+        calibration = api.calibrate(args.model, args.output, **_calib_options(args))
+        for note in calibration.notes:
+            print(f"onnxq: note: {note}", file=sys.stderr)
+        print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): {calibration.summary()}")
     elif args.command == "demo":
         print(run_demo(models=("mlp", "cnn") if args.model == "all" else (args.model,), bits=tuple(args.bits)))
     return 0

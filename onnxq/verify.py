@@ -12,22 +12,20 @@ when the model uses ``onnxq::MatMulLowBit``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxq.calibration.data import InputSpec, batch_samples, check_feed, iter_batches, model_input_specs
+from onnxq.calibration.data import batch_samples, check_feed, iter_batches, model_input_specs
 from onnxq.calibration.sessions import ORT_THREADS, Feed, SessionFactory, run_session
+from onnxq.calibration.sources.specs import generated_inputs
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import load_model
 
 DEFAULT_GENERATED = 8  # generated inputs (runs) when no calibration data is given
-SEQUENCE_LENGTH = 8  # a generated symbolic dimension that is neither the batch nor a cache length
-ID_RANGE = 100  # generated integer ids are uniform in [0, ID_RANGE)
 CHUNK = 1 << 20  # output elements per float64 block of the error sums
-CACHE_WORDS = ("past", "cache")  # an input named with one of these is a key/value cache: its lengths are 0
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 
@@ -178,51 +176,3 @@ def _first_samples(batches: Iterator[tuple[str, Feed]], samples: int | None) -> 
             feed = {name: array[:left] for name, array in feed.items()}
             left -= batch_samples(feed)
         yield origin, feed
-
-
-# ----------------------------------------------------------------------------- generated inputs
-
-
-def generated_inputs(specs: Mapping[str, InputSpec], count: int, seed: int) -> list[Feed]:
-    """``count`` feeds of the required inputs, shapes by :func:`generated_shape`, values by
-    :func:`generated_values`, drawn from one generator seeded with ``seed`` (same seed, same feeds)."""
-    rng = np.random.default_rng(seed)
-    sizes: dict[str, int] = {}
-    shapes = {name: generated_shape(spec, sizes) for name, spec in specs.items() if spec.required}
-    return [{name: generated_values(specs[name], shape, rng) for name, shape in shapes.items()} for _ in range(count)]
-
-
-def generated_shape(spec: InputSpec, sizes: dict[str, int]) -> tuple[int, ...]:
-    """Fixed dimensions as declared; a symbolic or unnamed one is 1 on axis 0 (batch), 0 in a key/value cache input
-    (name holds "past" or "cache": an empty cache), else :data:`SEQUENCE_LENGTH`.  A symbolic name keeps the size it
-    got first (``sizes``), so inputs that share a dimension agree."""
-    if spec.dims is None:
-        raise OnnxqError(f"input '{spec.name}' declares no shape, so no value can be generated for it; "
-                         "pass --calib data.npz")
-    cache = any(word in spec.name.lower() for word in CACHE_WORDS)
-    shape = []
-    for axis, dim in enumerate(spec.dims):
-        if isinstance(dim, int):
-            shape.append(dim)
-            continue
-        size = 1 if axis == 0 else 0 if cache else SEQUENCE_LENGTH
-        shape.append(sizes.setdefault(dim, size) if dim else size)
-    return tuple(shape)
-
-
-def generated_values(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """A mask (name holds "mask"): ones; floats: N(0, 1); bools: True; integers: positions (name holds "position")
-    0, 1, … along the last axis, token types / segments 0, other ids uniform in [0, :data:`ID_RANGE`)."""
-    name, dtype = spec.name.lower(), spec.dtype
-    if "mask" in name or dtype.kind == "b":
-        return np.ones(shape, dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind not in "iu":
-        raise OnnxqError(f"input '{spec.name}' has dtype {dtype}, for which no value can be generated; "
-                         "pass --calib data.npz")
-    if "position" in name and shape:
-        return np.ascontiguousarray(np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape))
-    if "type" in name or "segment" in name:
-        return np.zeros(shape, dtype)
-    return rng.integers(0, ID_RANGE, shape).astype(dtype)

@@ -7,9 +7,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from onnxq.errors import OnnxqError
 
@@ -116,6 +117,13 @@ def _pid_alive(pid: int) -> bool:
 
 def write_text(path: str | os.PathLike, text: str, option: str = "-o") -> None:
     """Write a text file atomically (temp file in the same folder, then rename)."""
+    write_atomic(path, lambda handle: handle.write(text), option)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], object], option: str = "-o",
+                 binary: bool = False) -> None:
+    """Write a file atomically: ``write(handle)`` fills a temp file in the same folder, which is then renamed onto
+    ``path``; on any error the temp file is removed and nothing partial is left."""
     folder = check_output_folder(path, option)
     remove_stale_temps(folder)
     try:
@@ -123,8 +131,8 @@ def write_text(path: str | os.PathLike, text: str, option: str = "-o") -> None:
     except OSError as exc:
         raise OnnxqError(f"{folder}: cannot write {path} ({exc.strerror}); choose another {option} path") from None
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        with os.fdopen(handle, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
