@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -29,16 +30,16 @@ PathOrNone = str | os.PathLike | None
 
 
 def _open(model_or_path: ModelOrPath, outputs: Mapping[str, PathOrNone] | None = None, calibration: object = None,
-          external_data: bool = True) -> onnx.ModelProto:
+          external_data: bool = True, extra_reads: Iterable[Path] = ()) -> onnx.ModelProto:
     """The model to work on (a copy, or loaded from its file), once every output path has been checked by
     :func:`check_outputs` against the files this run reads (model, external data, calibration)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        check_outputs(outputs or {}, _calibration_files(calibration))
+        check_outputs(outputs or {}, [*_calibration_files(calibration), *extra_reads])
         return copy_model(model_or_path)
     path = Path(model_or_path)
     model = load_model(path, external_data=False)
     files = external_data_files(model, path)
-    check_outputs(outputs or {}, [path, *files.values(), *_calibration_files(calibration)])
+    check_outputs(outputs or {}, [path, *files.values(), *_calibration_files(calibration), *extra_reads])
     if external_data:
         load_external_data(model, files)
     return model
@@ -83,8 +84,17 @@ def quantize_with_summary(
     per-layer table of :meth:`QuantizeSummary.layer_log`."""
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
-    model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration)
+    source = config.source_options()
+    extra_reads = [Path(p) for p in (config.calib_text, config.calib_tokenizer) if p is not None]
+    model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration, extra_reads=extra_reads)
+    notes = []
+    if source is not None:  # --calib-text / --calib-images: made here, where the model's folder is known
+        made = build_calibration(model_or_path if not isinstance(model_or_path, onnx.ModelProto) else model, **source)
+        notes = [*made.notes, f"calibration data: {made.summary()}"]
+        config = replace(config, calibration=made.arrays, calib_text=None, calib_images=None, calib_tokenizer=None,
+                         calib_samples=None, calib_seq_len=None)
     summary = quantize_pipeline(model, config)  # the model is this call's own (loaded, or a copy of the caller's)
+    summary.notes[:0] = notes
     note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in model.graph.node) else None
     if note:
         summary.notes.append(note)

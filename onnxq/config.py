@@ -65,6 +65,15 @@ class QuantizeConfig:
     accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (faster)")
     calibration: object = option(None, "calibration inputs: .npz or folder of .npz (gptq/decoupleq)", flag="--calib",
                                  metavar="PATH")
+    calib_text: str | None = option(None, "make the calibration data from this text file (as 'onnxq calib --text' "
+                                    "does: token windows, masks, positions, empty past)", metavar="FILE")
+    calib_images: str | None = option(None, "make the calibration data from the photos in this folder (as 'onnxq calib "
+                                      "--images' does, at the model's fixed size, pixels/255; use 'onnxq calib' for "
+                                      "another size, mean or std)", metavar="DIR")
+    calib_tokenizer: str | None = option(None, "with --calib-text: tokenizer.json or its folder (default: beside the "
+                                         "model)", metavar="PATH")
+    calib_samples: int | None = option(None, "with --calib-text/--calib-images: samples (default 128)", metavar="N")
+    calib_seq_len: int | None = option(None, "with --calib-text: tokens per sample (default 512)", metavar="L")
     calib_batch_size: int | None = option(None, "calibration samples per ONNX Runtime run (default: the model's "
                                           "fixed batch, else 8, or 1 when the model fails or mixes samples at 8)",
                                           metavar="N")
@@ -97,6 +106,19 @@ class QuantizeConfig:
                               act_order=self.act_order)
         return DecoupleqParams(**common, iters=self.iters, damp=self.damp, round_mode=self.round_mode)
 
+    def source_options(self) -> dict[str, object] | None:
+        """Options of :func:`~onnxq.calibration.sources.make.build_calibration` for ``--calib-text``/``--calib-images``
+        (None when the run reads ``--calib`` or nothing)."""
+        if self.calib_text is None and self.calib_images is None:
+            return None
+        options: dict[str, object] = {"text": self.calib_text, "images": self.calib_images, "seed": self.seed}
+        if self.calib_text is not None:
+            options["tokenizer"] = self.calib_tokenizer
+        for key, value in (("samples", self.calib_samples), ("seq_len", self.calib_seq_len)):
+            if value is not None:
+                options[key] = value
+        return options
+
     @property
     def needs_calibration(self) -> bool:
         """Whether this run reads calibration data (Hessian methods, activation ranges, activation splits)."""
@@ -115,9 +137,18 @@ class QuantizeConfig:
             raise OnnxqError(f"--method {self.method} is unknown; use one of {', '.join(PARAMS)}")
         if self.act_bits not in (None, 4, 8):
             raise OnnxqError(f"--act-bits {self.act_bits} is not supported; use 8 or 4")
-        if self.needs_calibration and self.calibration is None:
+        sources = [name for name, value in (("--calib", self.calibration), ("--calib-text", self.calib_text),
+                                            ("--calib-images", self.calib_images)) if value is not None]
+        if len(sources) > 1:
+            raise OnnxqError(f"{' and '.join(sources)} are two calibration sources; give one")
+        if self.needs_calibration and not sources:
             raise OnnxqError("this run needs calibration data (gptq/decoupleq, --act-bits, split activations); "
-                             "pass --calib data.npz")
+                             "pass --calib data.npz, --calib-text FILE or --calib-images DIR")
+        for name, value in (("--calib-tokenizer", self.calib_tokenizer), ("--calib-seq-len", self.calib_seq_len)):
+            if value is not None and self.calib_text is None:
+                raise OnnxqError(f"{name} works with --calib-text only; add it or drop {name}")
+        if self.calib_samples is not None and self.calib_text is None and self.calib_images is None:
+            raise OnnxqError("--calib-samples works with --calib-text or --calib-images; add one or drop it")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
         bad = set(self.op_types) - set(TARGET_OP_TYPES)

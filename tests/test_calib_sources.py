@@ -315,3 +315,20 @@ def test_decoupleq_quantizes_smollm2_genai_on_calibration_made_from_text(novel, 
     assert result.returncode == 0, result.stderr
     logits = next(line.split() for line in result.stdout.splitlines() if line.startswith("logits "))
     assert float(logits[2]) > 0.9999
+
+
+def test_quantize_calib_text_equals_calib_then_quantize(novel, tmp_path):
+    """``quantize --calib-text`` makes the same data on the fly as ``onnxq calib``: byte-identical outputs."""
+    path = zoo_model("minilm-optimum")
+    calib = tmp_path / "calib.npz"
+    api.calibrate(path, calib, text=novel, samples=8, seq_len=32)
+    common = dict(method="gptq", bits=4, include=r"layer\.0/attention", format="fake")
+    from_file = api.quantize(path, calibration=str(calib), **common)
+    on_the_fly, summary = api.quantize_with_summary(path, calib_text=str(novel), calib_samples=8, calib_seq_len=32,
+                                                    **common)
+    assert from_file.SerializeToString() == on_the_fly.SerializeToString()
+    assert any(note.startswith("calibration data: 8 samples from text") for note in summary.notes)
+    with pytest.raises(OnnxqError, match="--calib and --calib-text are two calibration sources"):
+        api.quantize(path, calibration=str(calib), calib_text=str(novel), **common)
+    with pytest.raises(OnnxqError, match="--calib-seq-len works with --calib-text only"):
+        api.quantize(path, calibration=str(calib), calib_seq_len=32, **common)
