@@ -36,7 +36,6 @@ class ReadLayer:
     dtype: int
     qw: QuantizedWeight
     absorbed: list[int] = field(default_factory=list)
-    renamed_bias: tuple[str, str] | None = None  # (source bias, its stand-in name while the layer is rebuilt)
 
 
 class GraphView:

@@ -29,7 +29,6 @@ from onnxq.packing import unpack_bits
 from onnxq.quantized_weight import QuantizedWeight
 
 PLACEHOLDER = "\x00onnxq_convert_weight:"  # input names stood in for until the pass names the placeholders
-BIAS_PLACEHOLDER = "\x00onnxq_convert_bias:"
 
 
 @dataclass(frozen=True)
@@ -139,11 +138,7 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, dtype: np.d
     weight_base = node.input[1].removesuffix(weight_suffix)
     tensor_type = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
     gemm = bool(bias) and (hints.onnxq_made or view.ranks.get(activation) == 2)
-    renamed_bias = None
     if gemm:
-        if bias in view.inits and len(view.consumers.get(bias, [])) == 1 and bias not in view.outputs:
-            renamed_bias = (bias, f"{BIAS_PLACEHOLDER}{bias}")
-            bias = renamed_bias[1]
         token = f"{PLACEHOLDER}{weight_base}\x00nk"
         float_node = helper.make_node("Gemm", [activation, token, bias], [output], name=name, transB=1)
         shape: tuple[int, ...] = (n, k)
@@ -153,4 +148,4 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, dtype: np.d
         token = f"{PLACEHOLDER}{weight_base}\x00kn"
         float_node = helper.make_node("MatMul", [activation, token], [output], name=name)
         shape = (k, n)
-    return ReadLayer(index, float_node, token, shape, tensor_type, qw, absorbed, renamed_bias)
+    return ReadLayer(index, float_node, token, shape, tensor_type, qw, absorbed)

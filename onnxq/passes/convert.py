@@ -29,6 +29,7 @@ from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.quantized_weight import QuantizedWeight
 
 READERS = {("com.microsoft", "MatMulNBits"): read_matmulnbits, (ONNXQ_DOMAIN, "MatMulLowBit"): read_lowbit}
+BIAS_STAND_IN = "\x00onnxq_convert_bias:"
 FAKE_REFUSAL = "fake stores float weights; quantize the float model instead"
 CUSTOM_DOMAINS = ("com.microsoft", ONNXQ_DOMAIN)  # imports dropped when no node uses them any more
 
@@ -47,7 +48,7 @@ class ConvertSummary:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         return [f"converted {self.layers} layers from {self.source_format} to {self.format} in {self.seconds:.1f}s "
                 "(no re-solve: the stored codes, scales and zeros)",
-                f"model: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB ({ratio:.2f}x)",
+                f"weights: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB ({ratio:.2f}x)",
                 *(f"note: {note}" for note in dict.fromkeys(self.notes))]
 
 
@@ -125,14 +126,7 @@ def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]) -> tuple[dict[str,
     absorbed = {index for layer in layers for index in layer.absorbed}
     replace_nodes(graph, [by_index[i].float_node if i in by_index else node for i, node in enumerate(graph.node)
                           if i not in absorbed])
-    bias_names = {}
-    for layer in layers:
-        if layer.renamed_bias is not None:
-            source, stand_in = layer.renamed_bias
-            for tensor in graph.initializer:
-                if tensor.name == source:
-                    tensor.name = stand_in
-            bias_names[stand_in] = source
+    bias_names = _stand_in_biases(model)
     remove_unused(model)  # the quantized tensors, DequantizeLinear chains and float-zero terms
     names = NameScope(model)
     renames: dict[str, str] = {}
@@ -148,6 +142,29 @@ def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]) -> tuple[dict[str,
             if name in renames:
                 node.input[i] = renames[name]
     return weights, bias_names
+
+
+def _stand_in_biases(model: onnx.ModelProto) -> dict[str, str]:
+    """Rename each constant Gemm C read by that Gemm alone to a stand-in while the layers are emitted, so the name an
+    emitter gives the bias it folds (``<node>_bias``) is free as in a direct quantization; returns ``{stand-in:
+    name}`` (:func:`_restore_names` gives the names back to what is still read)."""
+    graph = model.graph
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    gemm_biases = {node.input[2] for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2
+                   and readers.get(node.input[2]) == 1 and any(i.startswith(PLACEHOLDER) for i in node.input)}
+    outputs = {o.name for o in graph.output}
+    stand_ins = {}
+    for tensor in graph.initializer:
+        if tensor.name in gemm_biases and tensor.name not in outputs:
+            stand_ins[f"{BIAS_STAND_IN}{tensor.name}"] = tensor.name
+            tensor.name = f"{BIAS_STAND_IN}{tensor.name}"
+    for node in graph.node:
+        if node.op_type == "Gemm" and len(node.input) > 2 and f"{BIAS_STAND_IN}{node.input[2]}" in stand_ins:
+            node.input[2] = f"{BIAS_STAND_IN}{node.input[2]}"
+    return stand_ins
 
 
 def placeholder(name: str, data_type: int, dims: tuple[int, ...]) -> onnx.TensorProto:
