@@ -20,6 +20,7 @@ from onnxq.ir.model import copy_model, external_data_files, load_external_data, 
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
 from onnxq.layer_table import InspectReport, inspect_model
+from onnxq.passes.convert import ConvertSummary, check_format, convert_in_place
 from onnxq.passes.quantize import QuantizeSummary
 from onnxq.passes.split_report import SplitReport
 from onnxq.passes.splitquant import split_in_place
@@ -111,6 +112,32 @@ def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None
     ``onnxq.quantize("m.onnx", "m.q.onnx", bits=2, group_size=64, format="matmulnbits")``
     """
     return quantize_with_summary(model_or_path, output, **options)[0]
+
+
+def convert_with_summary(model_or_path: ModelOrPath, output: PathOrNone = None, format: str = "matmulnbits",
+                         accuracy_level: int = 0) -> tuple[onnx.ModelProto, ConvertSummary]:
+    """Like :func:`convert`, also returning the summary (layers, bytes, time, notes)."""
+    check_format(format)
+    model = _open(model_or_path, {"-o": output})
+    input_error = checker_error(model)
+    summary = convert_in_place(model, format, accuracy_level)
+    summary.notes += finish(model, input_error)
+    note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in model.graph.node) else None
+    if note:
+        summary.notes.append(note)
+    if output is not None:
+        save_model(model, output)
+    return model, summary
+
+
+def convert(model_or_path: ModelOrPath, output: PathOrNone = None, format: str = "matmulnbits",  # noqa: A002
+            accuracy_level: int = 0) -> onnx.ModelProto:
+    """Re-emit an onnxq-quantized model in another ``format`` from its stored codes, scales and zeros (no solve:
+    the dequantized weights are the stored ones, bit for bit).
+
+    ``onnxq.convert("m.q2.onnx", "m.q2.qdq.onnx", format="qdq")``
+    """
+    return convert_with_summary(model_or_path, output, format, accuracy_level)[0]
 
 
 def inspect(model_or_path: ModelOrPath) -> InspectReport:

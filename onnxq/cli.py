@@ -42,6 +42,10 @@ CALIB_EXAMPLES = """examples:
   onnxq calib model.onnx -o calib.npz --random --set im_shape=shape.npy   # random values: real data is better
   onnxq quantize model.onnx -o model.q4.onnx --method decoupleq --bits 4 --calib calib.npz
 """
+CONVERT_EXAMPLES = """examples:
+  onnxq convert model.q2.onnx -o model.q2.qdq.onnx --format qdq        # same weights, DequantizeLinear
+  onnxq convert model.q4.onnx -o model.q4.nbits.onnx --format matmulnbits --accuracy-level 4
+"""
 DEMO_EXAMPLES = """examples:
   onnxq demo                  # built-in digits models, 2/4/8 bits, every format
   onnxq demo --model cnn --bits 2 4
@@ -152,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="set_inputs", action="append", default=[], metavar="NAME=file.npy",
                    help="an input given by hand: samples along axis 0, or one sample repeated (repeatable)")
 
+    p = sub.add_parser("convert", help="re-emit a quantized model in another format from its stored weights "
+                       "(no re-solve)", epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read each quantized layer's codes, scales and zeros (MatMulNBits, MatMulLowBit, "
+                                   "DequantizeLinear) and write them in FORMAT: the dequantized weights stay bit for "
+                                   "bit the same, in seconds.")
+    p.add_argument("model", metavar="QUANT")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--format", required=True, metavar="FORMAT", help="matmulnbits, qdq, onnxq or fake")
+    p.add_argument("--accuracy-level", type=int, default=0, metavar="L",
+                   help="MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (default 0)")
+
     p = sub.add_parser("demo", help="quantize the built-in digits models and compare accuracy, size, latency",
                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["mlp", "cnn", "all"], default="all")
@@ -203,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         for note in calibration.notes:
             print(f"onnxq: note: {note}", file=sys.stderr)
         print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): {calibration.summary()}")
+    elif args.command == "convert":
+        _, summary = api.convert_with_summary(args.model, args.output, args.format, args.accuracy_level)
+        print("\n".join(summary.lines()))
+        print(f"wrote {args.output}")
     elif args.command == "demo":
         print(run_demo(models=("mlp", "cnn") if args.model == "all" else (args.model,), bits=tuple(args.bits)))
     return 0

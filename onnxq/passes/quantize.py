@@ -16,18 +16,15 @@ from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
-from onnxq.formats.common import EmitContext, Rewrite
-from onnxq.formats.registry import EMITTERS, required_opset_for
-from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, splice_nodes
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
-from onnxq.ir.model import model_bytes, opset_version
+from onnxq.ir.model import model_bytes
 from onnxq.ir.targets import (
     Skipped,
     Target,
     find_targets,
     initializer_array,
 )
-from onnxq.passes.opset import convert_opset_in_place
+from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.progress import Progress
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.base import NEEDS_STATS, solve
@@ -110,10 +107,7 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     summary = QuantizeSummary(bytes_before=model_bytes(model))
     report = find_targets(model, config.op_types, config.include, config.exclude)
     group_sizes = [resolve_group_size(t.matrix_shape[1], config.group_size) for t in report.targets]
-    opset = required_opset_for(config.format, report.targets, group_sizes, config.bits,
-                               EmitContext(model, NameScope(model)))
-    if opset is not None and opset_version(model) < opset:
-        convert_opset_in_place(model, opset)
+    if raise_opset_for(model, config.format, report.targets, group_sizes, config.bits):
         report = find_targets(model, config.op_types, config.include, config.exclude)
     summary.skipped = report.skipped
     if not report.targets:
@@ -124,20 +118,11 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         )
     branch_nodes = split_branch_nodes(model)
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
-    rewrites: dict[int, Rewrite] = {}
-    ctx = EmitContext(model, NameScope(model), accuracy_level=config.accuracy_level)
-    emit = EMITTERS[config.format]
-    for target in report.targets:
-        rewrites[target.node_index] = emit(target, solved[target.matrix_key], ctx)
-    splice_nodes(model.graph, {index: r.nodes(model.graph.node[index]) for index, r in rewrites.items()})
-    remove_unused(model)
-    allow_free_initializers(model)
-    for domain in {n.domain for n in model.graph.node} - {op.domain for op in model.opset_import} - {"", "ai.onnx"}:
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    notes = emit_in_place(model, report.targets, solved, config.format, config.accuracy_level)
     set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
-    summary.notes += ctx.notes
+    summary.notes += notes
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -1,0 +1,165 @@
+"""What the readers of quantized layers share: the layer record, a graph view, the float-zero term, regrouping.
+
+A reader turns one quantized layer back into a float node reading a placeholder weight ``W`` and the
+:class:`QuantizedWeight` of ``W[N, K]``, such that ``qw.dequantize()`` is the weight the layer computes with
+(``s·(q − zp) + z`` exactly as the stored values give it).  Emitting ``qw`` for the rebuilt node then rewrites
+the layer in any format without solving again (:mod:`onnxq.passes.convert`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.errors import OnnxqError
+from onnxq.ir.index import node_name
+from onnxq.quantized_weight import QuantizedWeight, expand_groups, num_groups
+
+
+@dataclass
+class ReadLayer:
+    """One quantized layer read back.
+
+    ``float_node`` stands where the node at ``node_index`` stood and reads the placeholder weight
+    ``weight_name`` (shape ``weight_shape``, ONNX type ``dtype``), whose solver matrix ``W[N, K]`` is ``qw``;
+    ``absorbed`` are the indices of the other nodes the layer's quantized form used (DequantizeLinear, the
+    float-zero term), dropped with it when nothing else reads them.
+    """
+
+    node_index: int
+    float_node: onnx.NodeProto
+    weight_name: str
+    weight_shape: tuple[int, ...]
+    dtype: int
+    qw: QuantizedWeight
+    absorbed: list[int] = field(default_factory=list)
+
+
+class GraphView:
+    """Producers, consumers and initializers of a main graph (read-only lookups for the readers)."""
+
+    def __init__(self, model: onnx.ModelProto, ranks: dict[str, int] | None = None) -> None:
+        graph = model.graph
+        self.model = model
+        self.ranks = ranks or {}  # tensor ranks where shape inference knows them
+        self.nodes = list(graph.node)
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(index)
+        self.outputs = {o.name for o in graph.output}
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of initializer ``name`` (None when it is not one)."""
+        tensor = self.inits.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def produced_by(self, name: str, op_type: str) -> int | None:
+        """Index of the default-domain ``op_type`` node producing ``name`` (None otherwise)."""
+        index = self.producer.get(name)
+        if index is None or self.nodes[index].op_type != op_type or self.nodes[index].domain not in ("", "ai.onnx"):
+            return None
+        return index
+
+    def only_consumer(self, name: str) -> int | None:
+        """The one node reading ``name`` when it is not also a graph output (None otherwise)."""
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+
+def refuse(node: onnx.NodeProto, reason: str) -> OnnxqError:
+    """The one-line error for a quantized layer that cannot be read."""
+    return OnnxqError(f"{node.op_type} node '{node_name(node)}': {reason}; nothing was written")
+
+
+@dataclass
+class FloatZeroTerm:
+    """onnxq's exact float-zero term ``(A·E)·Zᵀ`` (or ``Z·(Eᵀ·X)``) added to a product."""
+
+    float_zeros: np.ndarray  # [N, G] as stored (float32 or float16)
+    group_size: int
+    output: str  # what the Add wrote: the layer's real output
+    nodes: list[int]  # the Add and the term's MatMul (the shared group sums are dropped when unused)
+
+
+def find_float_zero_term(view: GraphView, product: str, activation: str, k: int, n: int,
+                         left: bool) -> FloatZeroTerm | None:
+    """The float-zero term onnxq added to ``product`` (see :func:`onnxq.formats.common.float_zero_correction`):
+    ``Add(product, MatMul(MatMul(activation, E), Zᵀ))`` with ``E[K, G]`` the group indicator (left products:
+    ``MatMul(Z, MatMul(Eᵀ, activation))``).  None when ``product`` is not followed by one."""
+    add = view.only_consumer(product)
+    if add is None or view.nodes[add].op_type != "Add" or view.nodes[add].domain not in ("", "ai.onnx"):
+        return None
+    add_node = view.nodes[add]
+    other = add_node.input[1] if add_node.input[0] == product else add_node.input[0]
+    term = view.produced_by(other, "MatMul")
+    if term is None:
+        return None
+    sums_name, zeros_name = view.nodes[term].input[::-1] if left else view.nodes[term].input
+    sums = view.produced_by(sums_name, "MatMul")
+    zeros = view.array(zeros_name)
+    if sums is None or zeros is None or zeros.ndim != 2:
+        return None
+    indicator_name, source = view.nodes[sums].input if left else view.nodes[sums].input[::-1]
+    indicator = view.array(indicator_name)
+    if source != activation or indicator is None or indicator.ndim != 2:
+        return None
+    indicator = indicator.T if left else indicator
+    zeros = zeros if left else zeros.T
+    groups = indicator.shape[1]
+    group_size = int(np.count_nonzero(indicator[:, 0])) if indicator.shape[0] == k else 0
+    if not group_size or zeros.shape != (n, groups) or num_groups(k, group_size) != groups:
+        return None
+    expected = expand_groups(np.eye(groups), k, group_size).T
+    if not np.array_equal(indicator, expected):
+        return None
+    return FloatZeroTerm(zeros, group_size, add_node.output[0], [add, term])
+
+
+def regroup_to(qw: QuantizedWeight, group_size: int, float_zeros: np.ndarray | None = None) -> QuantizedWeight:
+    """``qw`` with its parameters read per groups of ``group_size`` when each such group holds one scale and zero
+    point (stored formats may repeat them over smaller blocks), else as it is; ``float_zeros`` (``[N, G]`` in groups
+    of ``group_size``) are added in whichever grouping results.  Dequantizes to the same values either way."""
+    coarse = _coarsen(qw, group_size) or qw
+    if float_zeros is None:
+        return coarse
+    k = qw.shape[1]
+    per_column = expand_groups(float_zeros, k, min(group_size, k))
+    grouped = np.ascontiguousarray(per_column[:, ::coarse.group_size])
+    if not np.array_equal(expand_groups(grouped, k, coarse.group_size), per_column):
+        raise ValueError("float zeros do not fit the weight's groups")
+    return QuantizedWeight(coarse.codes, coarse.scales, coarse.zero_points, grouped, coarse.bits, coarse.group_size)
+
+
+def _coarsen(qw: QuantizedWeight, group_size: int) -> QuantizedWeight | None:
+    """``qw`` with groups of ``group_size`` (a multiple of its own, or ≥ K), None if parameters differ inside one."""
+    k = qw.shape[1]
+    group_size = min(group_size, k)
+    if group_size == qw.group_size:
+        return qw
+    if group_size < qw.group_size or (group_size % qw.group_size and group_size != k):
+        return None
+    starts = np.arange(0, k, group_size) // qw.group_size
+    params = [qw.scales, qw.zero_points] + ([qw.float_zeros] if qw.float_zeros is not None else [])
+    coarse = [p[:, starts] for p in params]
+    for fine, grouped in zip(params, coarse, strict=True):
+        if not np.array_equal(expand_groups(grouped, k, group_size), expand_groups(fine, k, qw.group_size)):
+            return None
+    float_zeros = coarse[2] if len(coarse) > 2 else None
+    return QuantizedWeight(qw.codes, coarse[0], coarse[1], float_zeros, qw.bits, group_size)
+
+
+def narrowest_bits(codes: np.ndarray, zero_points: np.ndarray, container: int, hint: int | None) -> int:
+    """The bits of codes stored in a ``container``-bit field: ``hint`` (the metadata's) when every code and zero
+    point fits in it, else the container's."""
+    if hint is not None and hint < container:
+        top = max(int(codes.max(initial=0)), int(zero_points.max(initial=0)))
+        if top < 1 << hint:
+            return hint
+    return container
