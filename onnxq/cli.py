@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then run both models in ONNX Runtime (on the --calib inputs, else generated ones) and print "
                         "each output's error, as 'onnxq verify' does")
     add_config_options(p, QuantizeConfig)
+    p.add_argument("--quiet", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress on stderr (default: a bar on a terminal, else a line every 15 s)")
     p.add_argument("--log", metavar="PATH", help="write a per-layer table (weight error, H-weighted loss of RTN "
                    "and of the method) as tab-separated text")
 

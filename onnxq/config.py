@@ -60,6 +60,8 @@ class QuantizeConfig:
     clip_search: bool = option(False, "RTN: MSE-optimal range shrinking per group")
     include: str | None = option(None, "only layers whose node name matches", metavar="REGEX")
     exclude: str | None = option(None, "skip layers whose node name matches", metavar="REGEX")
+    quantize_lm_head: bool = option(False, "also quantize a language model's output projection (lm_head: the layer "
+                                    "whose output is 'logits'), which stays float by default")
     op_types: tuple[str, ...] = option(TARGET_OP_TYPES, "comma-separated", parse=comma_list,
                                        shown=",".join(TARGET_OP_TYPES))
     accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (faster)")
@@ -83,7 +85,8 @@ class QuantizeConfig:
     round_mode: str = option("gptq", "decoupleq integer step", flag="--round", choices=("gptq", "train"))
     max_memory: int | None = option(None, "bound for calibration Hessians and kept activations (beyond it they go "
                                     "to temp files)", parse=gigabytes, metavar="GB")
-    progress: bool | None = option(None, "per-layer progress bar (default: on a TTY or ONNXQ_PROGRESS=1)", cli=False)
+    progress: bool | None = option(None, "progress on stderr with the time left (default on: a bar on a terminal, "
+                                   "else a line every 15 s; the CLI's --quiet turns it off)", cli=False)
     split: bool = option(False, "run SplitQuant first, then quantize each branch")
     split_activations: bool = option(False, "with --split: also split activations")
     act_bits: int | None = option(None, "add per-tensor activation fake-quantization (QDQ) with calibrated ranges",

@@ -16,11 +16,13 @@ from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
+from onnxq.ir.llm import lm_head_names
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import model_bytes
 from onnxq.ir.targets import (
     Skipped,
     Target,
+    TargetReport,
     find_targets,
     initializer_array,
 )
@@ -54,6 +56,9 @@ class QuantizeSummary:
     seconds: float = 0.0
     calibration_seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    calibration_rows: int = 0  # rows (tokens, pixels) behind the smallest H
+    thin_inputs: list[tuple[str, int, int]] = field(default_factory=list)  # (layer input, rows, K) with rows < K
+    method_name: str = "method"
 
     def lines(self) -> list[str]:
         out = [f"quantized {len(self.layers)} layers in {self.seconds:.1f}s"
@@ -69,8 +74,15 @@ class QuantizeSummary:
             after = sum(r.loss_after for r in solved)
             ratios = sorted(r.loss_after / r.loss_before for r in solved if r.loss_before > 0)
             median = ratios[len(ratios) // 2] if ratios else float("nan")
-            out.append(f"H-weighted layer loss vs RTN: total {before:.4g} -> {after:.4g} "
-                       f"({before / max(after, 1e-300):.2f}x lower), median layer ratio {median:.3f}")
+            out.append(f"layer output error on the calibration data, sum over layers of ‖X(W − Ŵ)ᵀ‖² (each layer's "
+                       f"own inputs, ≥ {self.calibration_rows:,} rows): RTN {before:.4g} -> {self.method_name} "
+                       f"{after:.4g} ({before / max(after, 1e-300):.2f}x lower), median layer ratio {median:.3f}; "
+                       "not model quality: check it on other data (onnxq verify, perplexity)")
+        if self.thin_inputs:
+            name, rows, size = self.thin_inputs[0]
+            out.append(f"WARNING: {len(self.thin_inputs)} layer inputs had fewer calibration rows than columns (e.g. "
+                       f"'{name}': {rows} rows for {size}): their H is rank-deficient and a low-bit solution can fit "
+                       "the calibration data; give more (--calib-samples, a larger .npz)")
         by_reason: dict[tuple[str, str], list[str]] = {}
         for s in self.skipped:
             by_reason.setdefault((s.op_type, s.reason), []).append(s.name)
@@ -98,17 +110,23 @@ class QuantizeSummary:
         return "\n".join(rows) + "\n"
 
 
+LM_HEAD_REASON = ("a language model's output projection stays float by default (low-bit logits cost the most "
+                  "quality per byte); --quantize-lm-head quantizes it")
+
+
 def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> QuantizeSummary:
     """The quantize pass: rewrite every target weight of ``model`` in place; returns what it did.
 
     ``config`` has been validated, and its ``calibration`` (when the run calibrates) is one
     :class:`~onnxq.calibration.data.CalibrationBatches` shared by the pipeline's passes (:mod:`onnxq.pipeline`)."""
     start = time.perf_counter()
-    summary = QuantizeSummary(bytes_before=model_bytes(model))
+    summary = QuantizeSummary(bytes_before=model_bytes(model), method_name=config.method)
     report = find_targets(model, config.op_types, config.include, config.exclude)
     group_sizes = [resolve_group_size(t.matrix_shape[1], config.group_size) for t in report.targets]
     if raise_opset_for(model, config.format, report.targets, group_sizes, config.bits):
         report = find_targets(model, config.op_types, config.include, config.exclude)
+    if not config.quantize_lm_head:
+        _leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
     summary.skipped = report.skipped
     if not report.targets:
         raise OnnxqError(
@@ -126,6 +144,12 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _leave_float(report: TargetReport, names: set[str], reason: str) -> None:
+    """Move the targets named in ``names`` to the report's skipped list with ``reason``."""
+    report.skipped += [Skipped(t.name, t.op_type, reason) for t in report.targets if t.name in names]
+    report.targets = [t for t in report.targets if t.name not in names]
 
 
 def _skipped_hint(skipped: list[Skipped]) -> str:
@@ -217,6 +241,11 @@ def _check_grid(
 
 def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, crosses: dict | None = None) -> None:
     store.update(hessians, crosses)
+    for key, rows in stats.rows.items():
+        size = hessians[key].shape[-1]
+        summary.calibration_rows = rows if not summary.calibration_rows else min(summary.calibration_rows, rows)
+        if rows < size:
+            summary.thin_inputs.append((key[0], rows, size))
     summary.calibration_seconds += stats.seconds
     summary.peak_memory_mb = max(summary.peak_memory_mb, stats.peak_rss_bytes / 2**20)
 
