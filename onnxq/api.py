@@ -115,7 +115,7 @@ def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None
 
 
 def convert_with_summary(model_or_path: ModelOrPath, output: PathOrNone = None, format: str = "matmulnbits",
-                         accuracy_level: int = 0) -> tuple[onnx.ModelProto, ConvertSummary]:
+                         accuracy_level: int | None = None) -> tuple[onnx.ModelProto, ConvertSummary]:
     """Like :func:`convert`, also returning the summary (layers, bytes, time, notes)."""
     check_format(format)
     model = _open(model_or_path, {"-o": output})
@@ -131,7 +131,7 @@ def convert_with_summary(model_or_path: ModelOrPath, output: PathOrNone = None, 
 
 
 def convert(model_or_path: ModelOrPath, output: PathOrNone = None, format: str = "matmulnbits",  # noqa: A002
-            accuracy_level: int = 0) -> onnx.ModelProto:
+            accuracy_level: int | None = None) -> onnx.ModelProto:
     """Re-emit an onnxq-quantized model in another ``format`` from its stored codes, scales and zeros (no solve:
     the dequantized weights are the stored ones, bit for bit).
 

@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="QUANT")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--format", required=True, metavar="FORMAT", help="matmulnbits, qdq, onnxq or fake")
-    p.add_argument("--accuracy-level", type=int, default=0, metavar="L",
-                   help="MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (default 0)")
+    p.add_argument("--accuracy-level", type=int, default=None, metavar="L",
+                   help="MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (default 4 at 2-3 bits, else 0)")
 
     p = sub.add_parser("demo", help="quantize the built-in digits models and compare accuracy, size, latency",
                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,6 +21,13 @@ from onnxq.ir.targets import TARGET_OP_TYPES
 from onnxq.quantized_weight import SUPPORTED_BITS
 from onnxq.solvers.base import PARAMS, DecoupleqParams, GptqParams, RtnParams, SolverParams
 
+FAST_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations
+
+
+def default_accuracy_level(bits: int) -> int:
+    """MatMulNBits' accuracy level when none is given: :data:`FAST_ACCURACY_LEVEL` at 2-3 bits, else 0 (exact)."""
+    return FAST_ACCURACY_LEVEL if bits <= 3 else 0
+
 
 def gigabytes(text: str) -> int:
     """``--max-memory`` in GB, as bytes (its range is checked with the other options)."""
@@ -64,7 +71,9 @@ class QuantizeConfig:
                                     "whose output is 'logits'), which stays float by default")
     op_types: tuple[str, ...] = option(TARGET_OP_TYPES, "comma-separated", parse=comma_list,
                                        shown=",".join(TARGET_OP_TYPES))
-    accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 exact fp32, 4 int8 activations (faster)")
+    accuracy_level: int | None = option(None, "MatMulNBits accuracy_level: 0 exact fp32 activations, 4 int8 "
+                                        "activations (default 4 at 2-3 bits, where level 0 decodes ~15x slower on CPU; "
+                                        "else 0)")
     calibration: object = option(None, "calibration inputs: .npz or folder of .npz (gptq/decoupleq)", flag="--calib",
                                  metavar="PATH")
     calib_text: str | None = option(None, "make the calibration data from this text file (as 'onnxq calib --text' "
@@ -96,6 +105,12 @@ class QuantizeConfig:
                               "layers (costs one forward pass over the calibration data, like --no-sequential)")
     float_target: bool = option(True, "with --sequential: fit each layer's output on quantized inputs to the float "
                                 "model's output on float inputs (runs the float model alongside)")
+
+    @property
+    def resolved_accuracy_level(self) -> int:
+        """The MatMulNBits accuracy level this run emits: the given one, else 4 at 2-3 bits (fast int8-activation
+        kernels; ORT's 2-bit kernel at level 0 is ~15x slower than fp32 decoding) and 0 at 4 and 8 bits."""
+        return default_accuracy_level(self.bits) if self.accuracy_level is None else self.accuracy_level
 
     def solver_params(self, group_size: int, scale_dtype: type) -> SolverParams:
         """The method's params object (:mod:`onnxq.solvers.base`) for one weight of resolved ``group_size``."""
@@ -152,7 +167,7 @@ class QuantizeConfig:
                 raise OnnxqError(f"{name} works with --calib-text only; add it or drop {name}")
         if self.calib_samples is not None and self.calib_text is None and self.calib_images is None:
             raise OnnxqError("--calib-samples works with --calib-text or --calib-images; add one or drop it")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
         bad = set(self.op_types) - set(TARGET_OP_TYPES)
         if bad:

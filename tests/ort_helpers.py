@@ -16,6 +16,11 @@ LEVELS = {
 EXACT_QDQ_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
+def exact_kernels(fmt: str) -> dict:
+    """Quantize options for exact fp32 activations: MatMulNBits level 0 (onnxq's default at 2-3 bits is level 4)."""
+    return {"accuracy_level": 0} if fmt == "matmulnbits" else {}
+
+
 def session(model: onnx.ModelProto, level: str = "disable_all", config: dict | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]

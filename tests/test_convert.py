@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
-from ort_helpers import EXACT_QDQ_CONFIG, LEVELS, relative_error
+from ort_helpers import EXACT_QDQ_CONFIG, LEVELS, exact_kernels, relative_error
 from test_cli import assert_one_line_error, onnxq_cli
 
 import onnxq
@@ -31,8 +31,11 @@ FEEDS = {"mlp": "pixels", "cnn": "image"}
 
 @functools.cache
 def direct(model: str, bits: int, method: str, fmt: str) -> onnx.ModelProto:
+    """Quantized in ``fmt``; MatMulNBits with exact fp32 activations (level 0), as this file compares weights."""
     options = {"calibration": CALIB, "sequential": False} if method == "decoupleq" else {}
+    options |= exact_kernels(fmt)
     return onnxq.quantize(builtin_model(model), bits=bits, group_size=32, method=method, format=fmt, **options)
+
 
 
 def float_weights(model: onnx.ModelProto) -> dict[str, bytes]:
@@ -85,7 +88,7 @@ def test_convert_keeps_the_dequantized_weights(model, bits, method, source):
         assert float_weights(quantized) == float_weights(direct(model, bits, method, "fake"))
     inputs = builtin_test_set(model)[0][:64]
     for target in FORMATS:
-        converted, summary = onnxq.convert_with_summary(quantized, format=target)
+        converted, summary = onnxq.convert_with_summary(quantized, format=target, **exact_kernels(target))
         assert summary.layers == 3 and summary.format == target
         onnx.checker.check_model(converted)
         from_source = source == "onnxq" and lossy_zeros
@@ -140,7 +143,7 @@ def test_minilm_w4_g64_converts_exactly(tmp_path):
     feeds["input_ids"] = np.arange(100, 112, dtype=np.int64)[None]
     for source in FORMATS:
         for target in FORMATS:
-            converted, summary = onnxq.convert_with_summary(quantized[source], format=target)
+            converted, summary = onnxq.convert_with_summary(quantized[source], format=target, **exact_kernels(target))
             assert summary.layers == 36
             assert float_weights(converted) == expected, (source, target)
             if source == target or {source, target} <= {"matmulnbits", "onnxq"} or source == "qdq":
@@ -177,3 +180,14 @@ def test_cli_refusals_write_nothing(tmp_path, case):
     assert_one_line_error(result, fragment)
     assert not out.exists() and source.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_convert_picks_the_same_default_accuracy_level_as_quantize():
+    """2-3 bits: level 4 (fast int8-activation kernels) unless asked; 4 and 8 bits: level 0."""
+    for bits, level in ((2, 4), (4, 0)):
+        level0 = onnxq.quantize(builtin_model("mlp"), bits=bits, group_size=32, format="matmulnbits", accuracy_level=0)
+        converted = onnxq.convert(level0, format="matmulnbits")
+        direct_default = onnxq.quantize(builtin_model("mlp"), bits=bits, group_size=32, format="matmulnbits")
+        levels = {a.i for n in converted.graph.node for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {level}
+        assert converted.SerializeToString() == direct_default.SerializeToString()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from graphs import conv_model, gemm_model, left_matmul_model, matmul_model
 from onnx import numpy_helper
-from ort_helpers import LEVELS, relative_error, run
+from ort_helpers import LEVELS, exact_kernels, relative_error, run
 
 import onnxq
 from onnxq.ir.targets import find_targets
@@ -42,7 +42,8 @@ def test_matmul(fmt, bits, zero_convention):
     model = matmul_model(k=100, n=24, seed=bits)
     x = np.random.default_rng(1).standard_normal((5, 100)).astype(np.float32)
     w, _ = reference_weight(model, bits, 32, zero_convention)
-    quantized = onnxq.quantize(model, bits=bits, group_size=32, format=fmt, zero_convention=zero_convention)
+    quantized = onnxq.quantize(model, bits=bits, group_size=32, format=fmt, zero_convention=zero_convention,
+                               **exact_kernels(fmt))
     check_all_levels(quantized, {"x": x}, x.astype(np.float64) @ w.T)
 
 
@@ -52,7 +53,7 @@ def test_matmul_through_transpose_3d_input_and_per_channel(fmt, bits):
     model = matmul_model(k=64, n=16, seed=3, transpose=True, rank=3)
     x = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
     w, _ = reference_weight(model, bits, -1)
-    quantized = onnxq.quantize(model, bits=bits, group_size=-1, format=fmt)
+    quantized = onnxq.quantize(model, bits=bits, group_size=-1, format=fmt, **exact_kernels(fmt))
     check_all_levels(quantized, {"x": x}, x.astype(np.float64) @ w.T)
     assert not any(n.op_type == "Transpose" for n in quantized.graph.node) or fmt == "fake"
 
@@ -63,7 +64,8 @@ def test_constant_left_operand(fmt, zero_convention):
     model = left_matmul_model(k=64, n=12)
     x = np.random.default_rng(2).standard_normal((2, 64, 5)).astype(np.float32)
     w, _ = reference_weight(model, 2, 32, zero_convention)
-    quantized = onnxq.quantize(model, bits=2, group_size=32, format=fmt, zero_convention=zero_convention)
+    quantized = onnxq.quantize(model, bits=2, group_size=32, format=fmt, zero_convention=zero_convention,
+                               **exact_kernels(fmt))
     check_all_levels(quantized, {"x": x}, np.einsum("nk,bkc->bnc", w, x.astype(np.float64)))
 
 
@@ -75,7 +77,8 @@ def test_gemm(fmt, bits, trans_b):
     bias = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
     x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32)
     w, _ = reference_weight(model, bits, 32, "float")
-    quantized = onnxq.quantize(model, bits=bits, group_size=32, format=fmt, zero_convention="float")
+    quantized = onnxq.quantize(model, bits=bits, group_size=32, format=fmt, zero_convention="float",
+                               **exact_kernels(fmt))
     check_all_levels(quantized, {"x": x}, 0.75 * x.astype(np.float64) @ w.T + 1.5 * bias)
 
 
@@ -190,7 +193,7 @@ def test_matmulnbits_large_groups_use_blocks_ort_accepts(k, group_size):
     model = matmul_model(k=k, n=8, seed=k)
     x = np.random.default_rng(3).standard_normal((2, k)).astype(np.float32)
     w, _ = reference_weight(model, 2, group_size)
-    quantized = onnxq.quantize(model, bits=2, group_size=group_size, format="matmulnbits")
+    quantized = onnxq.quantize(model, bits=2, group_size=group_size, format="matmulnbits", accuracy_level=0)
     node = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits")
     assert next(a.i for a in node.attribute if a.name == "block_size") <= 256
     check_all_levels(quantized, {"x": x}, x.astype(np.float64) @ w.T)

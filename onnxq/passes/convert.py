@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxq.config import default_accuracy_level
 from onnxq.errors import OnnxqError
 from onnxq.formats.lowbit_layout import DOMAIN as ONNXQ_DOMAIN
 from onnxq.formats.read_common import GraphView, ReadLayer
@@ -58,7 +59,7 @@ def check_format(format_name: str) -> None:
         raise OnnxqError(f"unknown format '{format_name}'; choose one of {', '.join(EMITTERS)}")
 
 
-def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: int = 0) -> ConvertSummary:
+def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: int | None = None) -> ConvertSummary:
     """Rewrite every quantized layer of ``model`` in ``format_name`` from its stored values; returns what it did.
 
     A layer's weight ``w = s·(q − zp) + z`` is read exactly as stored and emitted again; only what a format
@@ -86,8 +87,9 @@ def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: i
     if len(targets) != len(layers):
         raise OnnxqError(f"internal error: {len(layers)} layers read but {len(targets)} rebuilt; nothing was "
                          "written; please report it with the model")
+    level = default_accuracy_level(bits) if accuracy_level is None else accuracy_level
     summary.notes += emit_in_place(model, targets, {t.matrix_key: weights[t.weight_name] for t in targets},
-                                   format_name, accuracy_level)
+                                   format_name, level)
     _restore_names(model, bias_names)
     _drop_unused_domains(model)
     set_metadata(model, QUANT_METADATA_KEY, json.dumps({**meta, "format": format_name}, sort_keys=True))

@@ -14,7 +14,7 @@ from onnxq.calibration.keys import hessian_key
 from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
-from onnxq.config import QuantizeConfig
+from onnxq.config import FAST_ACCURACY_LEVEL, QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.ir.llm import lm_head_names
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
@@ -136,7 +136,11 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         )
     branch_nodes = split_branch_nodes(model)
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
-    notes = emit_in_place(model, report.targets, solved, config.format, config.accuracy_level)
+    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level)
+    if config.format == "matmulnbits" and config.accuracy_level is None and config.bits <= 3:
+        notes.append(f"MatMulNBits accuracy_level {FAST_ACCURACY_LEVEL} (int8 activations) by default at {config.bits} "
+                     "bits: fast on stock ONNX Runtime; --accuracy-level 0 keeps fp32 activations (exact, ~15x slower "
+                     "decoding at 2 bits), --format onnxq is exact and fast with the onnxq op library")
     set_metadata(model, QUANT_METADATA_KEY, json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size, "format": config.format,
          "symmetric": config.symmetric}, sort_keys=True))
