@@ -27,6 +27,7 @@ from onnxq.ir.targets import (
     find_targets,
     initializer_array,
 )
+from onnxq.layer_table import quantized_layer_counts
 from onnxq.passes.opset import convert_opset_in_place
 from onnxq.progress import Progress
 from onnxq.quantized_weight import QuantizedWeight
@@ -101,6 +102,14 @@ class QuantizeSummary:
         return "\n".join(rows) + "\n"
 
 
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    """An already quantized input (no float target left) gets its own error, not "no quantizable layers"."""
+    counts = quantized_layer_counts(model)
+    if counts:
+        found = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        raise OnnxqError(f"already quantized ({found}); quantize the float model")
+
+
 def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> QuantizeSummary:
     """The quantize pass: rewrite every target weight of ``model`` in place; returns what it did.
 
@@ -117,6 +126,7 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         report = find_targets(model, config.op_types, config.include, config.exclude)
     summary.skipped = report.skipped
     if not report.targets:
+        _refuse_quantized(model)
         raise OnnxqError(
             "no quantizable layers found (MatMul/Gemm/Conv with a constant weight"
             + (", matching --include/--exclude/--op-types" if config.include or config.exclude else "")
