@@ -2,7 +2,7 @@
 Llama of :mod:`models.tiny_genai` (a genai builder export, fp32), then greedy generation with ``og.Model``,
 ``og.Tokenizer`` and ``og.Generator`` on CPU in a subprocess (:mod:`tools.genai_generate`) whose ``sys.path`` has
 the ``pip install --no-deps --target`` folder of onnxruntime-genai 0.18 (:func:`models.zoo_fetch.tool_env`), over
-this environment's onnxruntime.
+this environment's onnxruntime (or the onnxruntime-genai of ``onnxq[llm]`` when it is installed).
 
 The commands run (README, "Quantize an LLM")::
 
@@ -19,6 +19,7 @@ Skipped when the genai folder or the tiny model is not built (``python -m models
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -41,7 +42,10 @@ CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")
 
 
 @pytest.fixture(scope="module")
-def genai_path() -> Path:
+def genai_path() -> Path | None:
+    """``None`` when onnxruntime-genai is installed here (``onnxq[llm]``), else the zoo's ``--target`` folder."""
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        return None
     folder = cache_dir("zoo", "tools", create=False) / "genai"
     if not (folder / "onnxruntime_genai" / "__init__.py").is_file():
         pytest.skip(f"onnxruntime-genai is not unpacked in {folder}: python -c \"from models.zoo_fetch import "
@@ -57,9 +61,10 @@ def tiny() -> Path:
     return tiny_genai_dir()
 
 
-def generate(genai_path: Path, *folders: Path) -> dict:
-    command = [sys.executable, str(ROOT / "tools" / "genai_generate.py"), "--genai-path", str(genai_path),
-               "--tokens", str(TOKENS), "--repeat", "2", *map(str, folders)]
+def generate(genai_path: Path | None, *folders: Path) -> dict:
+    path = ["--genai-path", str(genai_path)] if genai_path else []
+    command = [sys.executable, str(ROOT / "tools" / "genai_generate.py"), *path, "--tokens", str(TOKENS),
+               "--repeat", "2", *map(str, folders)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
