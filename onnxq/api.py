@@ -191,7 +191,9 @@ def split(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, *
 def calibrate(model_or_path: ModelOrPath, output: str | os.PathLike, **options: object) -> Calibration:
     """``onnxq calib``: calibration arrays made from the model's input specs and one source (options of
     :func:`onnxq.calibration.sources.make.build_calibration`), written to ``output`` (a byte-identical ``.npz``;
-    never one of the files read)."""
+    never one of the files read); a genai model folder stands for its decoder."""
+    if not isinstance(model_or_path, onnx.ModelProto):
+        model_or_path = model_file(model_or_path)
     reads = [] if isinstance(model_or_path, onnx.ModelProto) else [Path(model_or_path)]
     reads += [Path(options[key]) for key in ("text", "tokenizer") if options.get(key) is not None]  # type: ignore
     sets = options.get("set_inputs") or {}

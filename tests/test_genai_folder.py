@@ -126,3 +126,10 @@ def test_an_already_quantized_model_says_so(tmp_path, fmt, found, capsys):
     api.quantize(matmul_model(k=64, n=32), quantized, bits=4, group_size=32, format=fmt)
     assert_one_line_error(cli(capsys, "quantize", str(quantized), "-o", str(tmp_path / "qq.onnx")),
                           f"already quantized ({found}); quantize the float model")
+
+
+def test_calib_takes_a_genai_folder_for_its_decoder(genai_dir, tmp_path):
+    by_folder, by_file = tmp_path / "a.npz", tmp_path / "b.npz"
+    api.calibrate(genai_dir, by_folder, random=True, samples=2)
+    api.calibrate(genai_dir / "decoder.onnx", by_file, random=True, samples=2)
+    assert by_folder.read_bytes() == by_file.read_bytes()

@@ -6,6 +6,7 @@ this environment's onnxruntime (or the onnxruntime-genai of ``onnxq[llm]`` when 
 
 The commands run (README, "Quantize an LLM")::
 
+    onnxq calib tiny-llama-genai -o calib.npz --text emma.txt --samples 8 --seq-len 64
     onnxq quantize tiny-llama-genai -o w2 --method decoupleq --bits 2 --group-size 32 --exclude lm_head \\
         --calib-text emma.txt --calib-samples 8 --calib-seq-len 64
     python tools/genai_generate.py --genai-path <genai folder> --tokens 32 --repeat 2 FOLDER...
@@ -80,12 +81,16 @@ def test_onnxq_genai_folders_generate_in_onnxruntime_genai(genai_path, tiny, tmp
     result = cli(capsys, "quantize", str(tiny), "-o", str(w2), *W2, "--calib-text", str(novel), *CALIB)
     assert result.returncode == 0, result.stderr
     assert f"wrote {w2}" in result.stdout
+    calib = tmp_path / "calib.npz"
+    result = cli(capsys, "calib", str(tiny), "-o", str(calib), "--text", str(novel), "--samples", "8",
+                 "--seq-len", "64")
+    assert result.returncode == 0, result.stderr
     api.quantize(tiny, tmp_path / "w8", bits=8)
     api.quantize(tiny, tmp_path / "w4qdq", bits=4, format="qdq")
     folders = [tiny, tmp_path / "w8", tmp_path / "w4qdq", w2]
     if custom_ops.available("cpu"):
         api.quantize(tiny, tmp_path / "w2onnxq", method="decoupleq", bits=2, group_size=32, exclude="lm_head",
-                     calib_text=str(novel), calib_samples=8, calib_seq_len=64, format="onnxq")
+                     calibration=str(calib), format="onnxq")  # the same data as --calib-text
         folders.append(tmp_path / "w2onnxq")
     out = generate(genai_path, *folders)
     assert out["versions"]["onnxruntime_genai"] == "0.18.0"
