@@ -15,7 +15,9 @@ Facts checked: every folder (fp32; W8 RTN MatMulNBits; W4 RTN QDQ; W2 decoupleQ 
 custom-op library is built, the ``onnxq`` format) generates 32 tokens; each generation repeats exactly; W8's greedy
 tokens equal fp32's at ≥ 75% of the 32 positions (measured: 29); the W2 ``onnxq`` format (the same codes through
 another kernel) agrees with W2 MatMulNBits at ≥ 75% of them (measured: 32).
-Skipped when the genai folder or the tiny model is not built (``python -m models.tiny_genai``).
+Skipped when the genai folder or the tiny model is not built (``python -m models.tiny_genai``). The slow test does
+the same on the real SmolLM2 genai folder, W2 on its first decoder layer (measured: 6 of 32 tokens as fp32's, the
+first 5; "the universe is governed by a rational and orderly universe").
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import onnxq.custom_ops as custom_ops
 from models.austen import build_austen
 from models.cache import cache_dir
 from models.tiny_genai import NAME, tiny_genai_dir
-from models.zoo_exports import is_built
+from models.zoo_exports import is_built, zoo_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 32
@@ -102,3 +104,22 @@ def test_onnxq_genai_folders_generate_in_onnxruntime_genai(genai_path, tiny, tmp
     assert agreement(tokens["w8"], tokens[tiny.name]) >= 0.75, runs
     if "w2onnxq" in tokens:
         assert agreement(tokens["w2onnxq"], tokens["w2"]) >= 0.75, runs
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_smollm2_genai_folder_w2_decoupleq_generates(genai_path, tmp_path, capsys):
+    """~2 min: the real SmolLM2 genai export (fp32 folder) with decoupleQ W2 g64 on the first decoder layer only
+    (``--include``; the full model takes 20-40 min), calibration from text; onnxruntime-genai generates 32 tokens
+    from it, the same twice."""
+    if not is_built("smollm2-genai-fp32"):
+        pytest.skip("smollm2-genai-fp32 is not built; run python -m models.zoo")
+    folder = zoo_model_dir("smollm2-genai-fp32")
+    w2 = tmp_path / "w2"
+    result = cli(capsys, "quantize", str(folder), "-o", str(w2), "--method", "decoupleq", "--bits", "2",
+                 "--group-size", "64", "--include", r"layers\.0/", "--calib-text", str(build_austen()["emma"]),
+                 *CALIB)
+    assert result.returncode == 0, result.stderr
+    runs = {Path(k).name: v for k, v in generate(genai_path, folder, w2)["models"].items()}
+    for name, (first, second) in runs.items():
+        assert len(first["tokens"]) == TOKENS and first["tokens"] == second["tokens"], name
