@@ -66,7 +66,7 @@ def write_build_record(name: str, record: dict[str, Any]) -> None:
         temp.write_text(json.dumps(full, indent=1) + "\n")
 
 
-def _install(export_dir: Path, name: str) -> Path:
+def install_export(export_dir: Path, name: str) -> Path:
     """Move an exporter's output folder to ``<cache>/zoo/<name>`` (replacing it); return its ``model.onnx``."""
     target = zoo_model_dir(name)
     shutil.rmtree(target, ignore_errors=True)
@@ -121,6 +121,12 @@ def save_smollm2_folder(model: Any, folder: Path) -> None:
     gguf = gguf_path()
     with _offline():
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    add_transformers4_keys(folder)
+
+
+def add_transformers4_keys(folder: Path) -> None:
+    """Give a transformers 5 ``config.json`` the keys transformers 4 and the genai builder read (``rope_theta``,
+    ``rope_scaling``, ``torch_dtype``)."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 10000.0))
@@ -176,7 +182,7 @@ def _export_smollm2(name: str, folder: Path, work: Path, model: Any, windows: np
     cosine = check_decoder(out / "model.onnx", model, windows)
     if cosine < CHECK_MIN_COSINE[precision]:
         raise OnnxqError(f"{name}: export logits differ from PyTorch (min token cosine {cosine:.6f}); see the log")
-    _install(out, name)
+    install_export(out, name)
     write_build_record(name, {"export_seconds": round(seconds, 1), "check_min_token_cosine_vs_torch": cosine,
                               "tools": list(TOOL_ENVS[env])})
     log(f"{name}: exported in {seconds:.0f} s, min token cosine vs PyTorch {cosine:.6f}")
@@ -201,7 +207,7 @@ def build_minilm_optimum(force: bool = False, log: Callable[[str], None] = print
     seconds = run_tool("optimum", "optimum.commands.optimum_cli", arguments, work / f"{name}.log")
     texts = [p.text for p in evaluation_passages(per_novel=2)]
     max_diff = minilm.check_against_torch(out / "model.onnx", minilm.load_torch_model(), minilm.load_tokenizer(), texts)
-    path = _install(out, name)
+    path = install_export(out, name)
     write_build_record(name, {"export_seconds": round(seconds, 1), "max_abs_diff_vs_torch": max_diff,
                               "tools": list(TOOL_ENVS["optimum"])})
     log(f"{name}: exported in {seconds:.0f} s, max |ORT - torch| {max_diff:.2e}")

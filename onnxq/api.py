@@ -13,9 +13,10 @@ from onnxq.calibration.data import load_calibration
 from onnxq.calibration.sources.make import Calibration, build_calibration
 from onnxq.calibration.sources.save import write_npz
 from onnxq.config import QuantizeConfig
-from onnxq.custom_ops import custom_op_library_note
+from onnxq.custom_ops import custom_op_library_note, library_path
 from onnxq.errors import OnnxqError
 from onnxq.formats.lowbit_layout import DOMAIN as ONNXQ_DOMAIN
+from onnxq.ir.genai_folder import check_output_dir, decoder_file, provider_device, write_folder
 from onnxq.ir.model import copy_model, external_data_files, load_external_data, load_model, save_model
 from onnxq.ir.paths import check_output_file, data_file_of, same_file, write_text
 from onnxq.ir.targets import constants_to_initializers
@@ -82,12 +83,21 @@ def quantize_with_summary(
     model_or_path: ModelOrPath, output: PathOrNone = None, layer_log: PathOrNone = None, **options: object,
 ) -> tuple[onnx.ModelProto, QuantizeSummary]:
     """Like :func:`quantize`, also returning the summary (layers, bytes, notes, time); ``layer_log`` gets the
-    per-layer table of :meth:`QuantizeSummary.layer_log`."""
+    per-layer table of :meth:`QuantizeSummary.layer_log`.
+
+    An onnxruntime-genai model folder (holding ``genai_config.json``) as input: its decoder is quantized and
+    ``output`` is a folder, a copy of the input with the quantized decoder (:mod:`onnxq.ir.genai_folder`); the
+    ``onnxq`` format also gets the custom-op library, named in ``genai_config.json``."""
     config = QuantizeConfig(**options)  # type: ignore[arg-type]
     config.validate()
     source = config.source_options()
     extra_reads = [Path(p) for p in (config.calib_text, config.calib_tokenizer) if p is not None]
-    model = _open(model_or_path, {"-o": output, "--log": layer_log}, config.calibration, extra_reads=extra_reads)
+    folder = _genai_input(model_or_path, output)
+    if folder is not None:
+        model_or_path = decoder_file(folder)
+    model_output = None if folder is not None else output
+    model = _open(model_or_path, {"-o": model_output, "--log": layer_log}, config.calibration,
+                  extra_reads=extra_reads)
     notes = []
     if source is not None:  # --calib-text / --calib-images: made here, where the model's folder is known
         made = build_calibration(model_or_path if not isinstance(model_or_path, onnx.ModelProto) else model, **source)
@@ -96,14 +106,47 @@ def quantize_with_summary(
                          calib_samples=None, calib_seq_len=None)
     summary = quantize_pipeline(model, config)  # the model is this call's own (loaded, or a copy of the caller's)
     summary.notes[:0] = notes
-    note = custom_op_library_note() if any(n.domain == ONNXQ_DOMAIN for n in model.graph.node) else None
+    custom_ops = any(n.domain == ONNXQ_DOMAIN for n in model.graph.node)
+    note = custom_op_library_note() if custom_ops else None
     if note:
         summary.notes.append(note)
-    if output is not None:
+    if folder is not None and output is not None:
+        library = _genai_library(folder, summary) if custom_ops else None
+        write_folder(folder, output, model, library)
+    elif output is not None:
         save_model(model, output)
     if layer_log is not None:
         write_text(layer_log, summary.layer_log(), "--log")
     return model, summary
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The ONNX file ``path`` names: itself, or the decoder of an onnxruntime-genai folder."""
+    return decoder_file(path) if Path(path).is_dir() else Path(path)
+
+
+def _genai_input(model_or_path: ModelOrPath, output: PathOrNone) -> Path | None:
+    """The genai folder given as input (checked with its output folder before any work), else ``None``."""
+    if isinstance(model_or_path, onnx.ModelProto) or not Path(model_or_path).is_dir():
+        return None
+    folder = Path(model_or_path)
+    decoder_file(folder)  # a folder without genai_config.json or its decoder: a one-line error
+    if output is not None:
+        check_output_dir(folder, output)
+    return folder
+
+
+def _genai_library(folder: Path, summary: QuantizeSummary) -> str | None:
+    """The custom-op library a genai output folder gets for the ``onnxq`` format (None, with a note, when it is
+    not built)."""
+    try:
+        library = library_path(provider_device(folder))
+    except OnnxqError as exc:
+        summary.notes.append(f"{folder.name}: genai_config.json gets no custom_ops_library ({exc})")
+        return None
+    summary.notes.append(f"genai_config.json: decoder session_options.custom_ops_library = "
+                         f"{Path(library).name} (copied into the output folder, where onnxruntime-genai loads it)")
+    return library
 
 
 def quantize(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, **options: object) -> onnx.ModelProto:
@@ -175,7 +218,9 @@ def split(model_or_path: ModelOrPath, output: str | os.PathLike | None = None, *
 def calibrate(model_or_path: ModelOrPath, output: str | os.PathLike, **options: object) -> Calibration:
     """``onnxq calib``: calibration arrays made from the model's input specs and one source (options of
     :func:`onnxq.calibration.sources.make.build_calibration`), written to ``output`` (a byte-identical ``.npz``;
-    never one of the files read)."""
+    never one of the files read); a genai model folder stands for its decoder."""
+    if not isinstance(model_or_path, onnx.ModelProto):
+        model_or_path = model_file(model_or_path)
     reads = [] if isinstance(model_or_path, onnx.ModelProto) else [Path(model_or_path)]
     reads += [Path(options[key]) for key in ("text", "tokenizer") if options.get(key) is not None]  # type: ignore
     sets = options.get("set_inputs") or {}

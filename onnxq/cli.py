@@ -21,6 +21,7 @@ QUANTIZE_EXAMPLES = """examples:
   onnxq quantize model.onnx -o model.q2.onnx --method decoupleq --bits 2 --calib calib.npz
   onnxq quantize model.onnx -o model.q8.onnx --bits 8 --group-size -1 --format qdq --exclude 'lm_head'
   onnxq quantize model.onnx -o model.sim.onnx --bits 3 --format fake --clip-search
+  onnxq quantize genai-fp32/ -o genai-w2/ --method decoupleq --bits 2 --calib-text book.txt   # a genai folder
 """
 INSPECT_EXAMPLES = """examples:
   onnxq inspect model.onnx
@@ -205,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.log} (per-layer losses)")
         if args.verify:
             options = _config_options(args, QuantizeConfig)
-            report = verify_models(args.model, args.output, options.get("calibration"), seed=options.get("seed", 0))
+            report = verify_models(api.model_file(args.model), api.model_file(args.output), options.get("calibration"),
+                                   seed=options.get("seed", 0))
             print(report.table())
     elif args.command == "split":
         _, report = api.split_with_report(args.model, args.output, activations=args.activations,

@@ -99,3 +99,17 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
                 nbytes = sum(_tensor_bytes(inits, i) for i in source.input if i)
                 report.rows.append(_row(name, node.op_type + "+DQ", *shape, nbytes, "quantized"))
     return report
+
+
+def quantized_layer_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """``{kind: count}`` of the layers :func:`inspect_model` finds already quantized (``MatMulNBits``,
+    ``MatMulLowBit``, ``DequantizeLinear weights``), in order of first appearance; empty when any float target is
+    left (such a model is quantizable)."""
+    rows = inspect_model(model).rows
+    if any(r.state == "float" for r in rows):
+        return {}
+    counts: dict[str, int] = {}
+    for r in rows:
+        kind = "DequantizeLinear weights" if r.op_type.endswith("+DQ") else r.op_type
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

@@ -26,6 +26,7 @@ from onnxq.ir.targets import (
     find_targets,
     initializer_array,
 )
+from onnxq.layer_table import quantized_layer_counts
 from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.progress import Progress
 from onnxq.quantized_weight import QuantizedWeight
@@ -114,6 +115,14 @@ LM_HEAD_REASON = ("a language model's output projection stays float by default (
                   "quality per byte); --quantize-lm-head quantizes it")
 
 
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    """An already quantized input (no float target left) gets its own error, not "no quantizable layers"."""
+    counts = quantized_layer_counts(model)
+    if counts:
+        found = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        raise OnnxqError(f"already quantized ({found}); quantize the float model")
+
+
 def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> QuantizeSummary:
     """The quantize pass: rewrite every target weight of ``model`` in place; returns what it did.
 
@@ -121,14 +130,13 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     :class:`~onnxq.calibration.data.CalibrationBatches` shared by the pipeline's passes (:mod:`onnxq.pipeline`)."""
     start = time.perf_counter()
     summary = QuantizeSummary(bytes_before=model_bytes(model), method_name=config.method)
-    report = find_targets(model, config.op_types, config.include, config.exclude)
+    report = _find(model, config)
     group_sizes = [resolve_group_size(t.matrix_shape[1], config.group_size) for t in report.targets]
     if raise_opset_for(model, config.format, report.targets, group_sizes, config.bits):
-        report = find_targets(model, config.op_types, config.include, config.exclude)
-    if not config.quantize_lm_head:
-        _leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
+        report = _find(model, config)
     summary.skipped = report.skipped
     if not report.targets:
+        _refuse_quantized(model)
         raise OnnxqError(
             "no quantizable layers found (MatMul/Gemm/Conv with a constant weight"
             + (", matching --include/--exclude/--op-types" if config.include or config.exclude else "")
@@ -148,6 +156,14 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     summary.bytes_after = model_bytes(model)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _find(model: onnx.ModelProto, config: QuantizeConfig) -> TargetReport:
+    """The targets ``config`` selects; a language model's output projection is left float unless asked."""
+    report = find_targets(model, config.op_types, config.include, config.exclude)
+    if not config.quantize_lm_head:
+        _leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
+    return report
 
 
 def _leave_float(report: TargetReport, names: set[str], reason: str) -> None:
