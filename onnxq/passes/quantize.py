@@ -136,7 +136,9 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         )
     branch_nodes = split_branch_nodes(model)
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
-    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level)
+    storage = np.dtype(config.resolved_scale_storage)
+    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level,
+                          {t.matrix_key: storage for t in report.targets})
     if config.format == "matmulnbits" and config.accuracy_level is None and config.bits <= 3:
         notes.append(f"MatMulNBits accuracy_level {FAST_ACCURACY_LEVEL} (int8 activations) by default at {config.bits} "
                      "bits: fast on stock ONNX Runtime; --accuracy-level 0 keeps fp32 activations (exact, ~15x slower "
@@ -214,7 +216,8 @@ def _solve_one(
     if not np.all(np.isfinite(weight)):
         raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN or "
                          "Inf; fix the model, or leave the node in float with --exclude")
-    scale_dtype = np.float16 if target.dtype == onnx.TensorProto.FLOAT16 else np.float32
+    fp16 = target.dtype == onnx.TensorProto.FLOAT16
+    scale_dtype = np.float16 if fp16 else np.dtype(config.resolved_scale_storage).type
     params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
     stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
     zero_mask = (weight == 0) if target.name in branch_nodes else None
