@@ -28,6 +28,7 @@ from onnxq.ir.targets import (
 )
 from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.progress import Progress
+from onnxq.quantized_size import quantized_layers
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.base import NEEDS_STATS, solve
 from onnxq.solvers.grid import off_grid
@@ -59,6 +60,14 @@ class QuantizeSummary:
     calibration_rows: int = 0  # rows (tokens, pixels) behind the smallest H
     thin_inputs: list[tuple[str, int, int]] = field(default_factory=list)  # (layer input, rows, K) with rows < K
     method_name: str = "method"
+    quantized_bytes: float = 0.0  # every tensor the quantized layers use (onnxq.quantized_size)
+    quantized_params: int = 0
+    scale_storage: str = "float32"
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in bits per weight of the quantized layers: ``8 · bytes / weights``."""
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
 
     def lines(self) -> list[str]:
         out = [f"quantized {len(self.layers)} layers in {self.seconds:.1f}s"
@@ -66,6 +75,10 @@ class QuantizeSummary:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         before, after = self.bytes_before / 1e6, self.bytes_after / 1e6
         out.append(f"weights: {before:.2f} MB -> {after:.2f} MB ({ratio:.2f}x smaller)")
+        if self.quantized_params:
+            out.append(f"quantized layers: {self.bits_per_weight:.2f} bits per weight all-in "
+                       f"({self.quantized_params:,} weights; codes, scales, zero points and float-zero terms; "
+                       f"scales and float zeros stored as {self.scale_storage})")
         if self.peak_memory_mb:
             out.append(f"peak memory: {self.peak_memory_mb:.0f} MB")
         solved = [r for r in self.layers if r.loss_before is not None and r.loss_after is not None]
@@ -148,6 +161,11 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
          "symmetric": config.symmetric}, sort_keys=True))
     summary.notes += notes
     summary.bytes_after = model_bytes(model)
+    layers = quantized_layers(model)
+    summary.quantized_bytes = sum(layer.bytes for layer in layers)
+    summary.quantized_params = sum(layer.params for layer in layers)
+    summary.scale_storage = "float16" if any(t.dtype == onnx.TensorProto.FLOAT16 for t in report.targets) \
+        else config.resolved_scale_storage
     summary.seconds = time.perf_counter() - start
     return summary
 
