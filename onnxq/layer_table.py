@@ -64,16 +64,20 @@ def _row(name: str, op_type: str, n: int, k: int, nbytes: int, state: str) -> La
 
 def inspect_model(model: onnx.ModelProto) -> InspectReport:
     """Rows for float targets (fp32/fp16 bytes) and for quantized layers (the bytes of every tensor they use,
-    :func:`~onnxq.quantized_size.quantized_layers`); reads shapes and types only (no weight values), and passes
-    over malformed nodes instead of failing."""
+    :func:`~onnxq.quantized_size.quantized_layers`), a MatMul reading one of those tensors (the float-zero term's)
+    being part of its layer; reads shapes and types only (no weight values), and passes over malformed nodes
+    instead of failing."""
     report = InspectReport()
     inits = {t.name: t for t in model.graph.initializer}
     found = find_targets(model)
+    quantized = quantized_layers(model)
+    used = {name for layer in quantized for name in layer.tensors}  # e.g. the float-zero term's E and Z
     for t in found.targets:
-        n, k = t.matrix_shape
-        report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
+        if t.weight_name not in used:
+            n, k = t.matrix_shape
+            report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
     report.skipped = [s for s in found.skipped if "no constant weight" not in s.reason]
-    for layer in quantized_layers(model):
+    for layer in quantized:
         report.rows.append(LayerRow(layer.name, layer.op_type, layer.shape, layer.params, layer.bytes,
                                     layer.bits_per_weight, "quantized"))
     return report
