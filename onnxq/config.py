@@ -22,6 +22,13 @@ from onnxq.quantized_weight import SUPPORTED_BITS
 from onnxq.solvers.base import PARAMS, DecoupleqParams, GptqParams, RtnParams, SolverParams
 
 FAST_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations
+COMPACT_STORAGE_BITS = 3  # at this many bits or fewer, fp32 models store scales and float zeros in float16
+
+
+def default_scale_storage(bits: int) -> str:
+    """Storage of scales and float zeros in fp32 models when none is given: float16 at 2-3 bits, where float32
+    parameters cost ``32/g`` bits per weight each (0.5 at g64, a quarter of a 2-bit code), else float32."""
+    return "float16" if bits <= COMPACT_STORAGE_BITS else "float32"
 
 
 def default_accuracy_level(bits: int) -> int:
@@ -74,6 +81,9 @@ class QuantizeConfig:
     accuracy_level: int | None = option(None, "MatMulNBits accuracy_level: 0 exact fp32 activations, 4 int8 "
                                         "activations (default 4 at 2-3 bits, where level 0 decodes ~15x slower on CPU; "
                                         "else 0)")
+    scale_storage: str | None = option(None, "how fp32 models store scales and float zeros (fp16 models always use "
+                                       "float16): float16 halves their size, the solvers work on the float16 grid "
+                                       "(default float16 at 2-3 bits, else float32)", choices=("float16", "float32"))
     calibration: object = option(None, "calibration inputs: .npz or folder of .npz (gptq/decoupleq)", flag="--calib",
                                  metavar="PATH")
     calib_text: str | None = option(None, "make the calibration data from this text file (as 'onnxq calib --text' "
@@ -111,6 +121,11 @@ class QuantizeConfig:
         """The MatMulNBits accuracy level this run emits: the given one, else 4 at 2-3 bits (fast int8-activation
         kernels; ORT's 2-bit kernel at level 0 is ~15x slower than fp32 decoding) and 0 at 4 and 8 bits."""
         return default_accuracy_level(self.bits) if self.accuracy_level is None else self.accuracy_level
+
+    @property
+    def resolved_scale_storage(self) -> str:
+        """The storage of scales and float zeros for fp32 models: the given one, else :func:`default_scale_storage`."""
+        return default_scale_storage(self.bits) if self.scale_storage is None else self.scale_storage
 
     def solver_params(self, group_size: int, scale_dtype: type) -> SolverParams:
         """The method's params object (:mod:`onnxq.solvers.base`) for one weight of resolved ``group_size``."""
@@ -167,6 +182,8 @@ class QuantizeConfig:
                 raise OnnxqError(f"{name} works with --calib-text only; add it or drop {name}")
         if self.calib_samples is not None and self.calib_text is None and self.calib_images is None:
             raise OnnxqError("--calib-samples works with --calib-text or --calib-images; add one or drop it")
+        if self.scale_storage not in (None, "float16", "float32"):
+            raise OnnxqError(f"--scale-storage {self.scale_storage} is unknown; use float16 or float32")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
         bad = set(self.op_types) - set(TARGET_OP_TYPES)

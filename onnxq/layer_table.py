@@ -1,14 +1,15 @@
-"""The table behind ``onnxq inspect``: quantizable (and already quantized) layers with their bytes."""
+"""The table behind ``onnxq inspect``: quantizable (and already quantized) layers with their bytes and bits per
+weight (a quantized layer's: every tensor it uses, :mod:`onnxq.quantized_size`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from onnxq.ir.model import tensor_nbytes
 from onnxq.ir.targets import Skipped, find_targets
+from onnxq.quantized_size import quantized_layers
 
 QUANTIZED_OPS = {("com.microsoft", "MatMulNBits"), ("onnxq", "MatMulLowBit")}
 
@@ -19,7 +20,7 @@ class LayerRow:
     op_type: str
     shape: tuple[int, int]  # (N, K)
     params: int
-    bytes: int  # bytes of the weight as stored (codes + scales + zero points)
+    bytes: float  # bytes of the weight as stored: every tensor the layer uses (shared ones split between layers)
     bits_per_weight: float
     state: str  # "float" or "quantized"
 
@@ -35,14 +36,14 @@ class InspectReport:
 
     @property
     def total_bytes(self) -> int:
-        return sum(r.bytes for r in self.rows)
+        return round(sum(r.bytes for r in self.rows))
 
     def table(self) -> str:
         head = f"{'layer':<48} {'op':<12} {'N x K':>14} {'params':>11} {'bytes':>12} {'bits/w':>7} state"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(f"{r.name[:48]:<48} {r.op_type:<12} {f'{r.shape[0]}x{r.shape[1]}':>14} {r.params:>11,} "
-                         f"{r.bytes:>12,} {r.bits_per_weight:>7.2f} {r.state}")
+                         f"{round(r.bytes):>12,} {r.bits_per_weight:>7.2f} {r.state}")
         bits = 8 * self.total_bytes / max(self.total_params, 1)
         lines.append("-" * len(head))
         lines.append(f"{'total: ' + str(len(self.rows)) + ' layers':<48} {'':<12} {'':>14} {self.total_params:>11,} "
@@ -61,43 +62,24 @@ def _row(name: str, op_type: str, n: int, k: int, nbytes: int, state: str) -> La
     return LayerRow(name, op_type, (n, k), params, nbytes, 8 * nbytes / params if params else 0.0, state)
 
 
-def _dequantized_shape(op_type: str, dims: list[int]) -> tuple[int, int] | None:
-    """``(N, K)`` of a DequantizeLinear-fed weight of ``dims`` read by ``op_type``; None when it is not a matrix."""
-    if len(dims) < 2:
-        return None
-    if op_type == "Conv":
-        return dims[0], int(np.prod(dims[1:]))
-    return (dims[1], dims[0]) if op_type == "MatMul" else (dims[0], dims[1])
-
-
 def inspect_model(model: onnx.ModelProto) -> InspectReport:
-    """Rows for float targets (fp32/fp16 bytes) and for quantized layers (their stored bytes); reads shapes and
-    types only (no weight values), and passes over malformed nodes instead of failing."""
+    """Rows for float targets (fp32/fp16 bytes) and for quantized layers (the bytes of every tensor they use,
+    :func:`~onnxq.quantized_size.quantized_layers`), a MatMul reading one of those tensors (the float-zero term's)
+    being part of its layer; reads shapes and types only (no weight values), and passes over malformed nodes
+    instead of failing."""
     report = InspectReport()
     inits = {t.name: t for t in model.graph.initializer}
     found = find_targets(model)
+    quantized = quantized_layers(model)
+    used = {name for layer in quantized for name in layer.tensors}  # e.g. the float-zero term's E and Z
     for t in found.targets:
-        n, k = t.matrix_shape
-        report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
+        if t.weight_name not in used:
+            n, k = t.matrix_shape
+            report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
     report.skipped = [s for s in found.skipped if "no constant weight" not in s.reason]
-    producers = {o: node for node in model.graph.node for o in node.output}
-    for node in model.graph.node:
-        name = node.name or (node.output[0] if node.output else node.op_type)
-        if (node.domain, node.op_type) in QUANTIZED_OPS:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            if "N" in attrs and "K" in attrs:
-                nbytes = sum(_tensor_bytes(inits, i) for i in node.input[1:4] if i)
-                report.rows.append(_row(name, node.op_type, int(attrs["N"]), int(attrs["K"]), nbytes, "quantized"))
-        elif node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1:
-            source = producers.get(node.input[1])
-            while source is not None and source.op_type in ("Reshape", "Transpose", "Add") and source.input:
-                source = producers.get(source.input[0])
-            if source is None or source.op_type != "DequantizeLinear" or source.input[0] not in inits:
-                continue
-            shape = _dequantized_shape(node.op_type, list(inits[source.input[0]].dims))
-            if shape is not None:
-                nbytes = sum(_tensor_bytes(inits, i) for i in source.input if i)
-                report.rows.append(_row(name, node.op_type + "+DQ", *shape, nbytes, "quantized"))
+    for layer in quantized:
+        report.rows.append(LayerRow(layer.name, layer.op_type, layer.shape, layer.params, layer.bytes,
+                                    layer.bits_per_weight, "quantized"))
     return report
 
 

@@ -15,6 +15,7 @@ from ort_helpers import LEVELS, relative_error, run, session
 
 import onnxq
 from onnxq import custom_ops
+from onnxq.config import default_scale_storage
 from onnxq.errors import OnnxqError
 from onnxq.solvers.rtn import quantize_rtn
 
@@ -95,7 +96,8 @@ def test_small_groups_on_any_weight_stay_on_the_grid(bits, clip_search):
                                                      clip_search=clip_search)
     assert not any("WARNING" in note for note in summary.notes)
     deq = numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name.endswith("fakequant")))
-    qw = quantize_rtn(w_mixed.T.astype(np.float64), bits, 3, clip_search=clip_search)
+    qw = quantize_rtn(w_mixed.T.astype(np.float64), bits, 3, clip_search=clip_search,
+                      scale_dtype=np.dtype(default_scale_storage(bits)).type)  # the grid onnxq stores at ``bits``
     np.testing.assert_allclose(deq, qw.dequantize(np.float32).T, rtol=0, atol=1e-7)
     if not clip_search:
         step = np.repeat(qw.scales, 3, axis=1)[:, :30].T

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from ort_helpers import LEVELS, exact_kernels, relative_error, run
 
 import onnxq
+from onnxq.config import default_scale_storage
 from onnxq.ir.targets import find_targets
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.rtn import quantize_rtn
@@ -18,12 +19,15 @@ BITS = [2, 3, 4, 8]
 TOLERANCE = 1e-5
 
 
-def reference_weight(model, bits, group_size, zero_convention="integer", symmetric=False):
-    """W[N, K] dequantized by the numpy solver, independent of any emitter."""
+def reference_weight(model, bits, group_size, zero_convention="integer", symmetric=False, storage=None):
+    """W[N, K] dequantized by the numpy solver, independent of any emitter, with scales on the grid of ``storage``
+    (default: what onnxq stores at ``bits``, float16 at 2-3 bits)."""
     target = find_targets(model).targets[0]
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[target.weight_name]
     w = target.matrix_from_initializer(init).astype(np.float64)
-    qw = quantize_rtn(w, bits, resolve_group_size(w.shape[1], group_size), symmetric, zero_convention)
+    scale_dtype = np.dtype(storage or default_scale_storage(bits)).type
+    qw = quantize_rtn(w, bits, resolve_group_size(w.shape[1], group_size), symmetric, zero_convention,
+                      scale_dtype=scale_dtype)
     return qw.dequantize(np.float64), init
 
 

@@ -13,8 +13,9 @@ SmolLM2's lm_head is left in float by every method: it is tied to the embedding 
 table, which ORT's quantizer cannot see as a constant) and ships as Q8_0, so quantizing it only on the onnxq
 side would not compare like with like.
 
-Quantized-weight bytes: every initializer of the output that the fp32 model does not have under the
-same name (codes, scales, zero points, correction terms), i.e. the cost of the quantized layers.
+Quantized-weight bytes: every tensor the output's quantized layers use (codes, scales, zero points, float-zero
+terms), counted as the quantize summary and ``onnxq inspect`` count them (``onnxq.quantized_size``); bits per
+weight divides by the weights of those layers.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ if __package__ in (None, ""):
 
 import onnxq  # noqa: E402
 from models.cache import cache_dir, write_npz  # noqa: E402
-from onnxq.ir.model import load_model, tensor_nbytes
-from onnxq.ir.targets import find_targets
+from onnxq.ir.model import load_model
+from onnxq.quantized_size import quantized_layers
 
 ONNXQ_METHODS = ("rtn", "gptq", "decoupleq")
 ORT_METHODS = ("ort-default", "ort-hqq", "ort-gptq")
@@ -100,12 +101,12 @@ def model_spec(name: str):
     raise SystemExit(f"unknown model {name!r}; use minilm or smollm2")
 
 
-def quantized_weight_bytes(fp32: onnx.ModelProto, quantized_path: Path, exclude: str | None) -> tuple[int, int]:
-    """(bytes of initializers new in the quantized model, parameters of the quantized layers)."""
-    quantized = onnx.load(str(quantized_path), load_external_data=False)
-    old = {t.name for t in fp32.graph.initializer}
-    params = sum(int(np.prod(t.matrix_shape)) for t in find_targets(fp32, exclude=exclude).targets)
-    return sum(tensor_nbytes(t) for t in quantized.graph.initializer if t.name not in old), params
+def quantized_weight_bytes(quantized_path: Path) -> tuple[int, int]:
+    """(bytes of every tensor the quantized layers use, their weights), as the quantize summary and ``onnxq
+    inspect`` count them (:func:`onnxq.quantized_size.quantized_layers`: codes, scales, zero points, float-zero
+    terms, whatever their producer)."""
+    layers = quantized_layers(onnx.load(str(quantized_path), load_external_data=False))
+    return round(sum(layer.bytes for layer in layers)), sum(layer.params for layer in layers)
 
 
 # ----------------------------------------------------------------------------- quantizers
@@ -226,7 +227,7 @@ def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_d
                         row.note = "; ".join(filter(None, [row.note, f"{ORT_GPTQ_SAMPLES[name]} calibration samples"]))
                 row.seconds = time.perf_counter() - start
                 if not row.note.startswith("refused"):
-                    row.weight_bytes, params = quantized_weight_bytes(fp32, out, exclude)
+                    row.weight_bytes, params = quantized_weight_bytes(out)
                     row.bits_per_weight = 8 * row.weight_bytes / params
                     row.metrics = evaluate(out)
             except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash

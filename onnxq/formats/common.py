@@ -20,6 +20,7 @@ class EmitContext:
     model: onnx.ModelProto
     names: NameScope
     accuracy_level: int = 0
+    storage: dict[tuple[str, str], np.dtype] = field(default_factory=dict)  # matrix key → dtype of s and z (fp32)
     cache: dict = field(default_factory=dict)  # artifacts shared between nodes (same weight)
     notes: list[str] = field(default_factory=list)  # what the summary must say (fallbacks, containers)
     _ranks: dict[str, int] | None = None
@@ -30,6 +31,13 @@ class EmitContext:
             ranks = tensor_types(self.model).items()
             self._ranks = {name: rank for name, (_, rank) in ranks if rank is not None}
         return self._ranks.get(tensor, 0)
+
+    def param_dtype(self, target: Target) -> np.dtype:
+        """How ``target``'s scales and float zeros are stored: float16 in fp16 models, else as chosen (float32 when
+        nothing was chosen)."""
+        if target.dtype == onnx.TensorProto.FLOAT16:
+            return np.dtype(np.float16)
+        return np.dtype(self.storage.get(target.matrix_key, np.float32))
 
     def add_initializer(self, base: str, values: np.ndarray) -> str:
         return add_initializer(self.model, self.names, base, values)
@@ -68,6 +76,21 @@ def float_dtype(target: Target) -> np.dtype:
     return np.dtype(np.float16) if target.dtype == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
 
 
+def stored_parameter(
+    ctx: EmitContext, base: str, values: np.ndarray, dtype: np.dtype, param_dtype: np.dtype
+) -> tuple[list[onnx.NodeProto], str]:
+    """``values`` as an initializer of ``param_dtype`` read through ``Cast(to=dtype)`` (the activation type the
+    consumer needs), or of ``dtype`` itself when the two agree or a value is not exactly representable in
+    ``param_dtype`` (storage never changes a value); returns the Cast (or nothing) and the name to read."""
+    values = np.asarray(values)
+    narrow = values.astype(param_dtype)
+    if np.dtype(param_dtype) == np.dtype(dtype) or not np.array_equal(narrow.astype(dtype), values.astype(dtype)):
+        return [], ctx.add_initializer(base, values.astype(dtype))
+    name = ctx.add_initializer(base, narrow)
+    out = ctx.names.fresh(f"{name}_as_{np.dtype(dtype).name}")
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return [ctx.node("Cast", [name], [out], f"{base}_cast", to=to)], out
+
 
 
 def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:
@@ -86,12 +109,14 @@ def group_indicator(k: int, group_size: int, dtype: np.dtype) -> np.ndarray:
 
 
 def float_zero_correction(
-    ctx: EmitContext, activation: str, qw: QuantizedWeight, dtype: np.dtype, left: bool, base: str
+    ctx: EmitContext, activation: str, qw: QuantizedWeight, dtype: np.dtype, left: bool, base: str,
+    param_dtype: np.dtype | None = None,
 ) -> tuple[list[onnx.NodeProto], str]:
     """Nodes computing the float-zero term exactly, without materialising ``Z`` per weight.
 
     Right product ``Y = A·Wᵀ``: ``A·Z_expᵀ = (A·E)·Zᵀ``.  Left product ``Y = W·X``: ``Z·(Eᵀ·X)``.
-    The group sums ``A·E`` are computed once per activation and shared by the layers that read it.
+    The group sums ``A·E`` are computed once per activation and shared by the layers that read it.  ``Z`` is
+    stored as ``param_dtype`` (default ``dtype``) and cast to ``dtype`` (:func:`stored_parameter`).
     """
     k = qw.shape[1]
     key = ("group_indicator", k, qw.group_size, dtype.str, left)
@@ -99,9 +124,8 @@ def float_zero_correction(
         e = group_indicator(k, qw.group_size, dtype)
         ctx.cache[key] = ctx.add_initializer(f"onnxq_group_sum_{k}_{qw.group_size}", e.T.copy() if left else e)
     indicator = ctx.cache[key]
-    zeros = qw.float_zeros.astype(dtype)
-    zero_name = ctx.add_initializer(f"{base}_float_zero", zeros if left else zeros.T.copy())
-    nodes = []
+    zeros = qw.float_zeros if left else qw.float_zeros.T.copy()
+    nodes, zero_name = stored_parameter(ctx, f"{base}_float_zero", zeros, dtype, param_dtype or dtype)
     sums_key = ("group_sums", activation, k, qw.group_size, dtype.str, left)  # shared by layers reading A
     if sums_key not in ctx.cache:
         sums = ctx.names.fresh(f"{base}_group_sums")

@@ -5,6 +5,13 @@ code), scales ``[N, K/block]``, zero points uint8 packed along the blocks.  ORT 
 3-bit codes go in a 4-bit container.  Float zeros are never given to ORT as float zero points
 (that takes a slow path on CPU): the integer part ``s·(q − zp)`` runs in MatMulNBits and the
 float part is added exactly by the correction term ``(A·E)·Zᵀ``.  Conv falls back to ``qdq``.
+
+Scales stored in float16 for an fp32 model (``--scale-storage float16``) reach MatMulNBits through
+``Cast(to=FLOAT)``: ORT folds it into an initializer at ``ORT_ENABLE_BASIC`` and above, and at ``ORT_DISABLE_ALL``
+it runs.  ORT 1.31's int8-activation kernel (accuracy level 4) then computes zeros, since it reads the scales only
+when they are a constant initializer at session creation; at level 4 ``B`` is therefore read through an
+``Identity``, which makes ORT take its unpacked path (exact fp32 activations, slower) at ``ORT_DISABLE_ALL`` and is
+removed, with the Cast folded, at ``ORT_ENABLE_BASIC`` and above, where the fast kernel runs.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from onnxq.formats.common import (
     float_zero_correction,
     integer_part,
     scaled,
+    stored_parameter,
 )
 from onnxq.formats.qdq import emit_qdq
 from onnxq.ir.index import attribute
@@ -30,6 +38,7 @@ from onnxq.quantized_weight import QuantizedWeight
 
 MIN_BLOCK = 16
 MAX_BLOCK = 256  # ORT 1.31 refuses larger MatMulNBits blocks
+FAST_KERNEL_LEVEL = 4  # the accuracy level whose kernel needs constant scales (see the module docstring)
 
 
 def block_size_for(k: int, group_size: int) -> int | None:
@@ -90,6 +99,7 @@ def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> R
         ctx.notes.append(f"{target.name}: 3-bit codes stored in a 4-bit MatMulNBits container")
     dtype = float_dtype(target)
     alpha = float(attribute(target.node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
+    casts: list[onnx.NodeProto] = []  # the Cast (and Identity) feeding MatMulNBits, emitted before it
 
     def build(a_input: str, output: str, weight: QuantizedWeight, bias: str | None) -> onnx.NodeProto:
         weight = regroup(weight, block)
@@ -97,16 +107,23 @@ def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> R
         if key not in ctx.cache:
             packed, zero_points, bits = pack_matmulnbits(weight, block)
             base = target.weight_name
-            ctx.cache[key] = (ctx.add_initializer(f"{base}_nbits", packed),
-                              ctx.add_initializer(f"{base}_scale", weight.scales.astype(dtype)),
-                              ctx.add_initializer(f"{base}_zero_point", zero_points), bits)
+            b_name = ctx.add_initializer(f"{base}_nbits", packed)
+            cast, s_name = stored_parameter(ctx, f"{base}_scale", weight.scales, dtype, ctx.param_dtype(target))
+            if cast and ctx.accuracy_level == FAST_KERNEL_LEVEL:
+                unpacked = ctx.names.fresh(f"{b_name}_unpacked")
+                cast.append(ctx.node("Identity", [b_name], [unpacked], f"{base}_nbits_identity"))
+                b_name = unpacked
+            casts.extend(cast)
+            ctx.cache[key] = (b_name, s_name, ctx.add_initializer(f"{base}_zero_point", zero_points), bits)
         b_name, s_name, zp_name, bits = ctx.cache[key]
         inputs = [a_input, b_name, s_name, zp_name] + (["", bias] if bias else [])
         n, k = weight.shape
         return ctx.node("MatMulNBits", inputs, [output], f"{target.name}_MatMulNBits", domain="com.microsoft",
                         K=k, N=n, bits=bits, block_size=block, accuracy_level=ctx.accuracy_level)
 
-    return emit_fused_product(target, qw, ctx, build, carries_float_zeros=False)
+    rewrite = emit_fused_product(target, qw, ctx, build, carries_float_zeros=False)
+    rewrite.before[:0] = casts
+    return rewrite
 
 
 def fused_product_unsupported(target: Target, ctx: EmitContext, op_name: str) -> str | None:
@@ -159,7 +176,8 @@ def emit_fused_product(
         nodes.append(ctx.node("Transpose", [result], [back], f"{target.name}_transpose_out", perm=perm))
         result = back
     if qw.has_float_zeros and not carries_float_zeros:
-        term_nodes, term = float_zero_correction(ctx, activation, qw, dtype, left, target.name)
+        term_nodes, term = float_zero_correction(ctx, activation, qw, dtype, left, target.name,
+                                                 ctx.param_dtype(target))
         before += term_nodes
         summed = ctx.names.fresh(f"{target.name}_with_float_zero")
         nodes.append(ctx.node("Add", [result, term], [summed], f"{target.name}_add_float_zero"))

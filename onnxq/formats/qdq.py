@@ -17,6 +17,7 @@ from onnxq.formats.common import (
     float_dtype,
     float_zero_correction,
     scaled,
+    stored_parameter,
     with_input,
 )
 from onnxq.ir.index import attribute
@@ -54,9 +55,13 @@ def _packed_tensor(ctx: EmitContext, base: str, values: np.ndarray, data_type: i
 
 
 def dequantize_nodes(
-    ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype, transpose: bool
+    ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype, transpose: bool,
+    param_dtype: np.dtype | None = None,
 ) -> tuple[list[onnx.NodeProto], str]:
-    """DequantizeLinear of ``W`` (``transpose``: of ``Wᵀ``), blocked along K; returns nodes and output."""
+    """DequantizeLinear of ``W`` (``transpose``: of ``Wᵀ``), blocked along K; returns nodes and output.  Scales
+    stored as ``param_dtype`` (float16 in a compact fp32 model) are cast to ``dtype`` first, so DequantizeLinear
+    computes ``s·(q − zp)`` in ``dtype`` from the stored ``s`` as for float32 scales (ORT folds the Cast at
+    ``ORT_ENABLE_BASIC`` and above)."""
     codes, scales, zero_points = qw.codes, qw.scales, qw.zero_points
     axis = 1
     if transpose:
@@ -65,34 +70,36 @@ def dequantize_nodes(
     if qw.bits == 2 and bits != 2:
         ctx.notes.append(f"{base}: 2-bit codes stored as uint4 (row length {codes.shape[-1]} is not a multiple of 4)")
     q_name = _packed_tensor(ctx, f"{base}_quant", codes, data_type, bits)
-    s_name = ctx.add_initializer(f"{base}_scale", scales.astype(dtype))
+    cast, s_name = stored_parameter(ctx, f"{base}_scale", scales, dtype, param_dtype or dtype)
     zp_name = _packed_tensor(ctx, f"{base}_zero_point", zero_points, data_type, bits)
     out = ctx.names.fresh(f"{base}_dequant")
     node = ctx.node("DequantizeLinear", [q_name, s_name, zp_name], [out], f"{base}_DequantizeLinear", axis=axis,
                     block_size=qw.group_size)
-    return [node], out
+    return [*cast, node], out
 
 
-def _float_zero_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype) -> tuple[list, str]:
+def _float_zero_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype,
+                      param_dtype: np.dtype) -> tuple[list, str]:
     """DequantizeLinear producing ``Z_exp[N, K]`` from codes 0, zero-point 1 and scale ``−z``."""
     zero_codes = QuantizedWeight(
         np.zeros_like(qw.codes), (-qw.float_zeros).astype(np.float32), np.ones_like(qw.zero_points), None, qw.bits,
         qw.group_size,
     )
-    return dequantize_nodes(ctx, zero_codes, f"{base}_float_zero", dtype, transpose=False)
+    return dequantize_nodes(ctx, zero_codes, f"{base}_float_zero", dtype, transpose=False, param_dtype=param_dtype)
 
 
 def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
     """Replace the node's weight input by DequantizeLinear of the codes (shared per weight)."""
     dtype = float_dtype(target)
+    param_dtype = ctx.param_dtype(target)
     base = target.weight_name
     rewrite = Rewrite()
     key = ("qdq", target.weight_name, target.orientation, target.through_transpose)
     if key not in ctx.cache:
         if target.orientation == "conv":
-            nodes, flat = dequantize_nodes(ctx, qw, base, dtype, transpose=False)
+            nodes, flat = dequantize_nodes(ctx, qw, base, dtype, transpose=False, param_dtype=param_dtype)
             if qw.has_float_zeros:
-                float_zero_nodes, float_zeros = _float_zero_nodes(ctx, qw, base, dtype)
+                float_zero_nodes, float_zeros = _float_zero_nodes(ctx, qw, base, dtype, param_dtype)
                 summed = ctx.names.fresh(f"{base}_dequant_sum")
                 nodes += float_zero_nodes + [ctx.node("Add", [flat, float_zeros], [summed], f"{base}_add_float_zero")]
                 flat = summed
@@ -100,7 +107,8 @@ def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:
             out = ctx.names.fresh(f"{base}_dequant_{len(target.weight_shape)}d")
             nodes.append(ctx.node("Reshape", [flat, shape], [out], f"{base}_reshape"))
         else:
-            nodes, out = dequantize_nodes(ctx, qw, base, dtype, transpose=target.orientation == "kn")
+            nodes, out = dequantize_nodes(ctx, qw, base, dtype, transpose=target.orientation == "kn",
+                                          param_dtype=param_dtype)
         rewrite.before.extend(nodes)
         ctx.cache[key] = out
     node = with_input(target.node, target.input_index, ctx.cache[key])
@@ -118,7 +126,8 @@ def _add_float_zero_term(
     left = target.op_type == "MatMul" and target.input_index == 0
     activation = node.input[1] if left else node.input[0]
     alpha = float(attribute(node, "alpha", 1.0)) if target.op_type == "Gemm" else 1.0
-    nodes, term = float_zero_correction(ctx, activation, scaled(qw, alpha), dtype, left, target.name)
+    nodes, term = float_zero_correction(ctx, activation, scaled(qw, alpha), dtype, left, target.name,
+                                        ctx.param_dtype(target))
     output = node.output[0]
     partial = ctx.names.fresh(f"{output}_without_float_zero")
     node.output[0] = partial

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.index import node_name
+from onnxq.ir.index import attribute, node_name
 from onnxq.quantized_weight import QuantizedWeight, expand_groups, num_groups
 
 
@@ -26,7 +26,8 @@ class ReadLayer:
     ``float_node`` stands where the node at ``node_index`` stood and reads the placeholder weight
     ``weight_name`` (shape ``weight_shape``, ONNX type ``dtype``), whose solver matrix ``W[N, K]`` is ``qw``;
     ``absorbed`` are the indices of the other nodes the layer's quantized form used (DequantizeLinear, the
-    float-zero term), dropped with it when nothing else reads them.
+    float-zero term), dropped with it when nothing else reads them; ``param_dtype`` is float16 when the layer
+    stores a scale or float-zero tensor in float16 in an fp32 model (the convert pass keeps that storage).
     """
 
     node_index: int
@@ -36,6 +37,7 @@ class ReadLayer:
     dtype: int
     qw: QuantizedWeight
     absorbed: list[int] = field(default_factory=list)
+    param_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))  # storage of s and z (fp32 models)
 
 
 class GraphView:
@@ -56,9 +58,41 @@ class GraphView:
         self.outputs = {o.name for o in graph.output}
 
     def array(self, name: str) -> np.ndarray | None:
-        """The value of initializer ``name`` (None when it is not one)."""
-        tensor = self.inits.get(name)
+        """The constant ``name`` as stored (None when it is not one): an initializer, or one read through
+        ``Identity`` or an exact widening ``Cast`` (float16 → float32, how onnxq feeds float16-stored scales and
+        zeros to fp32 models), whose stored array (e.g. float16) is returned."""
+        source = self.stored_name(name)
+        tensor = None if source is None else self.inits.get(source)
         return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def read_type(self, name: str) -> np.dtype | None:
+        """The numpy dtype consumers of ``name`` read (a Cast's target, else the initializer's type)."""
+        index = self.producer.get(name)
+        if index is not None and self.nodes[index].op_type == "Cast":
+            return np.dtype(helper.tensor_dtype_to_np_dtype(int(attribute(self.nodes[index], "to", 0))))
+        if index is not None and self.nodes[index].op_type == "Identity":
+            return self.read_type(self.nodes[index].input[0])
+        tensor = self.inits.get(name)
+        return None if tensor is None else np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+    def stored_name(self, name: str) -> str | None:
+        """The initializer behind ``name`` through Identity and float16 → float32 Casts (None: there is none)."""
+        for _ in range(4):
+            if name in self.inits:
+                return name
+            index = self.producer.get(name)
+            node = None if index is None else self.nodes[index]
+            if node is None or node.domain not in ("", "ai.onnx") or not node.input:
+                return None
+            if node.op_type == "Cast":
+                source = self.inits.get(node.input[0])
+                if source is None or source.data_type != onnx.TensorProto.FLOAT16 or \
+                        int(attribute(node, "to", 0)) != onnx.TensorProto.FLOAT:
+                    return None
+            elif node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
 
     def produced_by(self, name: str, op_type: str) -> int | None:
         """Index of the default-domain ``op_type`` node producing ``name`` (None otherwise)."""

@@ -80,7 +80,8 @@ def read_matmulnbits(view: GraphView, index: int, hints: ReadHints) -> ReadLayer
         zero_points = np.full((n, blocks), 1 << (container - 1), dtype=np.uint8)
     bits = narrowest_bits(codes, zero_points, container, hints.bits)
     qw = QuantizedWeight(codes, scales.reshape(n, blocks).astype(np.float32), zero_points, None, bits, block)
-    return _product_layer(view, index, qw, scales.dtype, _input(node, 5), "_MatMulNBits", "_nbits", hints)
+    return _product_layer(view, index, qw, _input(node, 2), [scales.dtype], _input(node, 5), "_MatMulNBits", "_nbits",
+                          hints)
 
 
 def read_lowbit(view: GraphView, index: int, hints: ReadHints) -> ReadLayer:
@@ -97,7 +98,8 @@ def read_lowbit(view: GraphView, index: int, hints: ReadHints) -> ReadLayer:
     codes = unpack_bits(packed, bits, group).reshape(n, -1)[:, :k]
     zero_points, float_zeros = integer_zero_points(scales, zeros, bits)
     qw = QuantizedWeight(codes, scales.astype(np.float32), zero_points, float_zeros, bits, group)
-    return _product_layer(view, index, qw, scales.dtype, _input(node, 4), "_MatMulLowBit", "_lowbit", hints)
+    return _product_layer(view, index, qw, _input(node, 2), [scales.dtype, zeros.dtype], _input(node, 4),
+                          "_MatMulLowBit", "_lowbit", hints)
 
 
 def integer_zero_points(scales: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -113,12 +115,14 @@ def integer_zero_points(scales: np.ndarray, zeros: np.ndarray, bits: int) -> tup
     return np.zeros(zeros.shape, dtype=np.uint8), zeros.astype(np.float32)
 
 
-def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, dtype: np.dtype, bias: str, op_suffix: str,
-                   weight_suffix: str, hints: ReadHints) -> ReadLayer:
+def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, scales_name: str, stored: list[np.dtype],
+                   bias: str, op_suffix: str, weight_suffix: str, hints: ReadHints) -> ReadLayer:
     """The float node standing for the fused product ``Y = A·Wᵀ (+ bias)`` at ``index``: ``Gemm(A, W, bias,
     transB=1)`` with a bias (when onnxq made it, which only fuses a bias from a Gemm, or A is known 2-D), else
-    ``MatMul(A, Wᵀ)``; onnxq's float-zero term after it is absorbed into ``qw``."""
+    ``MatMul(A, Wᵀ)``; onnxq's float-zero term after it is absorbed into ``qw``.  The activation type is the one
+    the op reads its scales (``scales_name``) in; ``stored`` are the dtypes its parameters are stored in."""
     node = view.nodes[index]
+    dtype = view.read_type(scales_name)
     n, k = qw.shape
     activation, output = node.input[0], node.output[0]
     absorbed: list[int] = []
@@ -130,12 +134,13 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, dtype: np.d
         except ValueError:
             raise refuse(node, "its float-zero term does not fit its blocks") from None
         output, absorbed = term.output, term.nodes
+        stored = [*stored, term.float_zeros.dtype]
     else:
         qw = regroup_to(qw, group_size)
     name = node_name(node).removesuffix(op_suffix) if node.name.endswith(op_suffix) else node_name(node)
     if any(other.name == name for i, other in enumerate(view.nodes) if i != index):
         name = node_name(node)
-    weight_base = node.input[1].removesuffix(weight_suffix)
+    weight_base = (view.stored_name(node.input[1]) or node.input[1]).removesuffix(weight_suffix)
     tensor_type = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
     gemm = bool(bias) and (hints.onnxq_made or view.ranks.get(activation) == 2)
     if gemm:
@@ -148,4 +153,5 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, dtype: np.d
         token = f"{PLACEHOLDER}{weight_base}\x00kn"
         float_node = helper.make_node("MatMul", [activation, token], [output], name=name)
         shape = (k, n)
-    return ReadLayer(index, float_node, token, shape, tensor_type, qw, absorbed)
+    param_dtype = np.dtype(np.float16 if np.dtype(np.float16) in stored else np.float32)
+    return ReadLayer(index, float_node, token, shape, tensor_type, qw, absorbed, param_dtype)

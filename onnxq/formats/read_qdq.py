@@ -111,6 +111,7 @@ def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_s
     if qw is None:
         return None
     absorbed = []
+    stored = [view.array(dq.input[1]).dtype]  # (a Conv's float-zero DequantizeLinear is stored alike)
     float_node = onnx.NodeProto()
     float_node.CopyFrom(node)
     if conv_zeros is not None:
@@ -129,11 +130,13 @@ def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_s
             qw = QuantizedWeight(qw.codes, qw.scales, qw.zero_points, zeros, qw.bits, qw.group_size)
             float_node.output[0] = term.output
             absorbed = term.nodes
+            stored.append(term.float_zeros.dtype)
     base = dq.input[0].removesuffix("_quant")
     float_node.input[slot] = f"{PLACEHOLDER}{base}\x00{'conv' if conv_shape else ('nk' if k_axis == 1 else 'kn')}"
     shape = conv_shape or tuple(int(d) for d in view.inits[dq.input[0]].dims)
-    dtype = view.inits[dq.input[1]].data_type
-    return ReadLayer(reader, float_node, float_node.input[slot], shape, dtype, qw, absorbed)
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(view.read_type(dq.input[1]))
+    param_dtype = np.dtype(np.float16 if np.dtype(np.float16) in stored else np.float32)
+    return ReadLayer(reader, float_node, float_node.input[slot], shape, dtype, qw, absorbed, param_dtype)
 
 
 def _matrix(view: GraphView, dq: onnx.NodeProto, k_axis: int, hints: ReadHints) -> QuantizedWeight | None:

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from onnxq.config import default_accuracy_level
@@ -79,7 +80,7 @@ def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: i
     if not layers:
         raise OnnxqError("no quantized layers found (MatMulNBits, MatMulLowBit or DequantizeLinear of constant "
                          "codes): the model is not quantized by onnxq; nothing to convert")
-    weights, bias_names = _rebuild(model, layers)
+    weights, bias_names, storage = _rebuild(model, layers)
     targets = [t for t in find_targets(model).targets if t.weight_name in weights]
     bits = min(qw.bits for qw in weights.values())
     if raise_opset_for(model, format_name, targets, [weights[t.weight_name].group_size for t in targets], bits):
@@ -89,7 +90,7 @@ def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: i
                          "written; please report it with the model")
     level = default_accuracy_level(bits) if accuracy_level is None else accuracy_level
     summary.notes += emit_in_place(model, targets, {t.matrix_key: weights[t.weight_name] for t in targets},
-                                   format_name, level)
+                                   format_name, level, {t.matrix_key: storage[t.weight_name] for t in targets})
     _restore_names(model, bias_names)
     _drop_unused_domains(model)
     set_metadata(model, QUANT_METADATA_KEY, json.dumps({**meta, "format": format_name}, sort_keys=True))
@@ -120,9 +121,11 @@ def read_layers(view: GraphView, hints: ReadHints, notes: list[str]) -> list[Rea
     return sorted(layers, key=lambda layer: layer.node_index)
 
 
-def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
+def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]
+             ) -> tuple[dict[str, QuantizedWeight], dict[str, str], dict[str, np.dtype]]:
     """Put each layer's float node in place of its quantized form and name the placeholder weights; returns
-    ``{placeholder: weight}`` and ``{bias stand-in: the source's bias name}``."""
+    ``{placeholder: weight}``, ``{bias stand-in: the source's bias name}`` and ``{placeholder: storage dtype of its
+    scales and float zeros}``."""
     graph = model.graph
     by_index = {layer.node_index: layer for layer in layers}
     absorbed = {index for layer in layers for index in layer.absorbed}
@@ -133,17 +136,19 @@ def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]) -> tuple[dict[str,
     names = NameScope(model)
     renames: dict[str, str] = {}
     weights: dict[str, QuantizedWeight] = {}
+    storage: dict[str, np.dtype] = {}
     for layer in layers:
         if layer.weight_name not in renames:
             base = layer.weight_name.removeprefix(PLACEHOLDER).split("\x00")[0]
             renames[layer.weight_name] = name = names.fresh(base)
             weights[name] = layer.qw
+            storage[name] = layer.param_dtype
             graph.initializer.append(placeholder(name, layer.dtype, layer.weight_shape))
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renames:
                 node.input[i] = renames[name]
-    return weights, bias_names
+    return weights, bias_names, storage
 
 
 def _stand_in_biases(model: onnx.ModelProto) -> dict[str, str]:

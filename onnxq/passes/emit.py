@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from onnxq.formats.common import EmitContext, Rewrite
@@ -26,11 +27,13 @@ def raise_opset_for(model: onnx.ModelProto, format_name: str, targets: list[Targ
 
 
 def emit_in_place(model: onnx.ModelProto, targets: list[Target], weights: dict[tuple[str, str], QuantizedWeight],
-                  format_name: str, accuracy_level: int = 0) -> list[str]:
+                  format_name: str, accuracy_level: int = 0,
+                  storage: dict[tuple[str, str], np.dtype] | None = None) -> list[str]:
     """Rewrite every target with its weight (``weights[target.matrix_key]``) in ``format_name``, drop what nothing
-    reads any more, and import the custom domains the new nodes use; returns the emitters' notes."""
+    reads any more, and import the custom domains the new nodes use; returns the emitters' notes.  ``storage``:
+    the dtype of each fp32 weight's scales and float zeros (default float32; see :meth:`EmitContext.param_dtype`)."""
     rewrites: dict[int, Rewrite] = {}
-    ctx = EmitContext(model, NameScope(model), accuracy_level=accuracy_level)
+    ctx = EmitContext(model, NameScope(model), accuracy_level=accuracy_level, storage=dict(storage or {}))
     emit = EMITTERS[format_name]
     for target in targets:
         rewrites[target.node_index] = emit(target, weights[target.matrix_key], ctx)

@@ -29,6 +29,7 @@ from onnxq.ir.targets import (
 from onnxq.layer_table import quantized_layer_counts
 from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.progress import Progress
+from onnxq.quantized_size import quantized_layers
 from onnxq.quantized_weight import QuantizedWeight
 from onnxq.solvers.base import NEEDS_STATS, solve
 from onnxq.solvers.grid import off_grid
@@ -60,6 +61,14 @@ class QuantizeSummary:
     calibration_rows: int = 0  # rows (tokens, pixels) behind the smallest H
     thin_inputs: list[tuple[str, int, int]] = field(default_factory=list)  # (layer input, rows, K) with rows < K
     method_name: str = "method"
+    quantized_bytes: float = 0.0  # every tensor the quantized layers use (onnxq.quantized_size)
+    quantized_params: int = 0
+    scale_storage: str = "float32"
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in bits per weight of the quantized layers: ``8 · bytes / weights``."""
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
 
     def lines(self) -> list[str]:
         out = [f"quantized {len(self.layers)} layers in {self.seconds:.1f}s"
@@ -67,6 +76,10 @@ class QuantizeSummary:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         before, after = self.bytes_before / 1e6, self.bytes_after / 1e6
         out.append(f"weights: {before:.2f} MB -> {after:.2f} MB ({ratio:.2f}x smaller)")
+        if self.quantized_params:
+            out.append(f"quantized layers: {self.bits_per_weight:.2f} bits per weight all-in "
+                       f"({self.quantized_params:,} weights; codes, scales, zero points and float-zero terms; "
+                       f"scales and float zeros stored as {self.scale_storage})")
         if self.peak_memory_mb:
             out.append(f"peak memory: {self.peak_memory_mb:.0f} MB")
         solved = [r for r in self.layers if r.loss_before is not None and r.loss_after is not None]
@@ -144,7 +157,9 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
         )
     branch_nodes = split_branch_nodes(model)
     solved = _solve_all(model, report.targets, config, branch_nodes, summary)
-    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level)
+    storage = np.dtype(config.resolved_scale_storage)
+    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level,
+                          {t.matrix_key: storage for t in report.targets})
     if config.format == "matmulnbits" and config.accuracy_level is None and config.bits <= 3:
         notes.append(f"MatMulNBits accuracy_level {FAST_ACCURACY_LEVEL} (int8 activations) by default at {config.bits} "
                      "bits: fast on stock ONNX Runtime; --accuracy-level 0 keeps fp32 activations (exact, ~15x slower "
@@ -154,6 +169,11 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
          "symmetric": config.symmetric}, sort_keys=True))
     summary.notes += notes
     summary.bytes_after = model_bytes(model)
+    layers = quantized_layers(model)
+    summary.quantized_bytes = sum(layer.bytes for layer in layers)
+    summary.quantized_params = sum(layer.params for layer in layers)
+    summary.scale_storage = "float16" if any(t.dtype == onnx.TensorProto.FLOAT16 for t in report.targets) \
+        else config.resolved_scale_storage
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -230,7 +250,8 @@ def _solve_one(
     if not np.all(np.isfinite(weight)):
         raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN or "
                          "Inf; fix the model, or leave the node in float with --exclude")
-    scale_dtype = np.float16 if target.dtype == onnx.TensorProto.FLOAT16 else np.float32
+    fp16 = target.dtype == onnx.TensorProto.FLOAT16
+    scale_dtype = np.float16 if fp16 else np.dtype(config.resolved_scale_storage).type
     params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
     stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
     zero_mask = (weight == 0) if target.name in branch_nodes else None

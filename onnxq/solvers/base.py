@@ -16,8 +16,10 @@ Rules that hold for every method, applied here once:
 * **zero masks** (SplitQuant branches, whose zeros must dequantize to exactly 0): the integer zero point is used,
   masked entries get the code ``zp``; RTN also searches the clip range then, since a branch's zeros are on the
   grid whatever the range (``docs/splitquant.md`` measures why);
-* **storage dtype**: scales and float zeros are rounded to ``scale_dtype`` (float16 for fp16 models), so the
-  dequantized reference equals what runs.
+* **storage dtype**: scales and float zeros are rounded to ``scale_dtype`` (float16 for fp16 models, and for fp32
+  models whose outputs store them in float16: ``--scale-storage``), so the dequantized reference equals what runs;
+  every method solves on that grid (RTN/GPTQ round scales up to it, decoupleQ alternates on it), and the reported
+  losses are those of the stored weights.
 
 The report holds the undamped H-weighted losses ``Σ_rows (w̃ − q) H (w̃ − q)ᵀ`` of plain RTN (rounding ``W``)
 and of the method, against the same target ``W̃`` (Hessian methods only).
@@ -139,8 +141,10 @@ def _solve_with_hessians(
             symmetric = params.symmetric
         else:
             qw, _ = quantize_decoupleq(target, hessian, params.bits, params.group_size, iters=params.iters,
-                                       damp=params.damp, round_mode=params.round_mode, zero_mask=mask)
+                                       damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
+                                       param_dtype=params.scale_dtype)
             zero_convention, symmetric = "float", False
+        qw = _stored_as(qw, params.scale_dtype)  # the losses are those of the weights as stored
         raw = hessian.undamped()
         rtn = quantize_rtn(original, params.bits, params.group_size, symmetric,
                            "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)

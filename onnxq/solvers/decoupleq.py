@@ -61,6 +61,7 @@ class _Config:
     min_improved_fraction: float
     train_stages: int
     train_steps: int
+    param_dtype: np.dtype  # storage type of s and z: every grid the alternation accepts is representable in it
 
 
 def quantize_decoupleq(
@@ -82,6 +83,7 @@ def quantize_decoupleq(
     train_stages: int = 8,
     train_steps: int = 25,
     max_rows: int = 4096,
+    param_dtype: np.dtype | type = np.float32,
 ) -> tuple[QuantizedWeight, dict]:
     """Solve ``min (w − q) H (w − q)ᵀ``, ``q = s·a + z`` per channel/group, by alternating integer and float steps.
 
@@ -90,6 +92,11 @@ def quantize_decoupleq(
     the damped objective), ``losses`` and ``improved`` (per iteration), ``raw_loss_rtn``/``raw_loss_final``
     (undamped ``H``), ``damp`` (λ used), ``iterations``, ``seconds`` and ``rows_from_rtn``: rows whose undamped
     loss would exceed plain RTN's are replaced by the RTN row, so the result is never worse than RTN.
+
+    ``param_dtype`` (float16: the storage of scales and float zeros in a compact output) puts the whole alternation
+    on the stored grid: the initial grids are rounded to it, and each float step's ``θ`` is rounded to it before its
+    loss is compared, so the integer steps round codes on the parameters that will be stored and the loss reported
+    is that of the stored weight.  float32 keeps the float64 alternation (stored as float32 at the end).
     """
     start = time.perf_counter()
     weight = check_weight(weight, bits)
@@ -117,6 +124,7 @@ def quantize_decoupleq(
         min_improved_fraction=float(min_improved_fraction),
         train_stages=max(1, int(train_stages)),
         train_steps=max(1, int(train_steps)),
+        param_dtype=np.dtype(param_dtype),
     )
     groups = num_groups(k, group_size)
     result = GroupGrid(
@@ -143,7 +151,8 @@ def quantize_decoupleq(
     )
     raw_hessian = prepared.undamped()
     stats = _merge_stats(chunk_stats)
-    rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float")
+    rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float",
+                       scale_dtype=config.param_dtype)
     qweight, stats["rows_from_rtn"] = no_worse_than(target, raw_hessian, qweight, rtn)
     stats["raw_loss_rtn"] = float(layer_loss(target, rtn.dequantize(np.float64), raw_hessian).sum())
     stats["raw_loss_final"] = float(layer_loss(target, qweight.dequantize(np.float64), raw_hessian).sum())
@@ -215,7 +224,11 @@ def _solve_rows(
         ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
         float_zeros = None if config.integer_zero else grid.float_zeros
         scales, float_zeros, candidate_loss, current_loss = least_squares.fit(ints, grid.scales, float_zeros)
-        return GroupGrid(grid.codes, scales, grid.zero_points, float_zeros), candidate_loss, current_loss
+        candidate = GroupGrid(grid.codes, scales, grid.zero_points, float_zeros)
+        if _compact(config):  # θ as stored: its own loss, compared with the best directly
+            candidate = _stored(candidate, config.param_dtype)
+            return candidate, loss_of(candidate), None
+        return candidate, candidate_loss, current_loss
 
     def accept(
         best: GroupGrid,
@@ -265,7 +278,8 @@ def _solve_rows(
 def _rtn_grid(target: np.ndarray, mask: np.ndarray | None, config: _Config) -> GroupGrid:
     """Min/max grid (float zero; integer zero with a mask), codes by rounding."""
     convention = "integer" if config.integer_zero else "float"
-    rtn = quantize_rtn(target, config.bits, config.group_size, zero_convention=convention)
+    rtn = quantize_rtn(target, config.bits, config.group_size, zero_convention=convention,
+                       scale_dtype=config.param_dtype)
     scales = rtn.scales.astype(np.float64)
     zero_points = rtn.zero_points.astype(np.float64)
     float_zeros = np.zeros_like(scales) if rtn.float_zeros is None else rtn.float_zeros.astype(np.float64)
@@ -298,12 +312,13 @@ def _grid_search(
     hessian32 = hessian.astype(np.float32)
     scales, zero_points, float_zeros = start.expanded(config.group_size)
     inverse_scales = safe_inverse(scales)
+    storage = np.float32 if not _compact(config) else config.param_dtype
     for shrink in np.linspace(1.0, config.min_shrink, config.grid_points)[1:]:
         candidate = GroupGrid(
             start.codes,
-            (start.scales * shrink).astype(np.float32).astype(np.float64),
+            (start.scales * shrink).astype(storage).astype(np.float64),
             start.zero_points,
-            (start.float_zeros * shrink).astype(np.float32).astype(np.float64),
+            (start.float_zeros * shrink).astype(storage).astype(np.float64),
         )
         codes = nearest_codes(target, inverse_scales / shrink, zero_points, float_zeros * shrink, config.bits, mask)
         error = (target - shrink * (scales * (codes - zero_points) + float_zeros)).astype(np.float32)
@@ -313,8 +328,21 @@ def _grid_search(
             candidate.codes = codes.astype(np.uint8)
             best.take(better, candidate)
             best_loss[better] = candidate_loss[better]
-    best.codes = _rtn_codes(target, best, config, mask)  # the exact codes of the stored (float32) parameters
+    best.codes = _rtn_codes(target, best, config, mask)  # the exact codes of the stored parameters
     return best
+
+
+def _compact(config: _Config) -> bool:
+    """Whether parameters are stored narrower than float32 (the alternation then works on the stored grid)."""
+    return config.param_dtype.itemsize < 4
+
+
+def _stored(grid: GroupGrid, dtype: np.dtype) -> GroupGrid:
+    """``grid`` with ``s`` and ``z`` rounded to the nearest ``dtype`` values (float64 arrays)."""
+    def rounded(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else values.astype(dtype).astype(np.float64)
+
+    return GroupGrid(grid.codes, rounded(grid.scales), grid.zero_points, rounded(grid.float_zeros))
 
 
 def _merge_stats(chunks: list[dict]) -> dict:
