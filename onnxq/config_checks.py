@@ -135,3 +135,23 @@ def check_method_options(config) -> None:
         flag = option_name(fields[name])
         raise OnnxqError(f"{flag} is an option of --method {'/'.join(methods)} that --method {method} would ignore; "
                          f"drop it or use --method {methods[0]}")
+
+
+def check_ray(config) -> None:
+    """``--calib-shards``, ``--ray`` and ``--ray-workers``: ranges, and refusals where they would change nothing
+    (Ray distributes the sequential calibration of the Hessian methods, nothing else)."""
+    if config.calib_shards < 1:
+        raise OnnxqError(f"--calib-shards {config.calib_shards} is out of range; use 1 or more")
+    if config.ray_workers is not None and config.ray_workers < 1:
+        raise OnnxqError(f"--ray-workers {config.ray_workers} is out of range; use 1 or more")
+    if config.ray is None:
+        if config.ray_workers is not None:
+            raise OnnxqError("--ray-workers works with --ray only; add --ray or drop it")
+        return
+    if not config.ray.strip():
+        raise OnnxqError("--ray got an empty address; give none (a local cluster), 'auto' or HOST:PORT")
+    if config.method == "rtn":
+        raise OnnxqError("--ray distributes the calibration of --method gptq/decoupleq and --method rtn has none; "
+                         "drop --ray")
+    if not config.sequential:
+        raise OnnxqError("--ray distributes sequential calibration; drop --no-sequential or --ray")
