@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def test_a_killed_actor_is_one_clear_error_and_nothing_written(cluster, tmp_path
     monkeypatch.setattr(distributed.DistributedCalibration, "step", kill_then_step)
     output = tmp_path / "out.onnx"
     start = time.perf_counter()
-    with pytest.raises(OnnxqError, match=r"Ray actor 2 of 2 \(.+:\d+\) failed at layer group 2 of \d+: .*Actor"
+    with pytest.raises(OnnxqError, match=r"Ray actor 2 of 2 \(.+:\d+ node \w+\) failed at layer group 2 of \d+: .*Actor"
                                          r".*nothing written"):
         onnxq.quantize(data_path("digits_mlp.onnx"), output, calibration=data_path("digits_calib.npz"), ray="auto",
                        ray_workers=2, **JOB)
@@ -145,7 +146,8 @@ def test_two_node_processes(tmp_path):
         done = _cli("quantize", str(data_path("digits_mlp.onnx")), "-o", str(out), *CLI_JOB, "--ray",
                     f"127.0.0.1:{port}", env={"RAY_AUTH_MODE": "disabled"})
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "calibration on Ray: 2 actors" in done.stdout
+        places = re.search(r"calibration on Ray: 2 actors, .*\((.*)\)", done.stdout).group(1)
+        assert len(set(re.findall(r"node (\w+)", places))) == 2, places  # one actor per node
         assert out.read_bytes() == _local_bytes(tmp_path)
     finally:
         for node in reversed(nodes):  # --block: SIGTERM stops the node and the processes it started

@@ -145,12 +145,15 @@ class DistributedCalibration:
             self.pending = {}
         what = f"layer group {index + 1} of {len(self.layer_groups)}"
         self._get(refs, what)
-        replies = self._get([actor.step.remote(index) for actor in self.actors], what)
         sums = {key: HessianSum(unit, self.float_targets) for key, unit in self.keys[index].items()}
-        for reply in replies:  # actors in order, each one's shards in order: the shard order
-            for key, shards in reply["shards"].items():
+        replies = []
+        deadline = time.monotonic() + self.timeout
+        for ref in [actor.step.remote(index) for actor in self.actors]:  # actors in order: the shard order
+            reply = self._get([ref], what, deadline, first=len(replies))[0]
+            for key, shards in reply.pop("shards").items():  # folded as they come: one actor's sums held at once
                 for shard in shards:
                     sums[key].fold(shard)
+            replies.append(reply)
         samples = sum(reply["samples"] for reply in replies)
         count = sum(reply["batches"] for reply in replies)
         peak = max(reply["peak"] for reply in replies)
@@ -160,13 +163,14 @@ class DistributedCalibration:
         crosses = {key: sums[key].cross_result() for key in replies[0]["cross_keys"]}
         return hessians, stats, crosses
 
-    def _get(self, refs: list, what: str) -> list:
-        """Each result in order, within one shared deadline; a failed or late actor is one OnnxqError."""
+    def _get(self, refs: list, what: str, deadline: float | None = None, first: int = 0) -> list:
+        """The results of ``refs`` (one per actor, from actor ``first`` on) in order, by ``deadline`` (default: the
+        timeout from now); a failed or late actor is one OnnxqError."""
         ray = self.ray
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
         out = []
         for index, ref in enumerate(refs):
-            actor = index % len(self.actors)
+            actor = first + index
             try:
                 out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except ray.exceptions.GetTimeoutError:

@@ -1,9 +1,9 @@
 """The body of one Ray calibration actor: a :class:`SequentialCalibration` over the actor's shards of the batches.
 
-Ray imports this module in the worker process; it does not import Ray itself.  The actor rebuilds the model from a
-weight-less shell and the weights' arrays (both from the object store), keeps its own frontier activations for its
-batches, returns its per-shard sums for each step and takes the solved weights of each group through
-:meth:`CalibrationWorker.commit` before the next step.
+Ray imports this module in the worker process (Ray itself is imported only inside :meth:`CalibrationWorker.where`).
+The actor rebuilds the model from a weight-less shell and the weights' arrays (both from the object store), keeps
+its own frontier activations for its batches, returns its per-shard sums for each step and takes the solved weights
+of each group through :meth:`CalibrationWorker.commit` before the next step.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ class CalibrationWorker:
                                                  shard_ends, keep_shards=True)
 
     def where(self) -> str:
-        """``host:pid`` of this actor's process (named in errors)."""
-        return f"{socket.gethostname()}:{os.getpid()}"
+        """``host:pid node <id>`` of this actor's process (named in errors and in the run's notes)."""
+        import ray  # only ever called inside a Ray actor
+
+        return f"{socket.gethostname()}:{os.getpid()} node {ray.get_runtime_context().get_node_id()[:8]}"
 
     def pid(self) -> int:
         return os.getpid()
