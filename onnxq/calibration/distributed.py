@@ -117,7 +117,8 @@ class DistributedCalibration:
         actor_type = ray.remote(num_cpus=1, max_restarts=0)(CalibrationWorker)
         for index, run in enumerate(runs):
             first, last = run[0].start, run[-1].stop
-            self.actors.append(actor_type.options(name=f"onnxq-calibration-{os.getpid()}-{index}").remote(
+            options = {"name": f"onnxq-calibration-{os.getpid()}-{index}", "scheduling_strategy": "SPREAD"}
+            self.actors.append(actor_type.options(**options).remote(  # SPREAD: over the nodes first
                 shell_ref, weights_ref, layer_groups, feeds[first:last], shard_ends(run, first), memory_limit,
                 self.float_targets, threads))
             self.places.append("not started")
