@@ -191,3 +191,45 @@ def test_minilm_on_two_actors_gives_the_golden_bytes(cluster):
                                calibration=calibration, progress=False)
         expected = hashlib.sha256(local.SerializeToString()).hexdigest()
     assert hashlib.sha256(remote.SerializeToString()).hexdigest() == expected
+
+
+def _calibration_workers() -> set[int]:
+    """Pids of live Ray calibration actors on this machine (read from ps; nothing is signalled by name)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[0]) for line in ps.splitlines() if "ray::CalibrationWorker" in line}
+
+
+@pytest.mark.slow  # ≈ 40 s: a MiniLM run is interrupted once its actors work
+@pytest.mark.real
+def test_ctrl_c_stops_the_actors_and_the_local_cluster(tmp_path):
+    import numpy as np
+
+    from models import minilm
+    from tools import evaluation
+
+    np.savez(tmp_path / "calib.npz", **evaluation.make_minilm_calibration(n_samples=32, seq_len=128))
+    before = _calibration_workers()
+    out = tmp_path / "out.onnx"
+    args = [sys.executable, "-m", "onnxq", "quantize", str(minilm.build_minilm()), "-o", str(out), "--method",
+            "decoupleq", "--bits", "2", "--calib", str(tmp_path / "calib.npz"), "--ray-workers", "2", "--ray"]
+    run = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's child
+    try:
+        deadline = time.monotonic() + 120
+        while len(_calibration_workers() - before) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        workers = _calibration_workers() - before
+        assert len(workers) == 2
+        time.sleep(5)
+        run.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130 and "interrupted" in output, output[-2000:]
+    assert not out.exists()
+    deadline = time.monotonic() + 30
+    while _calibration_workers() & workers and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _calibration_workers() & workers
