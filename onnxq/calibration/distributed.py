@@ -53,16 +53,17 @@ def import_ray():
 
 
 def connect(ray, address: str, workers: int | None) -> bool:
-    """Start a local cluster (``address`` = :data:`LOCAL_CLUSTER`: ``workers`` CPUs, default all, on 127.0.0.1) or
-    join ``address`` (``auto``, ``HOST:PORT``, ``ray://…``); a process already connected keeps its connection.
-    True when this call started a cluster (the caller shuts it down)."""
+    """Start a local cluster (``address`` = :data:`LOCAL_CLUSTER`: ``workers`` CPUs, default all) or join ``address``
+    (``auto``, ``HOST:PORT``, ``ray://…``); a process already connected keeps its connection.  True when this call
+    started a cluster (the caller shuts it down).  Ray picks the node address: on Linux the machine's interface
+    address, or 127.0.0.1 with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment (as the tests do)."""
     if ray.is_initialized():
         return False
     runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
     if address == LOCAL_CLUSTER:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+                 runtime_env=runtime_env)
         return True
     try:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
