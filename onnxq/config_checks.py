@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from onnxq.calibration.data import CalibrationBatches
+from onnxq.calibration.shards import DEFAULT_SHARDS
 from onnxq.errors import OnnxqError
 from onnxq.solvers.base import PARAMS
 
@@ -142,6 +143,9 @@ def check_ray(config) -> None:
     (Ray distributes the sequential calibration of the Hessian methods, nothing else)."""
     if config.calib_shards < 1:
         raise OnnxqError(f"--calib-shards {config.calib_shards} is out of range; use 1 or more")
+    shards_given = config.calib_shards != DEFAULT_SHARDS
+    if shards_given and (config.method == "rtn" or not config.sequential):
+        raise OnnxqError("--calib-shards orders the sums of sequential calibration (gptq/decoupleq); drop it")
     if config.ray_workers is not None and config.ray_workers < 1:
         raise OnnxqError(f"--ray-workers {config.ray_workers} is out of range; use 1 or more")
     if config.ray is None:

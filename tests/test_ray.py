@@ -83,6 +83,10 @@ def test_refusals_need_no_cluster():
                        sequential=False, **JOB)
     with pytest.raises(OnnxqError, match="--ray-workers works with --ray only"):
         onnxq.quantize(data_path("digits_mlp.onnx"), ray_workers=2)
+    with pytest.raises(OnnxqError, match="--calib-shards orders the sums of sequential calibration"):
+        onnxq.quantize(data_path("digits_mlp.onnx"), calib_shards=2)
+    with pytest.raises(OnnxqError, match="--calib-shards 0 is out of range"):
+        onnxq.quantize(data_path("digits_mlp.onnx"), calibration=data_path("digits_calib.npz"), calib_shards=0, **JOB)
 
 
 # `ray start`, except that a second node on this machine may join on 127.0.0.1: Ray refuses a worker node when its
