@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,6 +163,7 @@ def test_two_node_processes(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for_nodes(port: int, count: int, process: subprocess.Popen, env: dict[str, str], timeout: float = 90) -> None:
