@@ -84,8 +84,9 @@ def add_config_options(parser: argparse.ArgumentParser, config_type: type) -> No
             parser.add_argument(flag, action="store_true", help=help_text, **common)
         else:
             kind = meta.get("parse") or _value_type(f)
+            optional = {"nargs": "?", "const": meta["const"]} if "const" in meta else {}  # a flag alone means const
             parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"),
-                                help=help_text, **common)
+                                help=help_text, **optional, **common)
 
 
 def _value_type(f: dataclasses.Field) -> type:

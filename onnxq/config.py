@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxq.calibration.data import check_batch_size
-from onnxq.config_checks import check_method_options, check_ranges, check_types
+from onnxq.calibration.shards import DEFAULT_SHARDS, LOCAL_CLUSTER
+from onnxq.config_checks import check_method_options, check_ranges, check_ray, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.registry import EMITTERS
 from onnxq.ir.targets import TARGET_OP_TYPES
@@ -113,6 +114,14 @@ class QuantizeConfig:
     seed: int = option(0, "random seed (k-means, sampling)")
     sequential: bool = option(True, "calibrate each layer group on the outputs of the already-quantized earlier "
                               "layers (costs one forward pass over the calibration data, like --no-sequential)")
+    calib_shards: int = option(DEFAULT_SHARDS, "sequential calibration sums H over this many contiguous shards of "
+                               "the batches and adds the shard sums in order; the output depends on it, not on "
+                               "--ray or its workers (1: one running sum)", metavar="N")
+    ray: str | None = option(None, "data-parallel sequential calibration on Ray (pip install 'onnxq[ray]'): the flag "
+                             "alone starts a local cluster; 'auto' or an address joins a running one; same output as "
+                             "without --ray", metavar="ADDRESS", const=LOCAL_CLUSTER)
+    ray_workers: int | None = option(None, "with --ray: calibration actors (default: the cluster's CPUs, at most "
+                                     "--calib-shards)", metavar="N")
     float_target: bool = option(True, "with --sequential: fit each layer's output on quantized inputs to the float "
                                 "model's output on float inputs (runs the float model alongside)")
 
@@ -196,3 +205,4 @@ class QuantizeConfig:
                              "split activations); drop it")
         check_ranges(self)
         check_method_options(self)
+        check_ray(self)

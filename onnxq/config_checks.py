@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from onnxq.calibration.data import CalibrationBatches
+from onnxq.calibration.shards import DEFAULT_SHARDS
 from onnxq.errors import OnnxqError
 from onnxq.solvers.base import PARAMS
 
@@ -135,3 +136,26 @@ def check_method_options(config) -> None:
         flag = option_name(fields[name])
         raise OnnxqError(f"{flag} is an option of --method {'/'.join(methods)} that --method {method} would ignore; "
                          f"drop it or use --method {methods[0]}")
+
+
+def check_ray(config) -> None:
+    """``--calib-shards``, ``--ray`` and ``--ray-workers``: ranges, and refusals where they would change nothing
+    (Ray distributes the sequential calibration of the Hessian methods, nothing else)."""
+    if config.calib_shards < 1:
+        raise OnnxqError(f"--calib-shards {config.calib_shards} is out of range; use 1 or more")
+    shards_given = config.calib_shards != DEFAULT_SHARDS
+    if shards_given and (config.method == "rtn" or not config.sequential):
+        raise OnnxqError("--calib-shards orders the sums of sequential calibration (gptq/decoupleq); drop it")
+    if config.ray_workers is not None and config.ray_workers < 1:
+        raise OnnxqError(f"--ray-workers {config.ray_workers} is out of range; use 1 or more")
+    if config.ray is None:
+        if config.ray_workers is not None:
+            raise OnnxqError("--ray-workers works with --ray only; add --ray or drop it")
+        return
+    if not config.ray.strip():
+        raise OnnxqError("--ray got an empty address; give none (a local cluster), 'auto' or HOST:PORT")
+    if config.method == "rtn":
+        raise OnnxqError("--ray distributes the calibration of --method gptq/decoupleq and --method rtn has none; "
+                         "drop --ray")
+    if not config.sequential:
+        raise OnnxqError("--ray distributes sequential calibration; drop --no-sequential or --ray")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, m
 from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, process_cpu_seconds
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import Target
+from onnxq.stats.hessian import HessianSum
 
 DEFAULT_MEMORY_LIMIT = 4 << 30  # frontier bytes kept in RAM before spilling to temp files
 
@@ -91,6 +93,9 @@ class SequentialCalibration:
     ``model`` is only read.  After solving group ``i``, the caller passes each solved weight to :meth:`commit`
     before ``step(i + 1)``.  Steps must be taken in order ``0, 1, 2, …``.  With ``float_targets`` each step also
     runs the float model (the original weights) and returns ``C = Σ xᵀx_float`` per key.
+
+    ``shard_ends``: the batch positions that close a shard (:mod:`onnxq.calibration.shards`).  A data-parallel
+    worker holds a slice of the batches, passes ``keep_shards`` and calls :meth:`step_sums` for its shard sums.
     """
 
     def __init__(
@@ -101,9 +106,12 @@ class SequentialCalibration:
         memory_limit: int | None = None,
         threads: int = ORT_THREADS,
         float_targets: bool = False,
+        shard_ends: Collection[int] = (),
+        keep_shards: bool = False,
     ) -> None:
         self.model, self.layer_groups, self.batches, self.threads = model, layer_groups, batches, threads
         self.float_targets = float_targets
+        self.shard_ends, self.keep_shards = shard_ends, keep_shards
         limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
         self.store = FrontierStore(limit // 2 if float_targets else limit)
         self.float_store = FrontierStore(limit // 2) if float_targets else None
@@ -127,10 +135,19 @@ class SequentialCalibration:
     ) -> tuple[dict[HessianKey, np.ndarray], CalibrationStats, dict[HessianKey, np.ndarray]]:
         """``(H per key, stats, C per key)``: ``H = Σ xᵀx`` with the committed weights; with ``float_targets``,
         ``C = Σ xᵀx_float`` with ``x_float`` the float model's value of the same layer input (else ``{}``)."""
+        start, cpu_start = time.perf_counter(), process_cpu_seconds()
+        sums, samples, count, peak, cross_keys = self.step_sums(index)
+        hessians, stats = finish_pass(sums, samples, count, peak, start, cpu_start)
+        crosses = {key: sums[key].cross_result() for key in cross_keys}
+        return hessians, stats, crosses
+
+    def step_sums(self, index: int) -> tuple[dict[HessianKey, HessianSum], int, int, int, list[HessianKey]]:
+        """Step ``index``'s running sums (whole, or per shard with ``keep_shards``), samples, batches, peak bytes of
+        one batch's layer inputs, and the keys that get a ``C`` (float targets: inputs that differ from the float
+        model's)."""
         if index != self.next_step:
             raise ValueError(f"sequential calibration steps must be taken in order: expected {self.next_step}")
         self.next_step += 1
-        start, cpu_start = time.perf_counter(), process_cpu_seconds()
         units = self.keys[index]
         layer_inputs = [t for t in dict.fromkeys(u.tensor for u in units.values()) if t in self.produced]
         frontier = self._frontier(index)
@@ -150,18 +167,15 @@ class SequentialCalibration:
             return quantized(batch, origin, feed), {} if floating is None else floating(batch, origin, feed)
 
         sums, samples, count, peak = accumulate_pass(
-            run, self.batches, self.specs, self.weights, units, self.float_targets
+            run, self.batches, self.specs, self.weights, units, self.float_targets, self.shard_ends, self.keep_shards
         )
         quantized = floating = run = None
         for path in Path(self._tmp.name).iterdir():
             path.unlink()
         for store in filter(None, (self.store, self.float_store)):
             store.keep(frontier)
-        hessians, stats = finish_pass(sums, samples, count, peak, start, cpu_start)
-        crosses = {}
-        if self.float_targets:
-            crosses = {key: s.cross_result() for key, s in sums.items() if units[key].tensor in changed}
-        return hessians, stats, crosses
+        cross_keys = [key for key in sums if self.float_targets and units[key].tensor in changed]
+        return sums, samples, count, peak, cross_keys
 
     def _runner(self, weights: dict[str, onnx.TensorProto], store: FrontierStore, nodes: list[onnx.NodeProto],
                 outputs: list[str], new_frontier: list[str], layer_inputs: list[str], cached: set[str], tag: str):

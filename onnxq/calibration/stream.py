@@ -10,7 +10,7 @@ import itertools
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -160,6 +160,8 @@ def accumulate_pass(
     constants: Mapping[str, onnx.TensorProto],
     units: Mapping[HessianKey, Unfolding],
     cross: bool = False,
+    shard_ends: Collection[int] = (),
+    keep_shards: bool = False,
 ) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
     """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
     batch i is added to the sums.  It returns ``(values, float_values)``: the layer inputs that are not graph inputs
@@ -167,13 +169,16 @@ def accumulate_pass(
 
     The sums are updated in batch order on the calling thread with single-threaded BLAS (many mid-sized
     ``syrk`` calls: threading them costs more than it gains, and ORT has the other core), so results do not
-    depend on timing.  At most two batches of activations are alive at once.
+    depend on timing.  At most two batches of activations are alive at once.  After each batch index in
+    ``shard_ends`` the sums close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept
+    per shard with ``keep_shards``.
     """
-    sums = {key: HessianSum(unit, cross) for key, unit in units.items()}
+    sums = {key: HessianSum(unit, cross, keep_shards) for key, unit in units.items()}
     users = keys_by_tensor(units)
     samples = count = peak_outputs = 0
 
-    def accumulate(origin: str, feed: Feed, results: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
+    def accumulate(index: int, origin: str, feed: Feed,
+                   results: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
         nonlocal samples, count, peak_outputs
         values, float_values = results
         peak_outputs = max(peak_outputs, sum(v.nbytes for part in results for v in part.values()))
@@ -185,6 +190,9 @@ def accumulate_pass(
             del x, ref
         samples += batch_samples(feed)
         count += 1
+        if index in shard_ends:
+            for hessian_sum in sums.values():
+                hessian_sum.end_shard()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool, _single_threaded_blas():
         pending = None
@@ -193,7 +201,7 @@ def accumulate_pass(
             running = pool.submit(run, index, origin, feed)
             if pending is not None:
                 accumulate(*pending)
-            pending = (origin, feed, running.result())
+            pending = (index, origin, feed, running.result())
             del running
         if pending is not None:
             accumulate(*pending)

@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.data import iter_batches
+from onnxq.calibration.distributed import DistributedCalibration
 from onnxq.calibration.keys import hessian_key
 from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.shards import shard_ends, shard_ranges
 from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import FAST_ACCURACY_LEVEL, QuantizeConfig
@@ -216,8 +218,15 @@ def _solve_all(
         if config.sequential:
             layer_groups = layer_groups_of(targets)
             frontier_limit = None if config.max_memory is None else config.max_memory // 2
-            sequential = SequentialCalibration(model, layer_groups, batches, frontier_limit,
-                                               float_targets=config.float_target)
+            ranges = shard_ranges(len(batches), config.calib_shards)
+            if config.ray is not None:
+                sequential = DistributedCalibration(model, layer_groups, batches, ranges, config.ray,
+                                                    config.ray_workers, frontier_limit, config.float_target)
+                summary.notes.append(f"calibration on Ray: {sequential.workers} actors, {len(ranges)} shards of "
+                                     f"{len(batches)} batches ({', '.join(sequential.places)})")
+            else:
+                sequential = SequentialCalibration(model, layer_groups, batches, frontier_limit,
+                                                   float_targets=config.float_target, shard_ends=shard_ends(ranges))
             fit = ", each layer fit to the float model's output" if config.float_target else ""
             summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
     try:

@@ -1,9 +1,15 @@
 """``H = Σ xᵀx`` accumulated in float64 over blocks of ≤ 2048 rows (float32 BLAS ``syrk`` per block, relative error
-~1e-7); ``C = Σ xᵀx_float`` alongside for float targets.  Numpy only."""
+~1e-7); ``C = Σ xᵀx_float`` alongside for float targets.  Numpy only.
+
+The calibration batches are cut into contiguous *shards* (:mod:`onnxq.calibration.shards`): each shard is summed from
+zero, and the shard sums are added in shard order.  Floating-point addition is not associative, so this order is
+part of the result: a data-parallel run whose workers each sum whole shards and whose driver adds the shard sums in
+the same order (:meth:`HessianSum.fold`) gives the same bytes as one process."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import blas
@@ -12,22 +18,85 @@ from onnxq.errors import OnnxqError
 from onnxq.stats.unfold import Unfolding, unfold_rows
 
 
+@dataclass
+class ShardSum:
+    """One shard's sums: the upper triangle of ``Σ xᵀx`` (``[groups, K, K]`` float64), ``Σ xᵀx_ref`` or None,
+    and the rows seen."""
+
+    upper: np.ndarray
+    cross: np.ndarray | None
+    rows: int
+
+
 class HessianSum:
     """Running ``H = Σ xᵀx`` in float64 (upper triangle until :meth:`result`) and the number of rows seen.
 
     With ``cross``, also ``C = Σ xᵀx_ref`` for a reference activation ``x_ref`` of the same shape (the float
     model's input of the same layer, while ``x`` comes from the partially quantized model).
+
+    Rows are added to the current shard; :meth:`end_shard` closes it: its sums are added to the total
+    (:meth:`fold`), or kept in :attr:`shards` with ``keep_shards`` (a worker that returns them to a driver).  The
+    first shard becomes the total as it is (``0 + s = s``), so one shard gives the plain running sum.
     """
 
-    def __init__(self, unfold: Unfolding, cross: bool = False) -> None:
+    def __init__(self, unfold: Unfolding, cross: bool = False, keep_shards: bool = False) -> None:
         self.unfold = unfold
-        self.upper = np.zeros((unfold.groups, unfold.size, unfold.size), dtype=np.float64)
-        self.cross = np.zeros_like(self.upper) if cross else None
-        self.rows = 0
+        self.with_cross = cross
+        self.keep_shards = keep_shards
+        self.shards: list[ShardSum] = []  # closed shards, with keep_shards
+        self.total: ShardSum | None = None
+        self._open()
+
+    def _open(self) -> None:
+        """A new open shard; its arrays are allocated by the first :meth:`add` (one shard holds one copy of H)."""
+        self.upper: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
+        self.shard_rows = 0
+
+    def _allocate(self) -> None:
+        self.upper = np.zeros((self.unfold.groups, self.unfold.size, self.unfold.size), dtype=np.float64)
+        self.cross = np.zeros_like(self.upper) if self.with_cross else None
+
+    @property
+    def rows(self) -> int:
+        """Rows seen (folded shards and the open one)."""
+        return self.shard_rows + (0 if self.total is None else self.total.rows)
+
+    def end_shard(self) -> None:
+        """Close the open shard: fold it into the total, or keep it (``keep_shards``)."""
+        if self.upper is None:
+            self._allocate()
+        closed = ShardSum(self.upper, self.cross, self.shard_rows)
+        self._open()
+        if self.keep_shards:
+            self.shards.append(closed)
+        else:
+            self.fold(closed)
+
+    def fold(self, shard: ShardSum) -> None:
+        """Add one shard's sums to the total; shards must come in shard order (the first is taken as it is)."""
+        if self.total is None:  # owned and writable (arrays from another process may be read-only views)
+            self.total = ShardSum(_writable(shard.upper), None if shard.cross is None else _writable(shard.cross),
+                                  shard.rows)
+            return
+        self.total.upper += shard.upper
+        if self.total.cross is not None and shard.cross is not None:
+            self.total.cross += shard.cross
+        self.total.rows += shard.rows
+
+    def _finished(self) -> ShardSum:
+        """The total, after closing an open shard that holds rows (or when nothing was folded yet)."""
+        if self.keep_shards:
+            raise ValueError("a HessianSum that keeps its shards has no total; fold the shards into another")
+        if self.total is None or self.shard_rows:
+            self.end_shard()
+        return self.total
 
     def add(self, x: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Add every row of one activation tensor (and of its reference, for :attr:`cross`)."""
         groups, size = self.unfold.groups, self.unfold.size
+        if self.upper is None:
+            self._allocate()
         references = unfold_rows(reference, self.unfold) if reference is not None else itertools.repeat(None)
         for block, ref in zip(unfold_rows(x, self.unfold), references, strict=False):  # same shapes
             if block.shape[1] != groups * size:
@@ -35,7 +104,7 @@ class HessianSum:
                     f"activation '{self.unfold.tensor}' unfolds to {block.shape[1]} columns, the layer expects "
                     f"{groups}·{size}; the model is inconsistent"
                 )
-            self.rows += block.shape[0]
+            self.shard_rows += block.shape[0]
             if groups == 1:
                 self.upper[0] += blas.ssyrk(1.0, block.T, trans=0)  # block.T is F-contiguous: no copy
             else:
@@ -48,12 +117,18 @@ class HessianSum:
 
     def result(self) -> np.ndarray:
         """The symmetric ``H`` (``[K, K]``, or ``[groups, K', K']`` for a grouped conv)."""
-        upper = np.triu(self.upper)
-        full = upper + np.swapaxes(np.triu(self.upper, 1), -1, -2)
+        total = self._finished().upper
+        upper = np.triu(total)
+        full = upper + np.swapaxes(np.triu(total, 1), -1, -2)
         return full[0] if self.unfold.groups == 1 else full
 
     def cross_result(self) -> np.ndarray | None:
         """``C = Σ xᵀx_ref`` (same layout as :meth:`result`), or None without references."""
-        if self.cross is None:
+        cross = self._finished().cross if self.with_cross else None
+        if cross is None:
             return None
-        return self.cross[0] if self.unfold.groups == 1 else self.cross.copy()
+        return cross[0] if self.unfold.groups == 1 else cross.copy()
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable else array.copy()
