@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxq.ir.llm import KEPT_FLOAT, lm_head_names
 from onnxq.ir.model import tensor_nbytes
 from onnxq.ir.targets import Skipped, find_targets
 from onnxq.quantized_size import quantized_layers
@@ -72,10 +73,12 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
     found = find_targets(model)
     quantized = quantized_layers(model)
     used = {name for layer in quantized for name in layer.tensors}  # e.g. the float-zero term's E and Z
+    kept = lm_head_names(model, found.targets)  # quantize leaves these float unless --quantize-lm-head
     for t in found.targets:
         if t.weight_name not in used:
             n, k = t.matrix_shape
-            report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), "float"))
+            state = KEPT_FLOAT if t.name in kept else "float"
+            report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), state))
     report.skipped = [s for s in found.skipped if "no constant weight" not in s.reason]
     for layer in quantized:
         report.rows.append(LayerRow(layer.name, layer.op_type, layer.shape, layer.params, layer.bytes,

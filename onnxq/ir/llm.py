@@ -8,6 +8,9 @@ from onnxq.ir.targets import Target
 
 PASS_THROUGH = frozenset({"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
 LOGITS = "logits"
+LM_HEAD_REASON = ("a language model's output projection stays float by default (low-bit logits cost the most "
+                  "quality per byte); --quantize-lm-head quantizes it")
+KEPT_FLOAT = "float, kept"  # onnxq inspect's state of a layer quantize leaves float by default
 
 
 def reads_token_ids(model: onnx.ModelProto) -> bool:

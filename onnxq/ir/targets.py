@@ -113,6 +113,12 @@ class TargetReport:
     skipped: list[Skipped] = field(default_factory=list)
 
 
+def leave_float(report: TargetReport, names: set[str], reason: str) -> None:
+    """Move the targets named in ``names`` to the report's skipped list with ``reason``."""
+    report.skipped += [Skipped(t.name, t.op_type, reason) for t in report.targets if t.name in names]
+    report.targets = [t for t in report.targets if t.name not in names]
+
+
 def find_targets(
     model: onnx.ModelProto,
     op_types: Iterable[str] = TARGET_OP_TYPES,

@@ -18,7 +18,7 @@ from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import FAST_ACCURACY_LEVEL, QuantizeConfig
 from onnxq.errors import OnnxqError
-from onnxq.ir.llm import lm_head_names
+from onnxq.ir.llm import LM_HEAD_REASON, lm_head_names
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import model_bytes
 from onnxq.ir.targets import (
@@ -27,6 +27,7 @@ from onnxq.ir.targets import (
     TargetReport,
     find_targets,
     initializer_array,
+    leave_float,
 )
 from onnxq.layer_table import quantized_layer_counts
 from onnxq.passes.emit import emit_in_place, raise_opset_for
@@ -126,10 +127,6 @@ class QuantizeSummary:
         return "\n".join(rows) + "\n"
 
 
-LM_HEAD_REASON = ("a language model's output projection stays float by default (low-bit logits cost the most "
-                  "quality per byte); --quantize-lm-head quantizes it")
-
-
 def _refuse_quantized(model: onnx.ModelProto) -> None:
     """An already quantized input (no float target left) gets its own error, not "no quantizable layers"."""
     counts = quantized_layer_counts(model)
@@ -184,14 +181,8 @@ def _find(model: onnx.ModelProto, config: QuantizeConfig) -> TargetReport:
     """The targets ``config`` selects; a language model's output projection is left float unless asked."""
     report = find_targets(model, config.op_types, config.include, config.exclude)
     if not config.quantize_lm_head:
-        _leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
+        leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
     return report
-
-
-def _leave_float(report: TargetReport, names: set[str], reason: str) -> None:
-    """Move the targets named in ``names`` to the report's skipped list with ``reason``."""
-    report.skipped += [Skipped(t.name, t.op_type, reason) for t in report.targets if t.name in names]
-    report.targets = [t for t in report.targets if t.name not in names]
 
 
 def _skipped_hint(skipped: list[Skipped]) -> str:
