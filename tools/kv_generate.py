@@ -118,6 +118,16 @@ def agreement(tokens: Sequence[int], reference: Sequence[int]) -> int:
     return sum(1 for a, b in zip(tokens, reference, strict=False) if a == b)
 
 
+def common_prefix(tokens: Sequence[int], reference: Sequence[int]) -> int:
+    """How many leading tokens equal the reference's (the greedy continuations are the same text up to there)."""
+    count = 0
+    for a, b in zip(tokens, reference, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="decoder .onnx with past_key_values inputs")
