@@ -95,6 +95,19 @@ def decoupleq_args(bits: int, samples: int) -> tuple[str, ...]:
             str(novel_path(CALIBRATION_NOVEL)), "--calib-samples", str(samples), "--calib-seq-len", "512")
 
 
+def decoupleq_variants(bits: int, samples: int, default_level: int, other_level: int) -> tuple[Variant, ...]:
+    """decoupleQ W``bits`` g64 in the default format (MatMulNBits at ``default_level``) and its conversions (no new
+    solve) to MatMulNBits at ``other_level`` and to the onnxq format."""
+    name = f"onnxq-dq-w{bits}-g64"
+    return (
+        Variant(name, f"onnxq decoupleQ W{bits} g64 (default: MatMulNBits, acc {default_level})", "quantize",
+                decoupleq_args(bits, samples)),
+        Variant(f"{name}-acc{other_level}", f"… converted: MatMulNBits acc {other_level}", "convert", source=name,
+                format="matmulnbits", accuracy_level=other_level),
+        Variant(f"{name}-onnxq", "… converted: onnxq format", "convert", source=name, format="onnxq"),
+    )
+
+
 VARIANTS = (
     Variant("fp32", "fp32 (genai builder -p fp32)", "zoo"),
     Variant("genai-int4", "genai int4: builder -p int4 (RTN, sym, block 32, acc 4)", "builder"),
@@ -102,18 +115,8 @@ VARIANTS = (
             ("--extra_options", "algo_config=k_quant")),
     Variant("onnxq-rtn-w4-g64", "onnxq RTN W4 g64 (MatMulNBits, acc 0)", "quantize",
             ("--method", "rtn", "--bits", "4", "--group-size", "64")),
-    Variant("onnxq-dq-w4-g64", "onnxq decoupleQ W4 g64 (default: MatMulNBits, acc 0)", "quantize",
-            decoupleq_args(4, 32)),
-    Variant("onnxq-dq-w4-g64-acc4", "… converted: MatMulNBits acc 4", "convert", source="onnxq-dq-w4-g64",
-            format="matmulnbits", accuracy_level=4),
-    Variant("onnxq-dq-w4-g64-onnxq", "… converted: onnxq format", "convert", source="onnxq-dq-w4-g64",
-            format="onnxq"),
-    Variant("onnxq-dq-w2-g64", "onnxq decoupleQ W2 g64 (default: MatMulNBits, acc 4)", "quantize",
-            decoupleq_args(2, 64)),
-    Variant("onnxq-dq-w2-g64-acc0", "… converted: MatMulNBits acc 0", "convert", source="onnxq-dq-w2-g64",
-            format="matmulnbits", accuracy_level=0),
-    Variant("onnxq-dq-w2-g64-onnxq", "… converted: onnxq format", "convert", source="onnxq-dq-w2-g64",
-            format="onnxq"),
+    *decoupleq_variants(4, 32, default_level=0, other_level=4),  # 32 samples: the 2-core budget (docs/llm.md)
+    *decoupleq_variants(2, 64, default_level=4, other_level=0),
 )
 BY_NAME = {variant.name: variant for variant in VARIANTS}
 
