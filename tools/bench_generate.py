@@ -180,6 +180,15 @@ def build(variant: Variant, rebuild: bool, log: Callable[[str], None]) -> Path:
     return folder
 
 
+def is_slow_to_build(variant: Variant, rebuild: set[str]) -> bool:
+    """Whether building the variant needs a solve or the builder (a conversion of a built source is seconds)."""
+    if variant.kind == "zoo":
+        return False
+    if variant.kind == "convert":
+        return is_slow_to_build(BY_NAME[variant.source], rebuild)
+    return variant.name in rebuild or read_stamp(variant_dir(variant)) is None
+
+
 def build_with_onnxq(variant: Variant, folder: Path) -> None:
     """``python -m onnxq quantize FP32_DIR -o folder ARGS`` from the repository root (its log beside the folder)."""
     log_file = bench_dir("logs") / f"{variant.name}.log"
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="measure these variants (fp32 always)")
     parser.add_argument("--skip-missing", action="store_true",
-                        help="measure only the variants already built (never start a build)")
+                        help="measure only the variants already built (conversions of built ones included)")
     parser.add_argument("--rebuild", nargs="*", choices=list(BY_NAME), help="rebuild these (no name: all)")
     parser.add_argument("--windows", type=int, default=N_WINDOWS, help=f"perplexity windows (default {N_WINDOWS})")
     parser.add_argument("--repeat", type=int, default=3, help="timed og runs per model (default 3)")
@@ -433,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = {}
         for name in names:
             variant = BY_NAME[name]
-            if args.skip_missing and variant.kind != "zoo" and (read_stamp(variant_dir(variant)) is None
-                                                                 or name in rebuild):
+            if args.skip_missing and is_slow_to_build(variant, rebuild):
                 log(f"{name}: not built, skipped (--skip-missing)")
                 continue
             folders[name] = build(variant, name in rebuild, log)
