@@ -8,6 +8,11 @@ folder given by ``--genai-path`` (it is put first on ``sys.path``; onnxruntime i
     python tools/genai_generate.py --genai-path ~/.cache/onnxq/zoo/tools/genai --tokens 24 out-w2/ out-w8/
 
 ``--repeat 2`` generates twice per folder (the same tokens are expected: greedy decoding is deterministic).
+``--prompt-ids 1,2,3`` gives the prompt as token ids (skipping og's tokenizer). Every model is loaded first, then
+the runs go round-robin over the folders (repeat 1 of each folder, then repeat 2, ...), so timings of different
+folders are measured side by side; ``--warmup N`` runs N untimed generations per folder first. Each run records
+``prefill_ms`` (``append_tokens``: the prompt's forward pass) and ``decode_ms`` (each ``generate_next_token`` that
+runs the model: every one after the first, which only picks the token from the prefill's logits).
 """
 
 from __future__ import annotations
@@ -15,27 +20,46 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 PROMPT = "It is a truth universally acknowledged, that"
 
 
-def generate(og: Any, folder: str, prompt: str, tokens: int, repeat: int) -> list[dict[str, Any]]:
-    """``repeat`` greedy runs of ``tokens`` new tokens after ``prompt`` with the model in ``folder``."""
-    model = og.Model(folder)
-    tokenizer = og.Tokenizer(model)
-    ids = tokenizer.encode(prompt)
-    runs = []
+def run_once(og: Any, model: Any, ids: list[int], tokens: int) -> dict[str, Any]:
+    """One greedy run of ``tokens`` new tokens after ``ids``: the tokens and the timings (rules in the docstring)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    new: list[int] = []
+    step_ms: list[float] = []
+    while not generator.is_done():
+        start = time.perf_counter()
+        generator.generate_next_token()
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        new.append(int(generator.get_next_tokens()[0]))
+    return {"tokens": new, "prefill_ms": prefill_ms, "decode_ms": step_ms[1:]}
+
+
+def generate_all(og: Any, folders: list[str], prompt: str | list[int], tokens: int, repeat: int,
+                 warmup: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """``repeat`` greedy runs per folder, round-robin over the folders after ``warmup`` untimed runs each."""
+    models = {folder: og.Model(folder) for folder in folders}
+    tokenizers = {folder: og.Tokenizer(model) for folder, model in models.items()}
+    ids = {folder: list(prompt) if not isinstance(prompt, str) else list(tokenizers[folder].encode(prompt))
+           for folder in folders}
+    for folder in folders:
+        for _ in range(warmup):
+            run_once(og, models[folder], ids[folder], tokens)
+    runs: dict[str, list[dict[str, Any]]] = {folder: [] for folder in folders}
     for _ in range(repeat):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        new: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-        runs.append({"tokens": new, "text": tokenizer.decode(new)})
+        for folder in folders:
+            run = run_once(og, models[folder], ids[folder], tokens)
+            run["text"] = tokenizers[folder].decode(run["tokens"])
+            runs[folder].append(run)
     return runs
 
 
@@ -46,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per run (default 24)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per folder (default 1)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed runs per folder first (default 0)")
+    parser.add_argument("--prompt-ids", help="the prompt as comma-separated token ids (instead of --prompt)")
     args = parser.parse_args(argv)
     if args.genai_path:
         sys.path.insert(0, args.genai_path)
@@ -54,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     versions = {"onnxruntime_genai": og.__version__, "onnxruntime": onnxruntime.__version__,
                 "onnxruntime_file": onnxruntime.__file__}
-    models = {folder: generate(og, folder, args.prompt, args.tokens, args.repeat) for folder in args.folders}
+    prompt = [int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    models = generate_all(og, args.folders, prompt, args.tokens, args.repeat, args.warmup)
     print(json.dumps({"versions": versions, "models": models}))
     return 0
 
