@@ -115,7 +115,7 @@ def quantized_weight_bytes(quantized_path: Path) -> tuple[int, int]:
 def run_onnxq(method: str, fp32_path: Path, out: Path, bits: int, group_size: int, calib: Path,
               exclude: str | None) -> str:
     """Quantize with onnxq (matmulnbits format, accuracy level 0); returns a note."""
-    # the harness chooses with --exclude, and its published figures quantize lm_head: keep that meaning
+    # the harness chooses with --exclude (its SmolLM2 spec excludes lm_head): no default may override that choice
     options = dict(method=method, bits=bits, group_size=group_size, format="matmulnbits", exclude=exclude,
                    quantize_lm_head=True)
     if method != "rtn":
