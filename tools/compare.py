@@ -117,7 +117,7 @@ def run_onnxq(method: str, fp32_path: Path, out: Path, bits: int, group_size: in
     """Quantize with onnxq (matmulnbits format, accuracy level 0); returns a note."""
     # the harness chooses with --exclude (its SmolLM2 spec excludes lm_head): no default may override that choice
     options = dict(method=method, bits=bits, group_size=group_size, format="matmulnbits", exclude=exclude,
-                   quantize_lm_head=True)
+                   quantize_lm_head=True, accuracy_level=0)
     if method != "rtn":
         options["calibration"] = str(calib)
     _, summary = onnxq.quantize_with_summary(fp32_path, out, **options)
