@@ -122,6 +122,8 @@ class QuantizeConfig:
                              "without --ray", metavar="ADDRESS", const=LOCAL_CLUSTER)
     ray_workers: int | None = option(None, "with --ray: calibration actors (default: the cluster's CPUs, at most "
                                      "--calib-shards)", metavar="N")
+    workers: int | None = option(None, "processes that solve the weights of a layer group in parallel (default: one "
+                                 "per CPU; 1: in this process); the output is the same for any number", metavar="N")
     float_target: bool = option(True, "with --sequential: fit each layer's output on quantized inputs to the float "
                                 "model's output on float inputs (runs the float model alongside)")
 

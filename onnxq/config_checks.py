@@ -146,6 +146,8 @@ def check_ray(config) -> None:
     shards_given = config.calib_shards != DEFAULT_SHARDS
     if shards_given and (config.method == "rtn" or not config.sequential):
         raise OnnxqError("--calib-shards orders the sums of sequential calibration (gptq/decoupleq); drop it")
+    if config.workers is not None and config.workers < 1:
+        raise OnnxqError(f"--workers {config.workers} is out of range; use 1 or more")
     if config.ray_workers is not None and config.ray_workers < 1:
         raise OnnxqError(f"--ray-workers {config.ray_workers} is out of range; use 1 or more")
     if config.ray is None:

@@ -34,7 +34,8 @@ from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.progress import Progress
 from onnxq.quantized_size import quantized_layers
 from onnxq.quantized_weight import QuantizedWeight
-from onnxq.solvers.base import NEEDS_STATS, solve
+from onnxq.solve_pool import SolvePool, SolveTaskError
+from onnxq.solvers.base import NEEDS_STATS, LayerStats, RowTask, SolveReport, SolverParams, assemble, plan, solve
 from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
 
@@ -220,6 +221,7 @@ def _solve_all(
                                                    float_targets=config.float_target, shard_ends=shard_ends(ranges))
             fit = ", each layer fit to the float model's output" if config.float_target else ""
             summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
+    pool = SolvePool(config.workers)
     try:
         with Progress(len(targets), "quantize", config.progress) as bar:
             for index, group in enumerate(layer_groups):
@@ -228,44 +230,87 @@ def _solve_all(
                     _record_calibration(store, summary, hessians, stats, crosses)
                 elif store is not None:
                     _record_calibration(store, summary, *collect_hessians(model, group, batches, config.max_memory))
+                jobs = {}
                 for target in group:
-                    if target.matrix_key not in solved:
-                        qw = solved[target.matrix_key] = _solve_one(model, target, config, store, branch_nodes,
-                                                                    summary)
-                        if sequential is not None:
-                            dtype = onnx.helper.tensor_dtype_to_np_dtype(target.dtype)
-                            sequential.commit(target.weight_name, target.initializer_from_matrix(qw.dequantize(dtype)))
+                    if target.matrix_key not in solved and target.matrix_key not in jobs:
+                        jobs[target.matrix_key] = _LayerJob.of(model, target, config, store, branch_nodes)
+                for job, (qw, report) in zip(jobs.values(), _solve_jobs(list(jobs.values()), pool), strict=True):
+                    solved[job.target.matrix_key] = job.record(qw, report, config, summary)
+                    if sequential is not None:
+                        dtype = onnx.helper.tensor_dtype_to_np_dtype(job.target.dtype)
+                        sequential.commit(job.target.weight_name,
+                                          job.target.initializer_from_matrix(qw.dequantize(dtype)))
+                for target in group:
                     bar.step(target.name)
     finally:
+        pool.close()
         if sequential is not None:
             sequential.close()
     return solved
 
 
-def _solve_one(
-    model: onnx.ModelProto, target: Target, config: QuantizeConfig, store, branch_nodes: set[str],
-    summary: QuantizeSummary,
-) -> QuantizedWeight:
-    weight = target.matrix_from_initializer(initializer_array(model, target.weight_name)).astype(np.float64)
-    if not np.all(np.isfinite(weight)):
-        raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN or "
-                         "Inf; fix the model, or leave the node in float with --exclude")
-    fp16 = target.dtype == onnx.TensorProto.FLOAT16
-    scale_dtype = np.float16 if fp16 else np.dtype(config.resolved_scale_storage).type
-    params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
-    stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
-    zero_mask = (weight == 0) if target.name in branch_nodes else None
+@dataclass(frozen=True)
+class _LayerJob:
+    """One weight matrix to solve: its float64 ``W[N, K]``, the method's params, statistics and zero mask."""
+
+    target: Target
+    weight: np.ndarray
+    params: SolverParams
+    stats: LayerStats | None
+    zero_mask: np.ndarray | None
+    scale_dtype: type
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, target: Target, config: QuantizeConfig, store, branch_nodes: set[str]
+           ) -> _LayerJob:
+        weight = target.matrix_from_initializer(initializer_array(model, target.weight_name)).astype(np.float64)
+        if not np.all(np.isfinite(weight)):
+            raise OnnxqError(f"weight '{target.weight_name}' of {target.op_type} node '{target.name}' contains NaN "
+                             "or Inf; fix the model, or leave the node in float with --exclude")
+        fp16 = target.dtype == onnx.TensorProto.FLOAT16
+        scale_dtype = np.float16 if fp16 else np.dtype(config.resolved_scale_storage).type
+        params = config.solver_params(resolve_group_size(weight.shape[1], config.group_size), scale_dtype)
+        stats = store.layer_stats(target) if NEEDS_STATS[config.method] else None
+        zero_mask = (weight == 0) if target.name in branch_nodes else None
+        return cls(target, weight, params, stats, zero_mask, scale_dtype)
+
+    def record(self, qw: QuantizedWeight, report: SolveReport, config: QuantizeConfig,
+               summary: QuantizeSummary) -> QuantizedWeight:
+        """Check the solved weight's grid, add its line to the summary; returns ``qw``."""
+        target, weight = self.target, self.weight
+        dequantized = qw.dequantize(np.float64)
+        if report.nearest:
+            _check_grid(target, weight, qw, dequantized, self.scale_dtype, summary)
+        err = float(np.linalg.norm(dequantized - weight) / max(np.linalg.norm(weight), 1e-30))
+        summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
+                                          config.format, err, report.loss_rtn, report.loss_method))
+        return qw
+
+
+def _solve_jobs(jobs: list[_LayerJob], pool: SolvePool) -> list[tuple[QuantizedWeight, SolveReport]]:
+    """Solve a layer group's weights; the row tasks of all of them go to ``pool`` at once."""
+    plans: list[list[RowTask]] = []
+    for job in jobs:
+        if job.stats is None:
+            plans.append([])
+            continue
+        try:
+            plans.append(plan(job.weight, job.params, job.stats, job.zero_mask))
+        except OnnxqError as exc:
+            raise OnnxqError(f"{job.target.op_type} node '{job.target.name}': {exc}") from None
+    owners = [job for job, tasks in zip(jobs, plans, strict=True) for _ in tasks]
     try:
-        qw, report = solve(weight, params, stats, zero_mask)
-    except OnnxqError as exc:  # the solvers know matrices, not nodes
-        raise OnnxqError(f"{target.op_type} node '{target.name}': {exc}") from None
-    dequantized = qw.dequantize(np.float64)
-    if report.nearest:
-        _check_grid(target, weight, qw, dequantized, scale_dtype, summary)
-    err = float(np.linalg.norm(dequantized - weight) / max(np.linalg.norm(weight), 1e-30))
-    summary.layers.append(LayerRecord(target.name, target.op_type, target.weight_name, target.matrix_shape,
-                                      config.format, err, report.loss_rtn, report.loss_method))
-    return qw
+        results = iter(pool.run([task for tasks in plans for task in tasks]))
+    except SolveTaskError as exc:  # the solvers know matrices, not nodes
+        target = owners[exc.index].target
+        raise OnnxqError(f"{target.op_type} node '{target.name}': {exc.message}") from None
+    solved = []
+    for job, tasks in zip(jobs, plans, strict=True):
+        if job.stats is None:
+            solved.append(solve(job.weight, job.params, None, job.zero_mask))
+        else:
+            solved.append(assemble([next(results) for _ in tasks]))
+    return solved
 
 
 def _check_grid(

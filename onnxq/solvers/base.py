@@ -11,6 +11,9 @@ Rules that hold for every method, applied here once:
 
 * **conv groups**: a grouped Conv has one Hessian per conv group; its output channels
   ``c·N/C … (c+1)·N/C`` are solved against ``H[c]`` and the pieces stacked back along N;
+* **row tasks**: every Hessian method treats rows independently (each row's loss, grid and codes depend on that
+  row alone), so a layer is solved as :class:`RowTask` pieces that may run in other processes
+  (:mod:`onnxq.solve_pool`); each runs with one BLAS thread, so the bytes never depend on where it ran;
 * **float targets**: with ``C = Σ xᵀx_float`` in the stats, the Hessian methods fit
   :func:`~onnxq.solvers.hessian.float_output_target`'s ``W̃`` instead of ``W``;
 * **zero masks** (SplitQuant branches, whose zeros must dequantize to exactly 0): the integer zero point is used,
@@ -27,10 +30,13 @@ and of the method, against the same target ``W̃`` (Hessian methods only).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from onnxq.quantized_weight import QuantizedWeight, stack_rows
 from onnxq.solvers.decoupleq import quantize_decoupleq
@@ -100,13 +106,40 @@ class SolveReport:
     nearest: bool = False  # every weight was rounded to its nearest grid point (RTN, range not shrunk)
 
 
+ROWS_PER_TASK = 512  # at most this many rows per solve task: a layer group's tasks run in parallel
+
+
+@dataclass(frozen=True)
+class RowTask:
+    """Rows of one weight solved against one Hessian (one conv group, or part of one: rows are independent)."""
+
+    original: np.ndarray  # the rows of W as given (float64)
+    target: np.ndarray  # what they are fit to: W̃ with float targets, else ``original``
+    hessian: PreparedHessian
+    mask: np.ndarray | None
+    params: GptqParams | DecoupleqParams
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """A task's quantized rows (as stored) and their undamped losses against the task's target."""
+
+    weight: QuantizedWeight
+    loss_rtn: float
+    loss_method: float
+
+
 def solve(
     weight: np.ndarray,
     params: SolverParams,
     stats: LayerStats | None = None,
     zero_mask: np.ndarray | None = None,
+    run: Callable[[list[RowTask]], list[RowResult]] | None = None,
 ) -> tuple[QuantizedWeight, SolveReport]:
-    """Quantize ``weight[N, K]`` (float64) with the method of ``params``; see the module docstring for the rules."""
+    """Quantize ``weight[N, K]`` (float64) with the method of ``params``; see the module docstring for the rules.
+
+    Hessian methods split the rows into :func:`plan`'s tasks; ``run`` executes them (default: here, in order,
+    e.g. :meth:`onnxq.solve_pool.SolvePool.run` to use several processes: the result is the same bytes)."""
     if zero_mask is not None and not zero_mask.any():
         zero_mask = None
     if isinstance(params, RtnParams):
@@ -114,44 +147,62 @@ def solve(
             params = replace(params, zero_convention="integer", clip_search=True)
         qw = quantize_rtn(weight, params.bits, params.group_size, params.symmetric, params.zero_convention,
                           params.clip_search, scale_dtype=params.scale_dtype)
-        report = SolveReport(nearest=not params.clip_search)
-    elif stats is None:
+        return _stored_as(qw, params.scale_dtype), SolveReport(nearest=not params.clip_search)
+    if stats is None:
         raise ValueError(f"{type(params).__name__} needs LayerStats (calibration)")
-    else:
-        qw, report = _solve_with_hessians(weight, params, stats, zero_mask)
-    return _stored_as(qw, params.scale_dtype), report
+    tasks = plan(weight, params, stats, zero_mask)
+    return assemble(run(tasks) if run is not None else [run_task(task) for task in tasks])
 
 
-def _solve_with_hessians(
+def plan(
     weight: np.ndarray, params: GptqParams | DecoupleqParams, stats: LayerStats, zero_mask: np.ndarray | None
-) -> tuple[QuantizedWeight, SolveReport]:
+) -> list[RowTask]:
+    """The row tasks of a Hessian method: per conv group, its rows (and float target ``W̃``) in near-equal parts of
+    at most :data:`ROWS_PER_TASK` rows.  The split depends on the shape only, never on how tasks are run."""
     conv_groups = len(stats.hessians)
     rows = weight.shape[0] // conv_groups
-    pieces, loss_rtn, loss_method = [], 0.0, 0.0
+    tasks = []
     for c, (hessian, cross) in enumerate(zip(stats.hessians, stats.crosses, strict=True)):
-        part = slice(c * rows, (c + 1) * rows)
-        original = weight[part]
+        original = weight[c * rows : (c + 1) * rows]
         target = original if cross is None else float_output_target(original, hessian, cross)
-        mask = None if zero_mask is None else zero_mask[part]
-        if isinstance(params, GptqParams):
-            qw = quantize_gptq(target, hessian, params.bits, params.group_size, params.symmetric,
-                               params.zero_convention, params.damp, params.act_order, zero_mask=mask,
-                               scale_dtype=params.scale_dtype)
-            zero_convention = params.zero_convention
-            symmetric = params.symmetric
-        else:
-            qw, _ = quantize_decoupleq(target, hessian, params.bits, params.group_size, iters=params.iters,
-                                       damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
-                                       param_dtype=params.scale_dtype)
-            zero_convention, symmetric = "float", False
-        qw = _stored_as(qw, params.scale_dtype)  # the losses are those of the weights as stored
-        raw = hessian.undamped()
-        rtn = quantize_rtn(original, params.bits, params.group_size, symmetric,
-                           "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)
-        loss_rtn += float(layer_loss(target, rtn.dequantize(np.float64), raw).sum())
-        loss_method += float(layer_loss(target, qw.dequantize(np.float64), raw).sum())
-        pieces.append(qw)
-    return stack_rows(pieces), SolveReport(loss_rtn, loss_method)
+        mask = None if zero_mask is None else zero_mask[c * rows : (c + 1) * rows]
+        parts = -(-rows // ROWS_PER_TASK)
+        for start, stop in itertools.pairwise(np.linspace(0, rows, parts + 1).round().astype(int)):
+            tasks.append(RowTask(original[start:stop], target[start:stop], hessian,
+                                 None if mask is None else mask[start:stop], params))
+    return tasks
+
+
+def run_task(task: RowTask) -> RowResult:
+    """Solve one task with one BLAS thread (so its bytes are the same in any process) and measure its losses."""
+    with threadpool_limits(limits=1):
+        return _solve_rows(task)
+
+
+def assemble(results: list[RowResult]) -> tuple[QuantizedWeight, SolveReport]:
+    """The layer from its tasks' results, in plan order; losses summed in that order."""
+    report = SolveReport(sum(r.loss_rtn for r in results), sum(r.loss_method for r in results))
+    return stack_rows([r.weight for r in results]), report
+
+
+def _solve_rows(task: RowTask) -> RowResult:
+    params, target, mask = task.params, task.target, task.mask
+    if isinstance(params, GptqParams):
+        qw = quantize_gptq(target, task.hessian, params.bits, params.group_size, params.symmetric,
+                           params.zero_convention, params.damp, params.act_order, zero_mask=mask,
+                           scale_dtype=params.scale_dtype)
+        zero_convention, symmetric = params.zero_convention, params.symmetric
+    else:
+        qw, _ = quantize_decoupleq(target, task.hessian, params.bits, params.group_size, iters=params.iters,
+                                   damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
+                                   param_dtype=params.scale_dtype)
+        zero_convention, symmetric = "float", False
+    qw = _stored_as(qw, params.scale_dtype)  # the losses are those of the weights as stored
+    raw = task.hessian.undamped()
+    rtn = quantize_rtn(task.original, params.bits, params.group_size, symmetric,
+                       "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)
+    return RowResult(qw, float(layer_loss(target, rtn.dequantize(np.float64), raw).sum()),
+                     float(layer_loss(target, qw.dequantize(np.float64), raw).sum()))
 
 
 def _stored_as(qw: QuantizedWeight, dtype: type) -> QuantizedWeight:

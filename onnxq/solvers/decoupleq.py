@@ -13,8 +13,9 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
   the Cholesky factor of ``H⁻¹``, act-order by default, :mod:`onnxq.solvers.gptq`), or ``round_mode="train"``:
   projected gradient descent on the box-relaxed weights with progressive rounding; then, from the best codes so far,
   ``refine_sweeps`` sweeps of exact coordinate descent over single codes (:mod:`onnxq.solvers.rounding`);
-* every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; the alternation
-  stops after ``iters`` rounds or when at most ``min_improved_fraction`` of the channels improve.
+* every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; a channel's
+  alternation stops after ``iters`` rounds or at the first round that does not improve it (the steps are
+  deterministic functions of the channel's own state, so no later round could).
 
 Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``float_zeros = z``.  With a
 ``zero_mask`` (SplitQuant branches) the integer zero-point convention is used instead — ``q = s_g·(c − zp_g)``,
@@ -58,7 +59,6 @@ class _Config:
     min_shrink: float
     act_order: bool
     refine_sweeps: int
-    min_improved_fraction: float
     train_stages: int
     train_steps: int
     param_dtype: np.dtype  # storage type of s and z: every grid the alternation accepts is representable in it
@@ -79,7 +79,6 @@ def quantize_decoupleq(
     grid_points: int = 8,
     min_shrink: float = 0.6,
     refine_sweeps: int = 1,
-    min_improved_fraction: float = 1e-3,
     train_stages: int = 8,
     train_steps: int = 25,
     max_rows: int = 4096,
@@ -121,7 +120,6 @@ def quantize_decoupleq(
         min_shrink=float(min_shrink),
         act_order=act_order,
         refine_sweeps=max(0, int(refine_sweeps)),
-        min_improved_fraction=float(min_improved_fraction),
         train_stages=max(1, int(train_stages)),
         train_steps=max(1, int(train_steps)),
         param_dtype=np.dtype(param_dtype),
@@ -174,105 +172,125 @@ def _solve_rows(
     config: _Config,
     log: Callable[[str], None] | None,
 ) -> tuple[GroupGrid, dict]:
-    """The whole alternation for a chunk of channels (rows are independent)."""
+    """The whole alternation for a chunk of channels (rows are independent).
+
+    Every step's candidate for a row depends on that row's state alone, so a row no step improved in an iteration
+    would get the same candidates in the next one: it is done.  Iterations run on the rows still improving only
+    (the result of a row does not depend on which other rows share its chunk)."""
     hessian = prepared.damped
     order = prepared.act_order() if config.act_order else None
-    upper = prepared.inverse_cholesky_upper(order)
-    least_squares = ScaleLeastSquares(target, hessian, config.group_size)
-    k = target.shape[1]
-
-    def loss_of(grid: GroupGrid) -> np.ndarray:
-        return layer_loss(target, grid.dequantize(config.group_size), hessian)
-
-    def integer_step(grid: GroupGrid) -> tuple[GroupGrid, np.ndarray]:
-        """Re-round all codes on ``grid``: GPTQ (loss for free) or relaxed rounding."""
-        if config.round_mode == "train":
-            codes = relaxed_rounding(
-                target,
-                hessian,
-                grid,
-                config.group_size,
-                config.bits,
-                mask,
-                order,
-                config.train_stages,
-                config.train_steps,
-            )
-            candidate = grid.with_codes(codes)
-            return candidate, loss_of(candidate)
-        codes, candidate_loss = gptq_round(
-            target,
-            upper,
-            config.bits,
-            config.group_size,
-            grid.scales,
-            grid.zero_points,
-            grid.float_zeros,
-            order=order,
-            zero_mask=mask,
-        )
-        return grid.with_codes(codes), candidate_loss
-
-    def refine_step(grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:
-        """Coordinate descent over single codes from ``grid`` (its loss change is exact)."""
-        codes, change = coordinate_descent(
-            target, hessian, grid, config.group_size, config.bits, mask, config.refine_sweeps
-        )
-        return grid.with_codes(codes), grid_loss + change
-
-    def float_step(grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray]:
-        ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
-        float_zeros = None if config.integer_zero else grid.float_zeros
-        scales, float_zeros, candidate_loss, current_loss = least_squares.fit(ints, grid.scales, float_zeros)
-        candidate = GroupGrid(grid.codes, scales, grid.zero_points, float_zeros)
-        if _compact(config):  # θ as stored: its own loss, compared with the best directly
-            candidate = _stored(candidate, config.param_dtype)
-            return candidate, loss_of(candidate), None
-        return candidate, candidate_loss, current_loss
-
-    def accept(
-        best: GroupGrid,
-        best_loss: np.ndarray,
-        candidate: GroupGrid,
-        candidate_loss: np.ndarray,
-        reference_loss: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Take the candidate's rows where its loss is lower (and lower than ``reference_loss``, if given)."""
-        better = candidate_loss < best_loss
-        if reference_loss is not None:  # the float step evaluates both θ with one formula: compare like with like
-            better &= candidate_loss < reference_loss
-        best.take(better, candidate)
-        best_loss[better] = candidate_loss[better]
-        return better
+    problem = _Rows(target, mask, ScaleLeastSquares.build(target, hessian, config.group_size))
+    steps = _Steps(config, hessian, prepared.inverse_cholesky_upper(order), order)
 
     best = _rtn_grid(target, mask, config)
-    loss = loss_of(best)
+    loss = steps.loss_of(problem, best)
     stats: dict = {"loss_rtn": float(loss.sum())}
     rtn = best.with_codes(best.codes.copy())
     rtn_loss = loss.copy()
-    accept(best, loss, *integer_step(best))
+    _accept(best, loss, *steps.integer(problem, best))
     if config.grid_search:
         grid = _grid_search(target, mask, config, hessian, rtn, rtn_loss)
-        accept(best, loss, grid, loss_of(grid))
-        fitted, fitted_loss, _ = float_step(grid)
-        accept(best, loss, fitted, fitted_loss)
-        accept(best, loss, *integer_step(fitted))
+        _accept(best, loss, grid, steps.loss_of(problem, grid))
+        fitted, fitted_loss, _ = steps.float(problem, grid)
+        _accept(best, loss, fitted, fitted_loss)
+        _accept(best, loss, *steps.integer(problem, fitted))
     stats["loss_init"] = float(loss.sum())
 
     losses, improved = [], []
+    active = np.arange(target.shape[0])
     for _ in range(config.iters):
-        changed = accept(best, loss, *float_step(best))
-        changed |= accept(best, loss, *integer_step(best))
+        if active.size == 0:
+            break
+        rows = problem.rows(active)
+        row_best, row_loss = best.rows(active), loss[active]
+        changed = _accept(row_best, row_loss, *steps.float(rows, row_best))
+        changed |= _accept(row_best, row_loss, *steps.integer(rows, row_best))
         if config.refine_sweeps:
-            changed |= accept(best, loss, *refine_step(best, loss))
+            changed |= _accept(row_best, row_loss, *steps.refine(rows, row_best, row_loss))
+        best.take(active, row_best, source_rows=slice(None))
+        loss[active] = row_loss
+        active = active[changed]
         losses.append(float(loss.sum()))
         improved.append(int(changed.sum()))
         if log is not None:
             log(f"  iteration {len(losses)}: loss {losses[-1]:.6g}, {improved[-1]} channels improved")
-        if improved[-1] <= config.min_improved_fraction * target.shape[0]:
-            break
     stats.update(losses=losses, improved=improved, loss_final=float(loss.sum()))
     return best, stats
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The per-row data of a chunk: targets, zero mask and the float step's normal equations."""
+
+    target: np.ndarray
+    mask: np.ndarray | None
+    least_squares: ScaleLeastSquares
+
+    def rows(self, index: np.ndarray) -> _Rows:
+        return _Rows(self.target[index], None if self.mask is None else self.mask[index],
+                     self.least_squares.rows(index))
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The alternation's steps; each returns a candidate grid and its loss per row of the given :class:`_Rows`."""
+
+    config: _Config
+    hessian: np.ndarray  # damped H
+    upper: np.ndarray  # upper Cholesky factor of H⁻¹ in processing order
+    order: np.ndarray | None
+
+    def loss_of(self, rows: _Rows, grid: GroupGrid) -> np.ndarray:
+        return layer_loss(rows.target, grid.dequantize(self.config.group_size), self.hessian)
+
+    def integer(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray]:
+        """Re-round all codes on ``grid``: GPTQ (loss for free) or relaxed rounding."""
+        config = self.config
+        if config.round_mode == "train":
+            codes = relaxed_rounding(rows.target, self.hessian, grid, config.group_size, config.bits, rows.mask,
+                                     self.order, config.train_stages, config.train_steps)
+            candidate = grid.with_codes(codes)
+            return candidate, self.loss_of(rows, candidate)
+        codes, candidate_loss = gptq_round(rows.target, self.upper, config.bits, config.group_size, grid.scales,
+                                           grid.zero_points, grid.float_zeros, order=self.order, zero_mask=rows.mask)
+        return grid.with_codes(codes), candidate_loss
+
+    def refine(self, rows: _Rows, grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:
+        """Coordinate descent over single codes from ``grid`` (its loss change is exact)."""
+        config = self.config
+        codes, change = coordinate_descent(rows.target, self.hessian, grid, config.group_size, config.bits,
+                                           rows.mask, config.refine_sweeps)
+        return grid.with_codes(codes), grid_loss + change
+
+    def float(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray | None]:
+        """Least-squares ``(s, z)`` for the grid's codes; the third value is the current ``θ``'s loss by the same
+        formula (None when the candidate's loss is that of its stored parameters)."""
+        config = self.config
+        k = grid.codes.shape[1]
+        ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
+        float_zeros = None if config.integer_zero else grid.float_zeros
+        scales, float_zeros, candidate_loss, current_loss = rows.least_squares.fit(ints, grid.scales, float_zeros)
+        candidate = GroupGrid(grid.codes, scales, grid.zero_points, float_zeros)
+        if _compact(config):  # θ as stored: its own loss, compared with the best directly
+            candidate = _stored(candidate, config.param_dtype)
+            return candidate, self.loss_of(rows, candidate), None
+        return candidate, candidate_loss, current_loss
+
+
+def _accept(
+    best: GroupGrid,
+    best_loss: np.ndarray,
+    candidate: GroupGrid,
+    candidate_loss: np.ndarray,
+    reference_loss: np.ndarray | None = None,
+) -> np.ndarray:
+    """Take the candidate's rows where its loss is lower (and lower than ``reference_loss``, if given)."""
+    better = candidate_loss < best_loss
+    if reference_loss is not None:  # the float step evaluates both θ with one formula: compare like with like
+        better &= candidate_loss < reference_loss
+    best.take(better, candidate)
+    best_loss[better] = candidate_loss[better]
+    return better
 
 
 def _rtn_grid(target: np.ndarray, mask: np.ndarray | None, config: _Config) -> GroupGrid:

@@ -10,28 +10,44 @@ where they are.  The loss of any ``θ`` follows from the same quantities: ``ℓ(
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 RIDGE = 1e-10  # relative ridge: θ = (M + εD)⁻¹(r + εDθ₀), D = diag(M)
 
 
+@dataclass(frozen=True)
 class ScaleLeastSquares:
     """Normal equations of the float step for one weight ``[n, K]`` and Hessian (the parts that do not change)."""
 
-    def __init__(self, target: np.ndarray, hessian: np.ndarray, group_size: int) -> None:
+    k: int
+    group_size: int
+    groups: int
+    h_pad: np.ndarray  # H zero-padded to whole groups
+    h_group_sums: np.ndarray  # [K_pad, G]: Σ_{l∈h} H_kl
+    m22: np.ndarray  # [G, G]: Σ_{k∈g, l∈h} H_kl
+    hw_pad: np.ndarray  # per row: w·H, padded
+    whw: np.ndarray  # per row: w·H·wᵀ
+
+    @classmethod
+    def build(cls, target: np.ndarray, hessian: np.ndarray, group_size: int) -> ScaleLeastSquares:
         n, k = target.shape
-        self.k = k
-        self.group_size = group_size
-        self.groups = -(-k // group_size)
-        padded = self.groups * group_size
-        self.h_pad = np.zeros((padded, padded))
-        self.h_pad[:k, :k] = hessian
+        groups = -(-k // group_size)
+        padded = groups * group_size
+        h_pad = np.zeros((padded, padded))
+        h_pad[:k, :k] = hessian
         hw = target @ hessian
-        self.hw_pad = np.zeros((n, padded))
-        self.hw_pad[:, :k] = hw
-        self.whw = np.einsum("nk,nk->n", hw, target)
-        self.h_group_sums = self.h_pad.reshape(padded, self.groups, group_size).sum(axis=2)  # Σ_{l∈h} H_kl
-        self.m22 = self.h_group_sums.reshape(self.groups, group_size, self.groups).sum(axis=1)
+        hw_pad = np.zeros((n, padded))
+        hw_pad[:, :k] = hw
+        h_group_sums = h_pad.reshape(padded, groups, group_size).sum(axis=2)
+        return cls(k, group_size, groups, h_pad, h_group_sums,
+                   h_group_sums.reshape(groups, group_size, groups).sum(axis=1), hw_pad,
+                   np.einsum("nk,nk->n", hw, target))
+
+    def rows(self, index: np.ndarray) -> ScaleLeastSquares:
+        """The same equations for the rows ``index`` of the target (the Hessian parts are shared, not copied)."""
+        return replace(self, hw_pad=self.hw_pad[index], whw=self.whw[index])
 
     def fit(
         self, ints: np.ndarray, scales: np.ndarray, float_zeros: np.ndarray | None
@@ -100,6 +116,6 @@ def fit_float_params(
 
     ``scales``/``float_zeros`` (``[n, G]``) are the current values the ridge pulls unidentifiable parameters toward.
     """
-    least_squares = ScaleLeastSquares(np.asarray(target, np.float64), np.asarray(hessian, np.float64), group_size)
+    least_squares = ScaleLeastSquares.build(np.asarray(target, np.float64), np.asarray(hessian, np.float64), group_size)
     new_scales, new_float_zeros, _, _ = least_squares.fit(np.asarray(ints, np.float64), scales, float_zeros)
     return new_scales, new_float_zeros

@@ -37,6 +37,10 @@ class GroupGrid:
         for name in ("codes", "scales", "zero_points", "float_zeros"):
             getattr(self, name)[rows] = getattr(other, name)[source_rows]
 
+    def rows(self, index: np.ndarray) -> GroupGrid:
+        """A copy of the rows ``index``."""
+        return GroupGrid(self.codes[index], self.scales[index], self.zero_points[index], self.float_zeros[index])
+
     def with_codes(self, codes: np.ndarray) -> GroupGrid:
         return GroupGrid(codes, self.scales.copy(), self.zero_points.copy(), self.float_zeros.copy())
 

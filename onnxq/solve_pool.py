@@ -1,0 +1,161 @@
+"""Solve a layer group's row tasks in parallel worker processes (``--workers``).
+
+Rows of a weight are independent in every Hessian method (:mod:`onnxq.solvers.base`), and a layer group's layers
+(q/k/v, gate/up) are solved from statistics already collected, so all tasks of a group can run at once.  Each task
+runs with one BLAS thread wherever it runs, so the output bytes do not depend on the number of workers.
+
+The workers are plain ``python -m onnxq.solve_worker`` processes fed pickled tasks through their stdin and answering
+on their stdout (not ``multiprocessing``, whose ``spawn`` re-runs the caller's script unless it has a
+``__main__`` guard, and whose ``fork`` copies ONNX Runtime's threads).  They start on the first group that has more
+than one task and enough work to pay for them (:data:`PARALLEL_WORK`), and stop when the run ends; they ignore
+Ctrl-C, which the parent handles by stopping them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from onnxq.errors import OnnxqError
+from onnxq.solvers.base import RowResult, RowTask, run_task
+
+PARALLEL_WORK = 1e8  # Σ rows·K² of a group below which it is solved here (~0.3 s; a worker starts in ~0.7 s)
+
+
+def _work(task: RowTask) -> float:
+    """A task's cost in the units of :data:`PARALLEL_WORK` (the column sweeps cost ``rows·K²``)."""
+    rows, k = task.target.shape
+    return float(rows) * k * k
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class SolveTaskError(OnnxqError):
+    """A task's solver refused its input: ``index`` is the task's position in the list given to ``run``."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index, self.message = index, message
+
+
+class SolvePool:
+    """``run(tasks)``: the tasks' results in order, computed by up to ``workers`` processes (1: in this one)."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self._processes: list[subprocess.Popen] = []
+
+    def run(self, tasks: list[RowTask]) -> list[RowResult]:
+        if self.workers == 1 or len(tasks) <= 1 or sum(_work(task) for task in tasks) < PARALLEL_WORK:
+            results = []
+            for index, task in enumerate(tasks):
+                try:
+                    results.append(run_task(task))
+                except OnnxqError as exc:
+                    raise SolveTaskError(index, str(exc)) from None
+            return results
+        if not self._processes:
+            self._processes = [_start_worker() for _ in range(self.workers)]
+        return _Dispatch(self._processes, tasks).results()
+
+    def close(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                try:
+                    process.stdin.close()
+                    process.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    process.kill()
+                    process.wait()
+            process.stdout.close()
+        self._processes = []
+
+    def __enter__(self) -> SolvePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _start_worker() -> subprocess.Popen:
+    """A worker with one BLAS thread that imports this very ``onnxq`` (whatever ``sys.path`` found it)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return subprocess.Popen([sys.executable, "-m", "onnxq.solve_worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+
+
+class _Dispatch:
+    """Hand ``tasks`` to the workers (one thread each, feeding its worker the next task as it finishes one)."""
+
+    def __init__(self, processes: list[subprocess.Popen], tasks: list[RowTask]) -> None:
+        self.tasks = tasks
+        self.answers: list[tuple[str, object] | None] = [None] * len(tasks)
+        self.next = 0
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._feed, args=(p,), daemon=True) for p in processes]
+
+    def results(self) -> list[RowResult]:
+        for thread in self.threads:
+            thread.start()
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(0.2)  # a short wait keeps Ctrl-C deliverable to this thread
+        out = []
+        for index, answer in enumerate(self.answers):
+            kind, value = answer if answer is not None else ("died", "")
+            if kind == "ok":
+                out.append(value)
+            elif kind == "refused":
+                raise SolveTaskError(index, str(value))
+            elif kind == "died":
+                raise OnnxqError(f"a solver process died (out of memory?); rerun with fewer --workers, or "
+                                 f"--workers 1{value}")
+            else:
+                raise RuntimeError(f"solver worker failed on task {index}:\n{value}")
+        return out
+
+    def _feed(self, process: subprocess.Popen) -> None:
+        while True:
+            with self.lock:
+                index = self.next
+                if index >= len(self.tasks) or any(a is not None and a[0] != "ok" for a in self.answers):
+                    return
+                self.next += 1
+            try:
+                pickle.dump(self.tasks[index], process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                process.stdin.flush()
+                self.answers[index] = pickle.load(process.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError):
+                self.answers[index] = ("died", f" (exit code {process.poll()})")
+                return
+
+
+def serve(source, sink) -> None:
+    """The worker loop: read a pickled :class:`RowTask` from ``source``, write ``(kind, value)`` to ``sink``."""
+    while True:
+        try:
+            task = pickle.load(source)
+        except EOFError:
+            return
+        try:
+            answer: tuple[str, object] = ("ok", run_task(task))
+        except OnnxqError as exc:
+            answer = ("refused", str(exc))
+        except Exception:  # noqa: BLE001 - a bug: its traceback goes to the parent
+            import traceback
+
+            answer = ("failed", traceback.format_exc())
+        pickle.dump(answer, sink, protocol=pickle.HIGHEST_PROTOCOL)
+        sink.flush()

@@ -1,0 +1,77 @@
+"""Parallel solving (``--workers``): the same bytes as one process, refusals name the node, a dead worker is an
+error, and a layer's rows may be split into tasks without changing its result."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxq
+from onnxq import solve_pool
+from onnxq.errors import OnnxqError
+from onnxq.solve_pool import SolvePool, SolveTaskError
+from onnxq.solvers.base import ROWS_PER_TASK, DecoupleqParams, GptqParams, LayerStats, plan, solve
+from onnxq.solvers.hessian import prepare_hessian
+from tests.test_solver_decoupleq import correlated_problem
+
+DATA = Path(onnxq.__file__).parent / "data"
+
+
+@pytest.mark.parametrize("method", ["decoupleq", "gptq"])
+def test_workers_give_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    monkeypatch.setattr(solve_pool, "PARALLEL_WORK", 0)  # the digits layers are small: use the workers anyway
+    digests = []
+    for workers in (1, 2):
+        out = tmp_path / f"{method}_{workers}.onnx"
+        onnxq.quantize(DATA / "digits_mlp.onnx", out, method=method, bits=2, group_size=32, workers=workers,
+                       calibration=str(DATA / "digits_calib.npz"), progress=False)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_rows_split_into_tasks_give_the_rows_solved_alone() -> None:
+    weight, hessian = correlated_problem(n=ROWS_PER_TASK + 40, k=64, seed=3)
+    stats = LayerStats((prepare_hessian(hessian, act_order=True),), (None,))
+    params = DecoupleqParams(bits=2, group_size=32, iters=2)
+    tasks = plan(weight, params, stats, None)
+    assert len(tasks) == 2 and all(t.target.shape[0] <= ROWS_PER_TASK for t in tasks)
+    whole, _ = solve(weight, params, stats)
+    head, _ = solve(weight[:40], params, stats)
+    assert np.array_equal(whole.codes[:40], head.codes)
+    np.testing.assert_allclose(whole.scales[:40], head.scales, rtol=1e-6)
+
+
+def test_a_refusal_in_a_worker_names_its_task() -> None:
+    weight, hessian = correlated_problem(n=8, k=32, seed=1)
+    stats = LayerStats((prepare_hessian(hessian),), (None,))
+    good = plan(weight, GptqParams(bits=2, group_size=16), stats, None)
+    bad = plan(weight, DecoupleqParams(bits=2, group_size=16, iters=-1), stats, None)
+    with SolvePool(2) as pool, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solve_pool, "PARALLEL_WORK", 0)
+        with pytest.raises(SolveTaskError, match="iters must be >= 0") as info:
+            pool.run(good + bad)
+    assert info.value.index == len(good)
+
+
+def test_a_dead_worker_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(solve_pool, "PARALLEL_WORK", 0)
+    weight, hessian = correlated_problem(n=8, k=32, seed=2)
+    tasks = plan(weight, GptqParams(bits=2, group_size=16), LayerStats((prepare_hessian(hessian),), (None,)), None)
+    with SolvePool(2) as pool:
+        first = pool.run(tasks * 2)
+        for process in pool._processes:
+            process.kill()
+            process.wait()
+        with pytest.raises(OnnxqError, match="solver process died"):
+            pool.run(tasks * 2)
+    assert len(first) == 2 * len(tasks)
+
+
+def test_workers_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OnnxqError, match="--workers 0 is out of range"):
+        onnxq.quantize(DATA / "digits_mlp.onnx", tmp_path / "out.onnx", method="decoupleq", bits=2, workers=0,
+                       calibration=str(DATA / "digits_calib.npz"), progress=False)
+    assert not (tmp_path / "out.onnx").exists()
