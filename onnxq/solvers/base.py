@@ -192,17 +192,19 @@ def _solve_rows(task: RowTask) -> RowResult:
                            params.zero_convention, params.damp, params.act_order, zero_mask=mask,
                            scale_dtype=params.scale_dtype)
         zero_convention, symmetric = params.zero_convention, params.symmetric
-    else:
-        qw, _ = quantize_decoupleq(target, task.hessian, params.bits, params.group_size, iters=params.iters,
-                                   damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
-                                   param_dtype=params.scale_dtype)
-        zero_convention, symmetric = "float", False
-    qw = _stored_as(qw, params.scale_dtype)  # the losses are those of the weights as stored
+        qw = _stored_as(qw, params.scale_dtype)  # the losses are those of the weights as stored
+        loss_method = None
+    else:  # decoupleQ solves on the stored grid and measures its result's loss
+        qw, stats = quantize_decoupleq(target, task.hessian, params.bits, params.group_size, iters=params.iters,
+                                       damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
+                                       param_dtype=params.scale_dtype)
+        zero_convention, symmetric, loss_method = "float", False, stats["raw_loss_final"]
     raw = task.hessian.undamped()
+    if loss_method is None:
+        loss_method = float(layer_loss(target, qw.dequantize(np.float64), raw).sum())
     rtn = quantize_rtn(task.original, params.bits, params.group_size, symmetric,
                        "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)
-    return RowResult(qw, float(layer_loss(target, rtn.dequantize(np.float64), raw).sum()),
-                     float(layer_loss(target, qw.dequantize(np.float64), raw).sum()))
+    return RowResult(qw, float(layer_loss(target, rtn.dequantize(np.float64), raw).sum()), loss_method)
 
 
 def _stored_as(qw: QuantizedWeight, dtype: type) -> QuantizedWeight:

@@ -151,9 +151,11 @@ def quantize_decoupleq(
     stats = _merge_stats(chunk_stats)
     rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float",
                        scale_dtype=config.param_dtype)
-    qweight, stats["rows_from_rtn"] = no_worse_than(target, raw_hessian, qweight, rtn)
-    stats["raw_loss_rtn"] = float(layer_loss(target, rtn.dequantize(np.float64), raw_hessian).sum())
-    stats["raw_loss_final"] = float(layer_loss(target, qweight.dequantize(np.float64), raw_hessian).sum())
+    guarded = no_worse_than(target, raw_hessian, qweight, rtn)
+    qweight = guarded.weight
+    stats["rows_from_rtn"] = int(guarded.taken.sum())
+    stats["raw_loss_rtn"] = float(guarded.loss_reference.sum())
+    stats["raw_loss_final"] = float(guarded.loss.sum())
     stats["damp"] = prepared.damp
     stats["seconds"] = time.perf_counter() - start
     if log is not None:

@@ -13,6 +13,7 @@ computed without forming the inverse: with ``J`` the reversal permutation and ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -123,18 +124,26 @@ def layer_loss(weight: np.ndarray, qweight_dequant: np.ndarray, hessian: np.ndar
     return np.einsum("nk,nk->n", error @ np.asarray(hessian, dtype=np.float64), error)
 
 
+class Guarded(NamedTuple):
+    """:func:`no_worse_than`'s result: the weight, the rows taken from the reference, and both per-row losses."""
+
+    weight: QuantizedWeight
+    taken: np.ndarray  # bool [N]
+    loss_reference: np.ndarray  # [N]
+    loss: np.ndarray  # [N], of ``weight``
+
+
 def no_worse_than(
     weight: np.ndarray, hessian: np.ndarray, solved: QuantizedWeight, reference: QuantizedWeight
-) -> tuple[QuantizedWeight, int]:
+) -> Guarded:
     """``solved`` with each row whose loss ``(w − q) H (w − q)ᵀ`` exceeds ``reference``'s replaced by that row.
 
-    Rows are independent in the layer loss, so the result is never worse than either input, row by row.  Returns it
-    and the number of rows taken from ``reference``.
-    """
-    worse = layer_loss(weight, solved.dequantize(np.float64), hessian) > layer_loss(
-        weight, reference.dequantize(np.float64), hessian
-    )
-    return (select_rows(worse, solved, reference) if worse.any() else solved), int(worse.sum())
+    Rows are independent in the layer loss, so the result is never worse than either input, row by row."""
+    solved_loss = layer_loss(weight, solved.dequantize(np.float64), hessian)
+    reference_loss = layer_loss(weight, reference.dequantize(np.float64), hessian)
+    worse = solved_loss > reference_loss
+    result = select_rows(worse, solved, reference) if worse.any() else solved
+    return Guarded(result, worse, reference_loss, np.where(worse, reference_loss, solved_loss))
 
 
 def float_output_target(weight: np.ndarray, hessian: PreparedHessian, cross: np.ndarray) -> np.ndarray:
