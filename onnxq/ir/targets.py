@@ -165,10 +165,10 @@ def find_targets(
         if exclude_re and exclude_re.search(name):
             continue
         target, reason = _classify(node, index, inits, transposes)
-        if target is None and reason:
-            report.skipped.append(Skipped(name, node.op_type, reason))
-        else:
+        if target is not None:
             report.targets.append(target)
+        elif reason:
+            report.skipped.append(Skipped(name, node.op_type, reason))
     return report
 
 
