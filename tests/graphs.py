@@ -131,7 +131,8 @@ def tied_lm_model(vocab: int = 64, hidden: int = 96, seed: int = 0, style: str =
         inits.append(numpy_helper.from_array(table, "embed.weight"))
         nodes.append(helper.make_node("Gather", ["embed.weight", "input_ids"], ["embeds"], name="embed_tokens"))
         if style == "optimum":
-            nodes.append(helper.make_node("Transpose", ["embed.weight"], ["head_t"], perm=[1, 0], name="head_transpose"))
+            nodes.append(helper.make_node("Transpose", ["embed.weight"], ["head_t"], perm=[1, 0],
+                                          name="head_transpose"))
             head = "head_t"
         else:
             inits.append(numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(dtype), "lm_head.weight"))

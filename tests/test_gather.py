@@ -158,3 +158,13 @@ def test_convert_round_trip_keeps_the_lookup_and_the_shared_table(style):
     for level in LEVELS:
         np.testing.assert_allclose(outputs(back, level)["logits"], outputs(quantized, level)["logits"], rtol=0,
                                    atol=1e-4)
+
+
+def test_gptq_run_quantizes_the_lookup_by_rtn_and_calibrates_the_products():
+    model = tied_lm_model(style="untied", hidden=64)
+    calibration = {"input_ids": np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)}
+    quantized, summary = quantize_with_summary(model, method="gptq", bits=4, group_size=32, op_types=GATHER,
+                                               quantize_lm_head=True, calibration=calibration)
+    check_lookup(quantized, reference(model, 4, 32))
+    assert any("RTN (asymmetric" in line and "not gptq" in line for line in summary.lines())
+    assert [n.op_type for n in quantized.graph.node].count("MatMulNBits") == 2
