@@ -18,7 +18,7 @@ from onnxq.calibration.shards import DEFAULT_SHARDS, LOCAL_CLUSTER
 from onnxq.config_checks import check_method_options, check_ranges, check_ray, check_types
 from onnxq.errors import OnnxqError
 from onnxq.formats.registry import EMITTERS
-from onnxq.ir.targets import TARGET_OP_TYPES
+from onnxq.ir.targets import SUPPORTED_OP_TYPES, TARGET_OP_TYPES
 from onnxq.quantized_weight import SUPPORTED_BITS
 from onnxq.solvers.base import PARAMS, DecoupleqParams, GptqParams, RtnParams, SolverParams
 
@@ -77,8 +77,9 @@ class QuantizeConfig:
     exclude: str | None = option(None, "skip layers whose node name matches", metavar="REGEX")
     quantize_lm_head: bool = option(False, "also quantize a language model's output projection (lm_head: the layer "
                                     "whose output is 'logits'), which stays float by default")
-    op_types: tuple[str, ...] = option(TARGET_OP_TYPES, "comma-separated", parse=comma_list,
-                                       shown=",".join(TARGET_OP_TYPES))
+    op_types: tuple[str, ...] = option(TARGET_OP_TYPES, "comma-separated, of MatMul,Gemm,Conv,Gather; Gather (not in "
+                                       "the default) quantizes embedding tables by RTN whatever the method, one "
+                                       "table with a tied lm_head", parse=comma_list, shown=",".join(TARGET_OP_TYPES))
     accuracy_level: int | None = option(None, "MatMulNBits accuracy_level: 0 exact fp32 activations, 4 int8 "
                                         "activations (default 4 at 2-3 bits, where level 0 decodes ~15x slower on CPU; "
                                         "else 0)")
@@ -197,9 +198,9 @@ class QuantizeConfig:
             raise OnnxqError(f"--scale-storage {self.scale_storage} is unknown; use float16 or float32")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"--accuracy-level {self.accuracy_level} is out of range; use 0..4")
-        bad = set(self.op_types) - set(TARGET_OP_TYPES)
+        bad = set(self.op_types) - set(SUPPORTED_OP_TYPES)
         if bad:
-            supported = ",".join(TARGET_OP_TYPES)
+            supported = ",".join(SUPPORTED_OP_TYPES)
             raise OnnxqError(f"--op-types {','.join(sorted(bad))} not supported; use some of {supported}")
         check_batch_size(self.calib_batch_size)
         if self.calib_batch_size is not None and not self.needs_calibration:

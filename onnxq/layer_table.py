@@ -9,10 +9,10 @@ import onnx
 
 from onnxq.ir.llm import KEPT_FLOAT, lm_head_names
 from onnxq.ir.model import tensor_nbytes
-from onnxq.ir.targets import Skipped, find_targets
+from onnxq.ir.targets import LOOKUP_OP_TYPES, SUPPORTED_OP_TYPES, Skipped, find_targets
 from onnxq.quantized_size import quantized_layers
 
-QUANTIZED_OPS = {("com.microsoft", "MatMulNBits"), ("onnxq", "MatMulLowBit")}
+QUANTIZED_OPS = {("com.microsoft", "MatMulNBits"), ("onnxq", "MatMulLowBit"), ("com.microsoft", "GatherBlockQuantized")}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
     instead of failing."""
     report = InspectReport()
     inits = {t.name: t for t in model.graph.initializer}
-    found = find_targets(model)
+    found = find_targets(model, SUPPORTED_OP_TYPES)  # embedding lookups too (quantized with --op-types Gather)
     quantized = quantized_layers(model)
     used = {name for layer in quantized for name in layer.tensors}  # e.g. the float-zero term's E and Z
     kept = lm_head_names(model, found.targets)  # quantize leaves these float unless --quantize-lm-head
@@ -88,10 +88,11 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
 
 def quantized_layer_counts(model: onnx.ModelProto) -> dict[str, int]:
     """``{kind: count}`` of the layers :func:`inspect_model` finds already quantized (``MatMulNBits``,
-    ``MatMulLowBit``, ``DequantizeLinear weights``), in order of first appearance; empty when any float target is
-    left (such a model is quantizable)."""
+    ``MatMulLowBit``, ``GatherBlockQuantized``, ``DequantizeLinear weights``), in order of first appearance; empty
+    when any float product is left (such a model is quantizable; a float embedding lookup alone does not count, as
+    it is quantized only when asked for)."""
     rows = inspect_model(model).rows
-    if any(r.state == "float" for r in rows):
+    if any(r.state == "float" and r.op_type not in LOOKUP_OP_TYPES for r in rows):
         return {}
     counts: dict[str, int] = {}
     for r in rows:

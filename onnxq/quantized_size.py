@@ -1,16 +1,18 @@
 """What a quantized layer costs: every stored tensor it uses, and the bits per weight they make.
 
-A quantized layer is a ``com.microsoft::MatMulNBits`` or ``onnxq::MatMulLowBit`` node, or a MatMul/Gemm/Conv whose
-weight is a ``DequantizeLinear`` of constant codes.  The tensors it uses are the initializers behind
+A quantized layer is a ``com.microsoft::MatMulNBits``, ``onnxq::MatMulLowBit`` or
+``com.microsoft::GatherBlockQuantized`` node, or a MatMul/Gemm/Conv/Gather whose weight is a ``DequantizeLinear`` of
+constant codes.  The tensors it uses are the initializers behind
 
-* the op's weight inputs (MatMulNBits: ``B``, scales, zero points; MatMulLowBit: ``B``, scales, zeros), or the
+* the op's weight inputs (MatMulNBits: ``B``, scales, zero points; MatMulLowBit: ``B``, scales, zeros;
+  GatherBlockQuantized: data, scales, zero points, its ``[V, H]`` from the data's bytes and ``bits``), or the
   DequantizeLinear's (codes, scales, zero points), with onnxq's Conv float-zero DequantizeLinear and the Reshape's
   shape;
 * onnxq's exact float-zero term after the product, ``Add(Y, MatMul(MatMul(A, E), Zᵀ))`` (or ``Z·(Eᵀ·X)``): ``Z``
   and the group indicator ``E``;
 
-each reached through ``Identity``, ``Cast`` and ``Transpose`` nodes, so a float16 tensor cast to float32 counts
-its float16 bytes.  A bias is not counted (the float model stores it too).  A tensor shared by ``m`` layers (the
+each reached through ``Identity``, ``Cast``, ``Transpose`` and ``Reshape`` nodes, so a float16 tensor cast to float32
+counts its float16 bytes.  A bias is not counted (the float model stores it too).  A tensor shared by ``m`` layers (the
 indicator ``E`` of one activation, a weight read in two orientations) counts ``1/m`` of its bytes in each, so the
 layers' bytes add up to the bytes of the tensors they use.  Bits per weight of a set of layers:
 ``8 · Σ bytes / Σ N·K``.  Reads shapes and types only.
@@ -27,8 +29,10 @@ import onnx
 from onnxq.ir.index import attribute
 from onnxq.ir.model import tensor_nbytes
 
-FUSED_OPS = {("com.microsoft", "MatMulNBits"): (1, 2, 3), ("onnxq", "MatMulLowBit"): (1, 2, 3)}  # weight inputs
-PASS_THROUGH = ("Identity", "Cast", "Transpose")
+FUSED_OPS = {("com.microsoft", "MatMulNBits"): (1, 2, 3), ("onnxq", "MatMulLowBit"): (1, 2, 3),
+             ("com.microsoft", "GatherBlockQuantized"): (0, 2, 3)}  # weight inputs
+PASS_THROUGH = ("Identity", "Cast", "Transpose", "Reshape")
+DQ_READERS = ("MatMul", "Gemm", "Conv", "Gather")
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ def _matrix_shape(node: onnx.NodeProto, slot: int, dims: list[int]) -> tuple[int
         return (dims[0], int(np.prod(dims[1:]))) if len(dims) > 2 else None
     if len(dims) != 2:
         return None
+    if node.op_type == "Gather":  # the table T[V, H] is W
+        return dims[0], dims[1]
     k_first = slot == 1 if node.op_type == "MatMul" else not attribute(node, "transB", 0)
     return (dims[1], dims[0]) if k_first else (dims[0], dims[1])
 
@@ -163,14 +169,18 @@ def quantized_layers(model: onnx.ModelProto) -> list[QuantizedLayer]:
         inputs = FUSED_OPS.get((node.domain, node.op_type))
         if inputs is not None:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            tensors = [graph.constant(node.input[i]) for i in inputs if i < len(node.input) and node.input[i]]
+            if node.op_type == "GatherBlockQuantized" and tensors and tensors[0]:
+                dims = list(graph.inits[tensors[0]].dims)  # [V, H·c/8] (or MatMulNBits' B of a shared table)
+                attrs.setdefault("N", dims[0])
+                attrs.setdefault("K", int(np.prod(dims[1:])) * 8 // int(attrs.get("bits", 4)))
             if "N" not in attrs or "K" not in attrs:
                 continue
-            tensors = [graph.constant(node.input[i]) for i in inputs if i < len(node.input) and node.input[i]]
             shape = (int(attrs["N"]), int(attrs["K"]))
             tensors += graph.float_zero_tensors(node.output[0], shape)
             found.append((name, node.op_type, shape, [t for t in tensors if t]))
-        elif node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1:
-            for slot in (1, 0) if node.op_type == "MatMul" else (1,):
+        elif node.op_type in DQ_READERS and len(node.input) > 1:
+            for slot in {"MatMul": (1, 0), "Gather": (0,)}.get(node.op_type, (1,)):
                 dequantize, tensors = _dequantize_source(graph, node.input[slot])
                 if dequantize is not None:
                     break

@@ -109,3 +109,38 @@ def residual_model(width: int = 24, blocks: int = 3, seed: int = 0) -> onnx.Mode
         ]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
                   [helper.make_tensor_value_info(f"h{blocks}", TensorProto.FLOAT, ["b", width])], inits)
+
+
+def tied_lm_model(vocab: int = 64, hidden: int = 96, seed: int = 0, style: str = "genai", dtype=np.float32):
+    """A tiny language model: ``input_ids`` → Gather of the embedding table → a MatMul layer (+ residual) → lm_head
+    MatMul reading the same table (tied) → ``logits``; the lookup is also the output ``embeds``.  ``style``:
+    ``"genai"`` (one initializer ``[H, V]``, the Gather reads its Transpose, as onnxruntime-genai exports),
+    ``"optimum"`` (table ``[V, H]``, the lm_head reads its Transpose) or ``"untied"`` (lm_head has its own weight)."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    table = rng.standard_normal((vocab, hidden)).astype(dtype)
+    layer = (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(dtype)
+    inits = [numpy_helper.from_array(layer, "layer.weight")]
+    nodes = []
+    if style == "genai":
+        inits.append(numpy_helper.from_array(table.T.copy(), "lm_head.weight"))
+        nodes.append(helper.make_node("Transpose", ["lm_head.weight"], ["table"], perm=[1, 0], name="embed_transpose"))
+        nodes.append(helper.make_node("Gather", ["table", "input_ids"], ["embeds"], name="embed_tokens"))
+        head = "lm_head.weight"
+    else:
+        inits.append(numpy_helper.from_array(table, "embed.weight"))
+        nodes.append(helper.make_node("Gather", ["embed.weight", "input_ids"], ["embeds"], name="embed_tokens"))
+        if style == "optimum":
+            nodes.append(helper.make_node("Transpose", ["embed.weight"], ["head_t"], perm=[1, 0],
+                                          name="head_transpose"))
+            head = "head_t"
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(dtype), "lm_head.weight"))
+            head = "lm_head.weight"
+    nodes += [helper.make_node("MatMul", ["embeds", "layer.weight"], ["mixed"], name="layer"),
+              helper.make_node("Add", ["embeds", "mixed"], ["hidden"], name="residual"),
+              helper.make_node("MatMul", ["hidden", head], ["logits"], name="lm_head")]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])
+    outputs = [helper.make_tensor_value_info("logits", elem, ["B", "S", vocab]),
+               helper.make_tensor_value_info("embeds", elem, ["B", "S", hidden])]
+    return _model(nodes, [ids], outputs, inits)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from test_calib_sources import cli
 
@@ -123,3 +124,19 @@ def test_smollm2_genai_folder_w2_decoupleq_generates(genai_path, tmp_path, capsy
     runs = {Path(k).name: v for k, v in generate(genai_path, folder, w2)["models"].items()}
     for name, (first, second) in runs.items():
         assert len(first["tokens"]) == TOKENS and first["tokens"] == second["tokens"], name
+
+
+def test_quantized_tied_embedding_generates_in_onnxruntime_genai(genai_path, tiny, tmp_path):
+    """``--op-types MatMul,Gather --quantize-lm-head`` on the tiny genai Llama (its Gather reads the lm_head's weight
+    through a Transpose): one GatherBlockQuantized/MatMulNBits table, and onnxruntime-genai generates from it, the
+    same twice."""
+    out = tmp_path / "w8emb"
+    api.quantize(tiny, out, bits=8, op_types=("MatMul", "Gather"), quantize_lm_head=True)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "lm_head.MatMul.weight" not in {t.name for t in
+                                                                                     model.graph.initializer}
+    runs = {Path(k).name: v for k, v in generate(genai_path, tiny, out)["models"].items()}
+    for name, (first, second) in runs.items():
+        assert len(first["tokens"]) == TOKENS and first["tokens"] == second["tokens"], name
+    assert agreement(runs["w8emb"][0]["tokens"], runs[tiny.name][0]["tokens"]) >= 0.75, runs

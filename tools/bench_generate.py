@@ -115,6 +115,9 @@ VARIANTS = (
             ("--extra_options", "algo_config=k_quant")),
     Variant("onnxq-rtn-w4-g64", "onnxq RTN W4 g64 (MatMulNBits, acc 0)", "quantize",
             ("--method", "rtn", "--bits", "4", "--group-size", "64")),
+    Variant("onnxq-rtn-w4-g64-emb", "onnxq RTN W4 g64, embedding and lm_head (one GatherBlockQuantized/MatMulNBits "
+            "table)", "quantize", ("--method", "rtn", "--bits", "4", "--group-size", "64", "--op-types",
+                                   "MatMul,Gather", "--quantize-lm-head")),
     *decoupleq_variants(4, 32, default_level=0, other_level=4),  # 32 samples: the 2-core budget (docs/llm.md)
     *decoupleq_variants(2, 64, default_level=4, other_level=0),
 )

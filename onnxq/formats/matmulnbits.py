@@ -107,14 +107,18 @@ def emit_matmulnbits(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> R
         if key not in ctx.cache:
             packed, zero_points, bits = pack_matmulnbits(weight, block)
             base = target.weight_name
-            b_name = ctx.add_initializer(f"{base}_nbits", packed)
+            b_name = stored_b = ctx.add_initializer(f"{base}_nbits", packed)
             cast, s_name = stored_parameter(ctx, f"{base}_scale", weight.scales, dtype, ctx.param_dtype(target))
             if cast and ctx.accuracy_level == FAST_KERNEL_LEVEL:
                 unpacked = ctx.names.fresh(f"{b_name}_unpacked")
                 cast.append(ctx.node("Identity", [b_name], [unpacked], f"{base}_nbits_identity"))
                 b_name = unpacked
             casts.extend(cast)
-            ctx.cache[key] = (b_name, s_name, ctx.add_initializer(f"{base}_zero_point", zero_points), bits)
+            zp_name = ctx.add_initializer(f"{base}_zero_point", zero_points)
+            if alpha == 1.0:  # W's own codes: a lookup of the same table can read them (onnxq.formats.gather)
+                ctx.cache[("nbits table", target.matrix_key)] = {"b": stored_b, "scale": s_name, "zero_point": zp_name,
+                                                                 "bits": bits, "block": block}
+            ctx.cache[key] = (b_name, s_name, zp_name, bits)
         b_name, s_name, zp_name, bits = ctx.cache[key]
         inputs = [a_input, b_name, s_name, zp_name] + (["", bias] if bias else [])
         n, k = weight.shape

@@ -27,7 +27,8 @@ class ReadLayer:
     ``weight_name`` (shape ``weight_shape``, ONNX type ``dtype``), whose solver matrix ``W[N, K]`` is ``qw``;
     ``absorbed`` are the indices of the other nodes the layer's quantized form used (DequantizeLinear, the
     float-zero term), dropped with it when nothing else reads them; ``param_dtype`` is float16 when the layer
-    stores a scale or float-zero tensor in float16 in an fp32 model (the convert pass keeps that storage).
+    stores a scale or float-zero tensor in float16 in an fp32 model (the convert pass keeps that storage);
+    ``before`` are nodes put before ``float_node`` (a lookup's Transpose of a shared table).
     """
 
     node_index: int
@@ -38,6 +39,7 @@ class ReadLayer:
     qw: QuantizedWeight
     absorbed: list[int] = field(default_factory=list)
     param_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))  # storage of s and z (fp32 models)
+    before: list[onnx.NodeProto] = field(default_factory=list)
 
 
 class GraphView:

@@ -1,4 +1,4 @@
-"""Reader of weights given as ``DequantizeLinear`` of constant codes feeding MatMul, Gemm or Conv.
+"""Reader of weights given as ``DequantizeLinear`` of constant codes feeding MatMul, Gemm, Conv or Gather (a table).
 
 ``DequantizeLinear(q, s, zp)`` is ``s·(q − zp)`` blocked (``block_size``) along the reduction axis, per output
 channel (1-D scale on the other axis) or per tensor; signed codes are read as unsigned ``q + 2^(b−1)`` with
@@ -47,7 +47,7 @@ def _is_float_zero_half(view: GraphView, index: int) -> bool:
 
 
 def read_qdq_layers(view: GraphView, index: int, hints: ReadHints) -> list[ReadLayer]:
-    """One layer per MatMul/Gemm/Conv reading the weight dequantized at ``index`` (none when the weight feeds
+    """One layer per MatMul/Gemm/Conv/Gather reading the weight dequantized at ``index`` (none when the weight feeds
     anything else: that DequantizeLinear stays)."""
     dq = view.nodes[index]
     weight = dq.output[0]
@@ -92,7 +92,8 @@ def _float_zero_half(view: GraphView, index: int, weight_dq: onnx.NodeProto) -> 
 
 def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_shape: tuple[int, ...] | None,
            conv_zeros: np.ndarray | None, hints: ReadHints) -> ReadLayer | None:
-    """The layer of the node at ``reader`` reading ``weight`` (None: it is not a MatMul/Gemm/Conv weight)."""
+    """The layer of the node at ``reader`` reading ``weight`` (None: it is not a MatMul/Gemm/Conv weight or a Gather
+    table)."""
     node = view.nodes[reader]
     if node.domain not in ("", "ai.onnx"):
         return None
@@ -105,6 +106,8 @@ def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_s
         k_axis = 1 - slot
     elif node.op_type == "Gemm" and slot == 1 and not attribute(node, "transA", 0):
         k_axis = 1 if attribute(node, "transB", 0) else 0
+    elif node.op_type == "Gather" and slot == 0 and attribute(node, "axis", 0) in (0, -2):
+        k_axis = 1  # a lookup table T[V, H] is W
     else:
         return None
     qw = _matrix(view, dq, k_axis, hints)
@@ -117,7 +120,7 @@ def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_s
     if conv_zeros is not None:
         qw = QuantizedWeight(qw.codes, qw.scales, qw.zero_points, conv_zeros.reshape(qw.scales.shape), qw.bits,
                              qw.group_size)
-    elif node.op_type != "Conv":
+    elif node.op_type in ("MatMul", "Gemm"):
         left = node.op_type == "MatMul" and slot == 0
         term = find_float_zero_term(view, node.output[0], node.input[1 - slot if node.op_type == "MatMul" else 0],
                                     qw.shape[1], qw.shape[0], left)

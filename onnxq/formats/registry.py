@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from onnxq.formats import lowbit, matmulnbits
+from onnxq.formats import gather, lowbit, matmulnbits
 from onnxq.formats.common import EmitContext, Rewrite
 from onnxq.formats.fake import emit_fake
 from onnxq.formats.lowbit import emit_onnxq
@@ -28,6 +28,8 @@ def uses_dequantize_linear(format_name: str, target: Target, group_size: int, ct
     """Whether ``target`` will be emitted with DequantizeLinear (``qdq``, or a fused format's fallback to it)."""
     if format_name == "qdq":
         return True
+    if target.is_lookup:
+        return format_name in gather.FUSED_FORMATS and gather.fallback_reason(target, group_size, ctx) is not None
     fallback = FALLBACKS.get(format_name)
     return fallback is not None and fallback(target, group_size, ctx) is not None
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxq.ir.targets import Target
+from onnxq.ir.model import tensor_nbytes
+from onnxq.ir.targets import LOOKUP_OP_TYPES, Target, find_targets
 
 PASS_THROUGH = frozenset({"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
 LOGITS = "logits"
@@ -39,3 +40,19 @@ def lm_head_names(model: onnx.ModelProto, targets: list[Target]) -> set[str]:
             frontier.append(node.input[0])
     return {t.name for t in targets if t.node.output[0] in reaching
             or "lm_head" in t.name.lower() or "lm_head" in t.weight_name.lower()}
+
+
+def embedding_note(model: onnx.ModelProto, op_types: tuple[str, ...]) -> str | None:
+    """For a language model quantized without ``Gather`` in ``op_types``: which token-embedding tables stay float,
+    their size, and the options that quantize them (None otherwise)."""
+    if set(LOOKUP_OP_TYPES) & set(op_types) or not reads_token_ids(model):
+        return None
+    tables = {t.weight_name: t for t in find_targets(model, LOOKUP_OP_TYPES).targets}
+    if not tables:
+        return None
+    inits = {t.name: t for t in model.graph.initializer}
+    size = sum(tensor_nbytes(inits[name]) for name in tables)
+    first = next(iter(tables.values()))
+    return (f"the token embedding '{first.name}' ({'x'.join(map(str, first.matrix_shape))}, {size / 1e6:.1f} MB) "
+            f"stays float: --op-types {','.join(op_types)},Gather quantizes it too (with --quantize-lm-head when "
+            "the output projection reads the same table)")

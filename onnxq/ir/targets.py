@@ -1,8 +1,9 @@
 """Target discovery: no quantization math lives here.
 
-A *target* is a MatMul, Gemm or Conv node whose weight is a constant initializer.  Every
-target exposes its weight as the solver matrix ``W[N, K]`` (N outputs, K reduction axis) and
-knows how to turn such a matrix back into the tensor its node consumes.
+A *target* is a MatMul, Gemm or Conv node whose weight is a constant initializer, or (when asked for) a Gather
+looking up rows of a constant 2-D table (an embedding).  Every target exposes its weight as the solver matrix
+``W[N, K]`` (N outputs, K reduction axis; a table ``T[V, H]`` is ``W = T``: one row per token, groups along the
+hidden axis) and knows how to turn such a matrix back into the tensor its node consumes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from onnx import numpy_helper
 
 from onnxq.ir.index import attribute, node_name, replace_nodes
 
-TARGET_OP_TYPES = ("MatMul", "Gemm", "Conv")
+TARGET_OP_TYPES = ("MatMul", "Gemm", "Conv")  # the default --op-types
+LOOKUP_OP_TYPES = ("Gather",)  # quantized when asked for (--op-types MatMul,Gather)
+SUPPORTED_OP_TYPES = TARGET_OP_TYPES + LOOKUP_OP_TYPES
 UNSUPPORTED_WEIGHT_OPS = ("ConvTranspose",)  # read a constant weight, listed as skipped
 
 
@@ -29,7 +32,8 @@ class Target:
     """A quantizable node and how its constant weight maps to the solver matrix ``W[N, K]``.
 
     ``orientation``: ``"nk"`` when the node consumes ``W`` itself, ``"kn"`` when it consumes
-    ``Wᵀ``, ``"conv"`` when it consumes ``W.reshape(weight_shape)``.
+    ``Wᵀ``, ``"conv"`` when it consumes ``W.reshape(weight_shape)``.  A Gather target consumes its table
+    ``T[V, H]`` as ``W`` (``"nk"``, input 0).
     """
 
     node: onnx.NodeProto
@@ -95,6 +99,11 @@ class Target:
         return self.weight_name, "transposed" if transposed else "as stored"
 
     @property
+    def is_lookup(self) -> bool:
+        """Whether the node looks rows up (Gather) instead of multiplying by the weight: no input statistics."""
+        return self.op_type in LOOKUP_OP_TYPES
+
+    @property
     def conv_groups(self) -> int:
         """Conv groups (1 for MatMul/Gemm)."""
         return next((a.i for a in self.node.attribute if a.name == "group"), 1) if self.op_type == "Conv" else 1
@@ -125,7 +134,9 @@ def find_targets(
     include: str | None = None,
     exclude: str | None = None,
 ) -> TargetReport:
-    """Find every MatMul/Gemm/Conv with a constant weight in the main graph; list the rest as skipped."""
+    """Find every MatMul/Gemm/Conv with a constant weight (and, when ``op_types`` has Gather, every Gather of a
+    constant 2-D float table along axis 0 with run-time indices) in the main graph; list the rest as skipped
+    (a Gather that reads no constant table is no embedding and is not listed)."""
     op_types = tuple(op_types)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -140,7 +151,7 @@ def find_targets(
     report = TargetReport()
 
     for index, node in enumerate(graph.node):
-        if node.op_type not in TARGET_OP_TYPES:
+        if node.op_type not in SUPPORTED_OP_TYPES:
             _note_subgraphs(node, op_types, report)
             if node.op_type in UNSUPPORTED_WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
                 report.skipped.append(Skipped(node_name(node), node.op_type,
@@ -154,10 +165,10 @@ def find_targets(
         if exclude_re and exclude_re.search(name):
             continue
         target, reason = _classify(node, index, inits, transposes)
-        if target is None:
-            report.skipped.append(Skipped(name, node.op_type, reason))
-        else:
+        if target is not None:
             report.targets.append(target)
+        elif reason:
+            report.skipped.append(Skipped(name, node.op_type, reason))
     return report
 
 
@@ -166,7 +177,7 @@ def _note_subgraphs(node: onnx.NodeProto, op_types: tuple[str, ...], report: Tar
         subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
         for sub in subgraphs:
             for inner in sub.node:
-                if inner.op_type in op_types:
+                if inner.op_type in op_types and inner.op_type not in LOOKUP_OP_TYPES:
                     report.skipped.append(
                         Skipped(
                             node_name(inner),
@@ -181,7 +192,7 @@ def _note_subgraphs(node: onnx.NodeProto, op_types: tuple[str, ...], report: Tar
 def _classify(
     node: onnx.NodeProto, index: int, inits: dict[str, onnx.TensorProto], transposes: dict[str, onnx.NodeProto]
 ) -> tuple[Target | None, str]:
-    """Return the node's Target, or ``None`` and the reason it is skipped."""
+    """Return the node's Target, or ``None`` and the reason it is skipped (empty: not a candidate at all)."""
 
     def weight_of(input_name: str) -> tuple[onnx.TensorProto | None, bool]:
         if input_name in inits:
@@ -214,6 +225,16 @@ def _classify(
             return None, f"weight '{tensor.name}' is not float32/float16"
         # Y = X·B: B is [K, N] → W = Bᵀ; Y = A·X: A is [N, K] → W = A.
         return make(input_index, tensor, through, "kn" if input_index == 1 else "nk")
+
+    if node.op_type == "Gather":
+        tensor, through = weight_of(node.input[0])
+        if tensor is None or len(tensor.dims) != 2 or tensor.data_type not in FLOAT_TYPES:
+            return None, ""  # shape arithmetic, or a lookup in an activation: not an embedding table
+        if attribute(node, "axis", 0) not in (0, -2):
+            return None, f"Gather along axis {attribute(node, 'axis', 0)}; only row lookups (axis 0) are quantized"
+        if node.input[1] in inits:
+            return None, "constant indices (fold constants first)"
+        return make(0, tensor, through, "nk")
 
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0):
@@ -263,3 +284,14 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
         if tensor.name == name:
             return numpy_helper.to_array(tensor)
     raise KeyError(name)
+
+
+def other_readers(model: onnx.ModelProto, target: Target, targets: list[Target]) -> list[str]:
+    """Names of the main-graph nodes that read ``target``'s initializer (directly or through a Transpose) and are not
+    targets solving the same matrix (those share its quantized weight): after quantizing, they still need the float
+    initializer."""
+    same = {id(t.node) for t in targets if t.matrix_key == target.matrix_key}
+    sources = {target.weight_name}
+    sources |= {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == target.weight_name}
+    return [node_name(n) for n in model.graph.node if id(n) not in same and sources & set(n.input)
+            and not (n.op_type == "Transpose" and n.input[0] == target.weight_name)]

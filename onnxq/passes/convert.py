@@ -20,17 +20,19 @@ from onnxq.errors import OnnxqError
 from onnxq.formats.lowbit_layout import DOMAIN as ONNXQ_DOMAIN
 from onnxq.formats.read_common import GraphView, ReadLayer
 from onnxq.formats.read_fused import PLACEHOLDER, ReadHints, read_lowbit, read_matmulnbits
+from onnxq.formats.read_gather import read_lookup
 from onnxq.formats.read_qdq import read_qdq_layers, weight_dequantize_nodes
 from onnxq.formats.registry import EMITTERS
 from onnxq.ir.index import NameScope, node_name, remove_unused, replace_nodes, tensor_types
 from onnxq.ir.metadata import QUANT_METADATA_KEY, metadata_json, set_metadata
 from onnxq.ir.model import model_bytes
-from onnxq.ir.targets import find_targets
+from onnxq.ir.targets import SUPPORTED_OP_TYPES, find_targets
 from onnxq.layer_table import QUANTIZED_OPS
 from onnxq.passes.emit import emit_in_place, raise_opset_for
 from onnxq.quantized_weight import QuantizedWeight
 
-READERS = {("com.microsoft", "MatMulNBits"): read_matmulnbits, (ONNXQ_DOMAIN, "MatMulLowBit"): read_lowbit}
+READERS = {("com.microsoft", "MatMulNBits"): read_matmulnbits, (ONNXQ_DOMAIN, "MatMulLowBit"): read_lowbit,
+           ("com.microsoft", "GatherBlockQuantized"): read_lookup}
 BIAS_STAND_IN = "\x00onnxq_convert_bias:"
 FAKE_REFUSAL = "fake stores float weights; quantize the float model instead"
 CUSTOM_DOMAINS = ("com.microsoft", ONNXQ_DOMAIN)  # imports dropped when no node uses them any more
@@ -78,13 +80,13 @@ def convert_in_place(model: onnx.ModelProto, format_name: str, accuracy_level: i
     view = GraphView(model, ranks)
     layers = read_layers(view, hints, summary.notes)
     if not layers:
-        raise OnnxqError("no quantized layers found (MatMulNBits, MatMulLowBit or DequantizeLinear of constant "
-                         "codes): the model is not quantized by onnxq; nothing to convert")
+        raise OnnxqError("no quantized layers found (MatMulNBits, MatMulLowBit, GatherBlockQuantized or "
+                         "DequantizeLinear of constant codes): the model is not quantized by onnxq; nothing to convert")
     weights, bias_names, storage = _rebuild(model, layers)
-    targets = [t for t in find_targets(model).targets if t.weight_name in weights]
+    targets = [t for t in find_targets(model, SUPPORTED_OP_TYPES).targets if t.weight_name in weights]
     bits = min(qw.bits for qw in weights.values())
     if raise_opset_for(model, format_name, targets, [weights[t.weight_name].group_size for t in targets], bits):
-        targets = [t for t in find_targets(model).targets if t.weight_name in weights]
+        targets = [t for t in find_targets(model, SUPPORTED_OP_TYPES).targets if t.weight_name in weights]
     if len(targets) != len(layers):
         raise OnnxqError(f"internal error: {len(layers)} layers read but {len(targets)} rebuilt; nothing was "
                          "written; please report it with the model")
@@ -129,8 +131,8 @@ def _rebuild(model: onnx.ModelProto, layers: list[ReadLayer]
     graph = model.graph
     by_index = {layer.node_index: layer for layer in layers}
     absorbed = {index for layer in layers for index in layer.absorbed}
-    replace_nodes(graph, [by_index[i].float_node if i in by_index else node for i, node in enumerate(graph.node)
-                          if i not in absorbed])
+    replace_nodes(graph, [new for i, node in enumerate(graph.node) if i not in absorbed
+                          for new in ([*by_index[i].before, by_index[i].float_node] if i in by_index else [node])])
     bias_names = _stand_in_biases(model)
     remove_unused(model)  # the quantized tensors, DequantizeLinear chains and float-zero terms
     names = NameScope(model)

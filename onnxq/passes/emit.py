@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from onnxq.formats.common import EmitContext, Rewrite
+from onnxq.formats.gather import emit_lookup
 from onnxq.formats.registry import EMITTERS, required_opset_for
 from onnxq.ir.index import NameScope, allow_free_initializers, remove_unused, splice_nodes
 from onnxq.ir.model import opset_version
@@ -29,14 +30,22 @@ def raise_opset_for(model: onnx.ModelProto, format_name: str, targets: list[Targ
 def emit_in_place(model: onnx.ModelProto, targets: list[Target], weights: dict[tuple[str, str], QuantizedWeight],
                   format_name: str, accuracy_level: int = 0,
                   storage: dict[tuple[str, str], np.dtype] | None = None) -> list[str]:
-    """Rewrite every target with its weight (``weights[target.matrix_key]``) in ``format_name``, drop what nothing
+    """Rewrite every target with its weight (``weights[target.matrix_key]``) in ``format_name`` (lookups after the
+    products, :func:`~onnxq.formats.gather.emit_lookup`), drop what nothing
     reads any more, and import the custom domains the new nodes use; returns the emitters' notes.  ``storage``:
     the dtype of each fp32 weight's scales and float zeros (default float32; see :meth:`EmitContext.param_dtype`)."""
     rewrites: dict[int, Rewrite] = {}
     ctx = EmitContext(model, NameScope(model), accuracy_level=accuracy_level, storage=dict(storage or {}))
     emit = EMITTERS[format_name]
+    products = {}  # matrix key → the first product reading it (a lookup of the same table shares its solution)
     for target in targets:
-        rewrites[target.node_index] = emit(target, weights[target.matrix_key], ctx)
+        if not target.is_lookup:
+            products.setdefault(target.matrix_key, target.name)
+            rewrites[target.node_index] = emit(target, weights[target.matrix_key], ctx)
+    for target in targets:  # after the products, so that a tied lookup can read their tensors
+        if target.is_lookup:
+            rewrites[target.node_index] = emit_lookup(format_name, target, weights[target.matrix_key], ctx,
+                                                      products.get(target.matrix_key))
     splice_nodes(model.graph, {index: r.nodes(model.graph.node[index]) for index, r in rewrites.items()})
     remove_unused(model)
     allow_free_initializers(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import FAST_ACCURACY_LEVEL, QuantizeConfig
 from onnxq.errors import OnnxqError
-from onnxq.ir.llm import LM_HEAD_REASON, lm_head_names
+from onnxq.ir.llm import LM_HEAD_REASON, embedding_note, lm_head_names
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import model_bytes
 from onnxq.ir.targets import (
@@ -28,6 +29,7 @@ from onnxq.ir.targets import (
     find_targets,
     initializer_array,
     leave_float,
+    other_readers,
 )
 from onnxq.layer_table import quantized_layer_counts
 from onnxq.passes.emit import emit_in_place, raise_opset_for
@@ -156,7 +158,14 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
             + ")" + _skipped_hint(report.skipped) + "; run 'onnxq inspect' to see why"
         )
     branch_nodes = split_branch_nodes(model)
-    solved = _solve_all(model, report.targets, config, branch_nodes, summary)
+    products = [t for t in report.targets if not t.is_lookup]
+    lookups = [t for t in report.targets if t.is_lookup]
+    _check_tied(products, lookups, config)
+    solved = _solve_all(model, products, config, branch_nodes, summary) if products else {}
+    _solve_lookups(model, lookups, products, config, solved, branch_nodes, summary)
+    note = embedding_note(model, config.op_types)
+    if note:
+        summary.notes.append(note)
     storage = np.dtype(config.resolved_scale_storage)
     notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level,
                           {t.matrix_key: storage for t in report.targets})
@@ -183,7 +192,46 @@ def _find(model: onnx.ModelProto, config: QuantizeConfig) -> TargetReport:
     report = find_targets(model, config.op_types, config.include, config.exclude)
     if not config.quantize_lm_head:
         leave_float(report, lm_head_names(model, report.targets), LM_HEAD_REASON)
+    for target in [t for t in report.targets if t.is_lookup]:
+        readers = other_readers(model, target, report.targets)
+        if readers:
+            hint = " (add --quantize-lm-head to quantize both as one table)" if any(
+                s.name == readers[0] and s.reason == LM_HEAD_REASON for s in report.skipped) else ""
+            leave_float(report, {target.name}, f"its table '{target.weight_name}' is also read by '{readers[0]}', "
+                        f"which stays float: quantizing the lookup alone would store the table twice{hint}")
     return report
+
+
+def _check_tied(products: list[Target], lookups: list[Target], config: QuantizeConfig) -> None:
+    """A lookup whose table a product also quantizes takes the product's solution: refuse float zeros, which
+    GatherBlockQuantized and a DequantizeLinear lookup cannot hold."""
+    zero = config.zero_convention or ("float" if config.method == "decoupleq" else "integer")
+    keys = {t.matrix_key: t for t in products}
+    tied = next((t for t in lookups if t.matrix_key in keys), None)
+    if tied is not None and zero == "float" and config.format != "fake":
+        raise OnnxqError(f"Gather '{tied.name}' shares its table with {keys[tied.matrix_key].op_type} "
+                         f"'{keys[tied.matrix_key].name}', whose float zeros ({config.method}) a quantized lookup "
+                         "cannot hold; use integer zero points (--method gptq or rtn, without --zero float), or "
+                         "leave one of them float (--exclude)")
+
+
+def _solve_lookups(model: onnx.ModelProto, lookups: list[Target], products: list[Target], config: QuantizeConfig,
+                   solved: dict[tuple[str, str], QuantizedWeight], branch_nodes: set[str],
+                   summary: QuantizeSummary) -> None:
+    """Solve each lookup table not already solved for a product: RTN with integer zero points, asymmetric, groups
+    along the hidden axis (a lookup has no input statistics), whatever the method; a table a product also reads
+    keeps the product's solution (one table for both)."""
+    rtn = dataclasses.replace(config, method="rtn", symmetric=False, zero_convention="integer", clip_search=False)
+    names = {t.matrix_key: t.name for t in products}
+    for target in lookups:
+        if target.matrix_key in names:
+            summary.notes.append(f"Gather '{target.name}': its table is the weight of '{names[target.matrix_key]}', "
+                                 f"quantized once ({config.method}) for both")
+        elif target.matrix_key not in solved:
+            solved[target.matrix_key] = _solve_one(model, target, rtn, None, branch_nodes, summary)
+            summary.notes.append(f"Gather '{target.name}': table quantized by RTN (asymmetric, integer zero points, "
+                                 "groups along the hidden axis; a lookup has no input statistics)"
+                                 + (f", not {config.method}" if config.method != "rtn" else ""))
 
 
 def _skipped_hint(skipped: list[Skipped]) -> str:
