@@ -228,7 +228,8 @@ def _solve_lookups(model: onnx.ModelProto, lookups: list[Target], products: list
             summary.notes.append(f"Gather '{target.name}': its table is the weight of '{names[target.matrix_key]}', "
                                  f"quantized once ({config.method}) for both")
         elif target.matrix_key not in solved:
-            solved[target.matrix_key] = _solve_one(model, target, rtn, None, branch_nodes, summary)
+            job = _LayerJob.of(model, target, rtn, None, branch_nodes)
+            solved[target.matrix_key] = job.record(*solve(job.weight, job.params, None, job.zero_mask), rtn, summary)
             summary.notes.append(f"Gather '{target.name}': table quantized by RTN (asymmetric, integer zero points, "
                                  "groups along the hidden axis; a lookup has no input statistics)"
                                  + (f", not {config.method}" if config.method != "rtn" else ""))
