@@ -121,7 +121,8 @@ def run_onnxq(method: str, fp32_path: Path, out: Path, bits: int, group_size: in
     if method != "rtn":
         options["calibration"] = str(calib)
     _, summary = onnxq.quantize_with_summary(fp32_path, out, **options)
-    extra = f"calibration {summary.calibration_seconds:.0f}s, peak {summary.peak_memory_mb:.0f} MB" \
+    extra = f"calibration {summary.calibration_seconds:.0f}s, solving {summary.solve_seconds:.0f}s, peak " \
+        f"{summary.peak_memory_mb:.0f} MB" \
         if summary.calibration_seconds else ""
     return extra
 

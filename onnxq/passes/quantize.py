@@ -63,6 +63,7 @@ class QuantizeSummary:
     bytes_after: int = 0
     seconds: float = 0.0
     calibration_seconds: float = 0.0
+    solve_seconds: float = 0.0  # wall time of the Hessian methods' solves (all workers)
     peak_memory_mb: float = 0.0
     calibration_rows: int = 0  # rows (tokens, pixels) behind the smallest H
     thin_inputs: list[tuple[str, int, int]] = field(default_factory=list)  # (layer input, rows, K) with rows < K
@@ -78,7 +79,8 @@ class QuantizeSummary:
 
     def lines(self) -> list[str]:
         out = [f"quantized {len(self.layers)} layers in {self.seconds:.1f}s"
-               + (f" (calibration {self.calibration_seconds:.1f}s)" if self.calibration_seconds else "")]
+               + (f" (calibration {self.calibration_seconds:.1f}s, solving {self.solve_seconds:.1f}s)"
+                  if self.calibration_seconds else "")]
         ratio = self.bytes_before / max(self.bytes_after, 1)
         before, after = self.bytes_before / 1e6, self.bytes_after / 1e6
         out.append(f"weights: {before:.2f} MB -> {after:.2f} MB ({ratio:.2f}x smaller)")
@@ -283,7 +285,10 @@ def _solve_all(
                 for target in group:
                     if target.matrix_key not in solved and target.matrix_key not in jobs:
                         jobs[target.matrix_key] = _LayerJob.of(model, target, config, store, branch_nodes)
-                for job, (qw, report) in zip(jobs.values(), _solve_jobs(list(jobs.values()), pool), strict=True):
+                solve_start = time.perf_counter()
+                results = _solve_jobs(list(jobs.values()), pool)
+                summary.solve_seconds += time.perf_counter() - solve_start
+                for job, (qw, report) in zip(jobs.values(), results, strict=True):
                     solved[job.target.matrix_key] = job.record(qw, report, config, summary)
                     if sequential is not None:
                         dtype = onnx.helper.tensor_dtype_to_np_dtype(job.target.dtype)
