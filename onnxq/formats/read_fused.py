@@ -24,7 +24,7 @@ from onnxq.formats.read_common import (
     refuse,
     regroup_to,
 )
-from onnxq.ir.index import node_name
+from onnxq.ir.index import attribute, node_name
 from onnxq.packing import unpack_bits
 from onnxq.quantized_weight import QuantizedWeight
 
@@ -118,22 +118,26 @@ def integer_zero_points(scales: np.ndarray, zeros: np.ndarray, bits: int) -> tup
 def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, scales_name: str, stored: list[np.dtype],
                    bias: str, op_suffix: str, weight_suffix: str, hints: ReadHints) -> ReadLayer:
     """The float node standing for the fused product ``Y = A·Wᵀ (+ bias)`` at ``index``: ``Gemm(A, W, bias,
-    transB=1)`` with a bias (when onnxq made it, which only fuses a bias from a Gemm, or A is known 2-D), else
-    ``MatMul(A, Wᵀ)``; onnxq's float-zero term after it is absorbed into ``qw``.  The activation type is the one
+    transB=1)`` with a bias (when onnxq made it, which only fuses a bias from a Gemm, or A is known 2-D),
+    ``MatMul(W, X)`` for a left product (:func:`_left_product`), else ``MatMul(A, Wᵀ)``; onnxq's float-zero term
+    after it is absorbed into ``qw``.  The activation type is the one
     the op reads its scales (``scales_name``) in; ``stored`` are the dtypes its parameters are stored in."""
     node = view.nodes[index]
     dtype = view.read_type(scales_name)
     n, k = qw.shape
     activation, output = node.input[0], node.output[0]
     absorbed: list[int] = []
-    term = find_float_zero_term(view, output, activation, k, n, left=False)
+    left = None if bias else _left_product(view, index)
+    if left is not None:
+        activation, output, absorbed = left
+    term = find_float_zero_term(view, output, activation, k, n, left=left is not None)
     group_size = hints.group_size_for(k) or qw.group_size
     if term is not None:
         try:
             qw = regroup_to(qw, term.group_size, term.float_zeros.astype(np.float32))
         except ValueError:
             raise refuse(node, "its float-zero term does not fit its blocks") from None
-        output, absorbed = term.output, term.nodes
+        output, absorbed = term.output, absorbed + term.nodes
         stored = [*stored, term.float_zeros.dtype]
     else:
         qw = regroup_to(qw, group_size)
@@ -143,7 +147,11 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, scales_name
     weight_base = (view.stored_name(node.input[1]) or node.input[1]).removesuffix(weight_suffix)
     tensor_type = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
     gemm = bool(bias) and (hints.onnxq_made or view.ranks.get(activation) == 2)
-    if gemm:
+    if left is not None:
+        token = f"{PLACEHOLDER}{weight_base}\x00nk"
+        float_node = helper.make_node("MatMul", [token, activation], [output], name=name)
+        shape = (n, k)
+    elif gemm:
         token = f"{PLACEHOLDER}{weight_base}\x00nk"
         float_node = helper.make_node("Gemm", [activation, token, bias], [output], name=name, transB=1)
         shape: tuple[int, ...] = (n, k)
@@ -155,3 +163,20 @@ def _product_layer(view: GraphView, index: int, qw: QuantizedWeight, scales_name
         shape = (k, n)
     param_dtype = np.dtype(np.float16 if np.dtype(np.float16) in stored else np.float32)
     return ReadLayer(index, float_node, token, shape, tensor_type, qw, absorbed, param_dtype)
+
+
+def _left_product(view: GraphView, index: int) -> tuple[str, str, list[int]] | None:
+    """``(X, Y, the two Transposes)`` when the fused op at ``index`` computes a left product ``Y = W·X`` as onnxq
+    writes one, ``Yᵀ = Xᵀ·Wᵀ``: ``Transpose(op(Transpose(X)))``, both swapping the last two axes and read by nothing
+    else (None otherwise)."""
+    node = view.nodes[index]
+    first = view.produced_by(node.input[0], "Transpose")
+    last = view.only_consumer(node.output[0])
+    if first is None or last is None or view.nodes[last].op_type != "Transpose" or \
+            view.only_consumer(node.input[0]) != index:
+        return None
+    perms = [list(attribute(view.nodes[i], "perm", [])) for i in (first, last)]
+    rank = len(perms[0])
+    if rank < 2 or perms != [list(range(rank - 2)) + [rank - 1, rank - 2]] * 2:
+        return None
+    return view.nodes[first].input[0], view.nodes[last].output[0], [first, last]
