@@ -6,15 +6,16 @@ constant codes.  The tensors it uses are the initializers behind
 
 * the op's weight inputs (MatMulNBits: ``B``, scales, zero points; MatMulLowBit: ``B``, scales, zeros;
   GatherBlockQuantized: data, scales, zero points, its ``[V, H]`` from the data's bytes and ``bits``), or the
-  DequantizeLinear's (codes, scales, zero points), with onnxq's Conv float-zero DequantizeLinear and the Reshape's
-  shape;
-* onnxq's exact float-zero term after the product, ``Add(Y, MatMul(MatMul(A, E), Zᵀ))`` (or ``Z·(Eᵀ·X)``): ``Z``
-  and the group indicator ``E``;
+  DequantizeLinear's (codes, scales, zero points), with onnxq's Conv float-zero DequantizeLinear (its ``z`` and the
+  ``ConstantOfShape`` shape, or onnxq 0.1.0's stored zero codes) and the Reshape's shape;
+* onnxq's exact float-zero term after the product, ``Add(Y, MatMul(S, Zᵀ))`` (or ``Z·S``,
+  :mod:`onnxq.formats.float_zero`): ``Z`` and the constants of the group sums ``S`` of the activation, the
+  ``ReduceSum(Reshape(Pad?(A)))`` chain's (axes, shape, pads) or the group indicator ``E`` of ``S = A·E``;
 
 each reached through ``Identity``, ``Cast``, ``Transpose`` and ``Reshape`` nodes, so a float16 tensor cast to float32
 counts its float16 bytes.  A bias is not counted (the float model stores it too).  A tensor shared by ``m`` layers (the
-indicator ``E`` of one activation, a weight read in two orientations) counts ``1/m`` of its bytes in each, so the
-layers' bytes add up to the bytes of the tensors they use.  Bits per weight of a set of layers:
+group sums' constants of one activation, a weight read in two orientations) counts ``1/m`` of its bytes in each, so
+the layers' bytes add up to the bytes of the tensors they use.  Bits per weight of a set of layers:
 ``8 · Σ bytes / Σ N·K``.  Reads shapes and types only.
 """
 
@@ -93,10 +94,14 @@ class _Graph:
         readers = self.consumers.get(name, [])
         return readers[0] if len(readers) == 1 else None
 
+    def constants_of(self, node: onnx.NodeProto) -> list[str]:
+        """The constants ``node`` reads (see :meth:`constant`), in input order."""
+        return [c for c in map(self.constant, node.input) if c is not None]
+
     def float_zero_tensors(self, output: str, shape: tuple[int, int]) -> list[str]:
-        """``Z`` and ``E`` of onnxq's float-zero term added to ``output`` (through a Transpose), else nothing: the
-        other operand of the Add is ``MatMul`` of a constant ``Z`` (``[G, N]`` or ``[N, G]``) and a ``MatMul`` of the
-        activation with a constant ``E`` (``[K, G]`` or ``[G, K]``), ``G < K``."""
+        """The tensors of onnxq's float-zero term added to ``output`` (through a Transpose), else nothing: the other
+        operand of the Add is ``MatMul`` of a constant ``Z`` (``[G, N]`` or ``[N, G]``, ``G < K``) and the group
+        sums (:meth:`group_sums_tensors`)."""
         n, k = shape
         current, reader = output, self.only_consumer(output)
         if reader is not None and reader.op_type == "Transpose":
@@ -106,20 +111,33 @@ class _Graph:
         term = self.produced_by(reader.input[1] if reader.input[0] == current else reader.input[0], "MatMul")
         if term is None:
             return []
-        zeros = indicator = None
-        for name in term.input:
-            sums = self.produced_by(name, "MatMul")
-            if self.constant(name) is not None:
-                zeros = self.constant(name)
-            elif sums is not None:
-                indicator = next((c for c in map(self.constant, sums.input) if c is not None), None)
-        if zeros is None or indicator is None:
+        constants = self.constants_of(term)
+        sums = [name for name in term.input if self.constant(name) is None]
+        if len(constants) != 1 or len(sums) != 1:
             return []
-        z_dims, e_dims = list(self.inits[zeros].dims), list(self.inits[indicator].dims)
-        if len(z_dims) != 2 or len(e_dims) != 2 or n not in z_dims or k not in e_dims:
+        z_dims = list(self.inits[constants[0]].dims)
+        if len(z_dims) != 2 or n not in z_dims or z_dims[1 - z_dims.index(n)] >= k:
             return []
-        groups = z_dims[1 - z_dims.index(n)]
-        return [zeros, indicator] if groups == e_dims[1 - e_dims.index(k)] and groups < k else []
+        found = self.group_sums_tensors(sums[0], k, z_dims[1 - z_dims.index(n)])
+        return [] if found is None else [constants[0], *found]
+
+    def group_sums_tensors(self, sums: str, k: int, groups: int) -> list[str] | None:
+        """The constants of onnxq's group sums at ``sums`` (None: not one): the indicator ``E`` (``[K, G]`` or
+        ``[G, K]``) of ``MatMul(A, E)``, or the axes, shape and pads of ``ReduceSum(Reshape(Pad?(A)))``."""
+        node = self.producer.get(sums)
+        if node is not None and node.op_type == "MatMul":
+            found = self.constants_of(node)
+            dims = list(self.inits[found[0]].dims) if len(found) == 1 else []
+            return found if sorted(dims) == sorted([k, groups]) else None
+        if node is None or node.op_type != "ReduceSum":
+            return None
+        found = self.constants_of(node)
+        reshape = self.produced_by(node.input[0], "Reshape")
+        if reshape is None or len(reshape.input) < 2 or self.constant(reshape.input[1]) is None:
+            return None
+        found += self.constants_of(reshape)
+        pad = self.produced_by(reshape.input[0], "Pad")
+        return found + (self.constants_of(pad) if pad is not None else [])
 
 
 def _dequantize_source(graph: _Graph, name: str) -> tuple[onnx.NodeProto | None, list[str]]:
@@ -135,7 +153,8 @@ def _dequantize_source(graph: _Graph, name: str) -> tuple[onnx.NodeProto | None,
         if node.op_type == "Add" and len(node.input) == 2:
             partner = graph.produced_by(node.input[1], "DequantizeLinear")
             if partner is not None:
-                tensors += [c for c in map(graph.constant, partner.input) if c is not None]
+                ones = graph.produced_by(partner.input[0], "ConstantOfShape")
+                tensors += graph.constants_of(partner) + (graph.constants_of(ones) if ones is not None else [])
         elif node.op_type == "Reshape" and len(node.input) > 1 and graph.constant(node.input[1]):
             tensors.append(graph.constant(node.input[1]))
         elif node.op_type not in ("Transpose", "Reshape"):
@@ -143,14 +162,14 @@ def _dequantize_source(graph: _Graph, name: str) -> tuple[onnx.NodeProto | None,
         node = graph.producer.get(node.input[0])
     if node is None or node.op_type != "DequantizeLinear" or graph.constant(node.input[0]) is None:
         return None, []
-    return node, [c for c in map(graph.constant, node.input) if c is not None] + tensors
+    return node, graph.constants_of(node) + tensors
 
 
 def _matrix_shape(node: onnx.NodeProto, slot: int, dims: list[int]) -> tuple[int, int] | None:
     """``(N, K)`` of a DequantizeLinear-fed weight of ``dims`` read as input ``slot`` of ``node``; None when it is
     not a matrix."""
-    if node.op_type == "Conv":
-        return (dims[0], int(np.prod(dims[1:]))) if len(dims) > 2 else None
+    if node.op_type == "Conv":  # codes as the Conv weight, or flat [N, K] (onnxq's, reshaped after)
+        return (dims[0], int(np.prod(dims[1:]))) if len(dims) >= 2 else None
     if len(dims) != 2:
         return None
     if node.op_type == "Gather":  # the table T[V, H] is W

@@ -1,5 +1,5 @@
 """Honest size: float16 storage of scales and float zeros in fp32 models, and bits per weight counting every tensor
-a quantized layer uses (codes, scales, zero points, the float-zero term's ``Z`` and ``E``)."""
+a quantized layer uses (codes, scales, zero points, the float-zero term's ``Z`` and its group sums' constants)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from onnxq.solvers.rtn import quantize_rtn
 
 N, K, GROUP = 24, 128, 32
 G = K // GROUP
+GROUP_SUMS = 8 * 3 + 8  # the group sums' int64 Reshape shape [0, G, GROUP] and ReduceSum axes [1] (K = G·GROUP)
 FP16 = onnx.TensorProto.FLOAT16
 
 
@@ -153,11 +154,11 @@ def _hand_count(fmt: str, level: int | None, qw_zeros_fp16: bool) -> float:
     """Bytes of the one layer of matmul_model(K, N) at 2 bits, group 32, float zeros, float16 storage."""
     codes = N * K * 2 / 8
     scales = N * G * 2
-    indicator = K * G * 4  # E stays float32 (shared by every layer reading the activation)
+    sums = GROUP_SUMS  # shared by every layer reading the activation
     if fmt == "matmulnbits":
-        return codes + scales + N * int(np.ceil(G * 2 / 8)) + N * G * 2 + indicator
+        return codes + scales + N * int(np.ceil(G * 2 / 8)) + N * G * 2 + sums
     if fmt == "qdq":
-        return codes + scales + N * G * 2 / 8 + N * G * 2 + indicator
+        return codes + scales + N * G * 2 / 8 + N * G * 2 + sums
     return codes + scales + N * G * (2 if qw_zeros_fp16 else 4)  # onnxq: z − s·zp carried by the op
 
 
@@ -183,7 +184,8 @@ def test_bits_per_weight_is_a_hand_count(fmt, level):
 
 
 def test_shared_tensors_are_split_between_layers():
-    """Two layers reading one activation share ``E``: each counts half of it, the total counts it once."""
+    """Two layers reading one activation share its group sums: each counts half of their constants, the total
+    counts them once."""
     model = matmul_model(k=K, n=N)
     graph = model.graph
     w2 = numpy_helper.from_array(np.random.default_rng(3).standard_normal((K, N)).astype(np.float32), "w2")
@@ -193,10 +195,9 @@ def test_shared_tensors_are_split_between_layers():
     quantized = onnxq.quantize(model, bits=2, group_size=GROUP, format="qdq", zero_convention="float")
     layers = quantized_layers(quantized)
     assert len(layers) == 2
-    indicator = K * G * 4
     one = N * K * 2 / 8 + N * G * 2 + N * G * 2 / 8 + N * G * 2
-    assert [layer.bytes for layer in layers] == [one + indicator / 2] * 2
-    assert bits_per_weight(layers) == pytest.approx(8 * (2 * one + indicator) / (2 * N * K))
+    assert [layer.bytes for layer in layers] == [one + GROUP_SUMS / 2] * 2
+    assert bits_per_weight(layers) == pytest.approx(8 * (2 * one + GROUP_SUMS) / (2 * N * K))
 
 
 # ----------------------------------------------------------------------------- convert keeps the storage

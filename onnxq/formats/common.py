@@ -1,4 +1,4 @@
-"""What every emitter shares: the emit context, initializer helpers and the float-zero correction term."""
+"""What every emitter shares: the emit context, initializer helpers, Gemm's alpha and the integer part."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from onnx import helper
 
 from onnxq.ir.index import NameScope, add_initializer, tensor_types
 from onnxq.ir.targets import Target
-from onnxq.quantized_weight import QuantizedWeight, expand_groups
+from onnxq.quantized_weight import QuantizedWeight
 
 
 @dataclass
@@ -92,7 +92,6 @@ def stored_parameter(
     return [ctx.node("Cast", [name], [out], f"{base}_cast", to=to)], out
 
 
-
 def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:
     """The same codes with scales and float_zeros multiplied by ``factor`` (Gemm's alpha)."""
     if factor == 1.0:
@@ -100,43 +99,6 @@ def scaled(qw: QuantizedWeight, factor: float) -> QuantizedWeight:
     float_zeros = None if qw.float_zeros is None else (qw.float_zeros * factor).astype(np.float32)
     return QuantizedWeight(qw.codes, (qw.scales * factor).astype(np.float32), qw.zero_points, float_zeros, qw.bits,
                            qw.group_size)
-
-
-def group_indicator(k: int, group_size: int, dtype: np.dtype) -> np.ndarray:
-    """``E[K, G]`` with ``E[k, g] = 1`` iff column ``k`` is in group ``g``: ``x·E`` gives per-group sums."""
-    groups = -(-k // group_size)
-    return expand_groups(np.eye(groups, dtype=dtype), k, group_size).T.copy()
-
-
-def float_zero_correction(
-    ctx: EmitContext, activation: str, qw: QuantizedWeight, dtype: np.dtype, left: bool, base: str,
-    param_dtype: np.dtype | None = None,
-) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes computing the float-zero term exactly, without materialising ``Z`` per weight.
-
-    Right product ``Y = A·Wᵀ``: ``A·Z_expᵀ = (A·E)·Zᵀ``.  Left product ``Y = W·X``: ``Z·(Eᵀ·X)``.
-    The group sums ``A·E`` are computed once per activation and shared by the layers that read it.  ``Z`` is
-    stored as ``param_dtype`` (default ``dtype``) and cast to ``dtype`` (:func:`stored_parameter`).
-    """
-    k = qw.shape[1]
-    key = ("group_indicator", k, qw.group_size, dtype.str, left)
-    if key not in ctx.cache:
-        e = group_indicator(k, qw.group_size, dtype)
-        ctx.cache[key] = ctx.add_initializer(f"onnxq_group_sum_{k}_{qw.group_size}", e.T.copy() if left else e)
-    indicator = ctx.cache[key]
-    zeros = qw.float_zeros if left else qw.float_zeros.T.copy()
-    nodes, zero_name = stored_parameter(ctx, f"{base}_float_zero", zeros, dtype, param_dtype or dtype)
-    sums_key = ("group_sums", activation, k, qw.group_size, dtype.str, left)  # shared by layers reading A
-    if sums_key not in ctx.cache:
-        sums = ctx.names.fresh(f"{base}_group_sums")
-        operands = [indicator, activation] if left else [activation, indicator]
-        nodes.append(ctx.node("MatMul", operands, [sums], f"{base}_group_sum"))
-        ctx.cache[sums_key] = sums
-    sums = ctx.cache[sums_key]
-    out = ctx.names.fresh(f"{base}_zero_term")
-    operands = [zero_name, sums] if left else [sums, zero_name]
-    nodes.append(ctx.node("MatMul", operands, [out], f"{base}_zero_term"))
-    return nodes, out
 
 
 def integer_part(qw: QuantizedWeight) -> QuantizedWeight:

@@ -4,7 +4,8 @@ B is ``[N, ceil(K/block), block·bits/8]`` (codes LSB-first along K, K padded wi
 code), scales ``[N, K/block]``, zero points uint8 packed along the blocks.  ORT runs 2/4/8 bits;
 3-bit codes go in a 4-bit container.  Float zeros are never given to ORT as float zero points
 (that takes a slow path on CPU): the integer part ``s·(q − zp)`` runs in MatMulNBits and the
-float part is added exactly by the correction term ``(A·E)·Zᵀ``.  Conv falls back to ``qdq``.
+float part is added exactly by the correction term ``S·Zᵀ`` (group sums ``S`` of A, :mod:`onnxq.formats.float_zero`).
+Conv falls back to ``qdq``.
 
 Scales stored in float16 for an fp32 model (``--scale-storage float16``) reach MatMulNBits through
 ``Cast(to=FLOAT)``: ORT folds it into an initializer at ``ORT_ENABLE_BASIC`` and above, and at ``ORT_DISABLE_ALL``
@@ -25,11 +26,11 @@ from onnxq.formats.common import (
     EmitContext,
     Rewrite,
     float_dtype,
-    float_zero_correction,
     integer_part,
     scaled,
     stored_parameter,
 )
+from onnxq.formats.float_zero import float_zero_correction
 from onnxq.formats.qdq import emit_qdq
 from onnxq.ir.index import attribute
 from onnxq.ir.targets import Target
@@ -151,7 +152,7 @@ def emit_fused_product(
     Handles what every fused op needs around it: Gemm's alpha (folded into scales and zeros),
     beta·C (as the op's bias when constant, else an Add), a constant left operand
     (``Y = W·X ⇔ Yᵀ = Xᵀ·Wᵀ``, two Transposes) and, for ops that cannot carry float zeros,
-    the exact correction term ``(A·E)·Zᵀ``.
+    the exact correction term ``S·Zᵀ`` (:func:`~onnxq.formats.float_zero.float_zero_correction`).
     """
     node = target.node
     dtype = float_dtype(target)

@@ -2,8 +2,10 @@
 
 ``DequantizeLinear(q, s, zp)`` computes ``s·(q − zp)`` per block of ``group_size`` along the
 reduction axis.  A float zero ``z`` (decoupleQ) is added exactly: for MatMul/Gemm by the
-correction term ``(A·E)·Zᵀ`` (see :func:`float_zero_correction`), for Conv by a second
-``DequantizeLinear`` of all-zero codes with zero-point 1 and scale ``−z``, which yields ``z``.
+correction term ``S·Zᵀ`` (group sums ``S`` of the activation, :mod:`onnxq.formats.float_zero`), for Conv to the
+weight by a second ``DequantizeLinear`` of ones made at run time (``ConstantOfShape``) with scale ``z`` blocked
+like the weight and no zero point, which yields ``(1 − 0)·z = z`` per column: only ``z[N, G]`` is stored.
+(onnxq 0.1.0 stored all-zero codes ``[N, K]`` with zero point 1 and scale ``−z`` instead; both are read back.)
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from onnxq.formats.common import (
     EmitContext,
     Rewrite,
     float_dtype,
-    float_zero_correction,
     scaled,
     stored_parameter,
     with_input,
 )
+from onnxq.formats.float_zero import float_zero_correction
 from onnxq.ir.index import attribute
 from onnxq.ir.targets import Target
 from onnxq.packing import pack_bits
@@ -79,13 +81,18 @@ def dequantize_nodes(
 
 
 def _float_zero_nodes(ctx: EmitContext, qw: QuantizedWeight, base: str, dtype: np.dtype,
-                      param_dtype: np.dtype) -> tuple[list, str]:
-    """DequantizeLinear producing ``Z_exp[N, K]`` from codes 0, zero-point 1 and scale ``−z``."""
-    zero_codes = QuantizedWeight(
-        np.zeros_like(qw.codes), (-qw.float_zeros).astype(np.float32), np.ones_like(qw.zero_points), None, qw.bits,
-        qw.group_size,
-    )
-    return dequantize_nodes(ctx, zero_codes, f"{base}_float_zero", dtype, transpose=False, param_dtype=param_dtype)
+                      param_dtype: np.dtype) -> tuple[list[onnx.NodeProto], str]:
+    """``Z_exp[N, K]`` at run time: DequantizeLinear of ``ConstantOfShape([N, K], uint8 1)`` with scale ``z[N, G]``
+    (stored as the weight's scales) blocked along K, no zero point: ``(1 − 0)·z = z``, exact."""
+    shape = ctx.add_initializer(f"{base}_float_zero_shape", np.array(qw.shape, dtype=np.int64))
+    ones = ctx.names.fresh(f"{base}_float_zero_ones")
+    fill = ctx.node("ConstantOfShape", [shape], [ones], f"{base}_float_zero_ones",
+                    value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [1]))
+    cast, z_name = stored_parameter(ctx, f"{base}_float_zero", qw.float_zeros, dtype, param_dtype)
+    out = ctx.names.fresh(f"{base}_float_zero_dequant")
+    node = ctx.node("DequantizeLinear", [ones, z_name], [out], f"{base}_float_zero_DequantizeLinear", axis=1,
+                    block_size=qw.group_size)
+    return [fill, *cast, node], out
 
 
 def emit_qdq(target: Target, qw: QuantizedWeight, ctx: EmitContext) -> Rewrite:

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
+from onnxq.formats.float_zero import group_axes, group_indicator
 from onnxq.ir.index import attribute, node_name
 from onnxq.quantized_weight import QuantizedWeight, expand_groups, num_groups
 
@@ -116,7 +117,7 @@ def refuse(node: onnx.NodeProto, reason: str) -> OnnxqError:
 
 @dataclass
 class FloatZeroTerm:
-    """onnxq's exact float-zero term ``(A·E)·Zᵀ`` (or ``Z·(Eᵀ·X)``) added to a product."""
+    """onnxq's exact float-zero term ``S·Zᵀ`` (or ``Z·S``) added to a product (:mod:`onnxq.formats.float_zero`)."""
 
     float_zeros: np.ndarray  # [N, G] as stored (float32 or float16)
     group_size: int
@@ -126,9 +127,9 @@ class FloatZeroTerm:
 
 def find_float_zero_term(view: GraphView, product: str, activation: str, k: int, n: int,
                          left: bool) -> FloatZeroTerm | None:
-    """The float-zero term onnxq added to ``product`` (see :func:`onnxq.formats.common.float_zero_correction`):
-    ``Add(product, MatMul(MatMul(activation, E), Zᵀ))`` with ``E[K, G]`` the group indicator (left products:
-    ``MatMul(Z, MatMul(Eᵀ, activation))``).  None when ``product`` is not followed by one."""
+    """The float-zero term onnxq added to ``product`` (see :func:`onnxq.formats.float_zero.float_zero_correction`):
+    ``Add(product, MatMul(S, Zᵀ))`` (left products: ``MatMul(Z, S)``) with ``S`` onnxq's group sums of
+    ``activation`` in either form (:func:`group_sums_group_size`).  None when ``product`` is not followed by one."""
     add = view.only_consumer(product)
     if add is None or view.nodes[add].op_type != "Add" or view.nodes[add].domain not in ("", "ai.onnx"):
         return None
@@ -138,24 +139,86 @@ def find_float_zero_term(view: GraphView, product: str, activation: str, k: int,
     if term is None:
         return None
     sums_name, zeros_name = view.nodes[term].input[::-1] if left else view.nodes[term].input
-    sums = view.produced_by(sums_name, "MatMul")
     zeros = view.array(zeros_name)
-    if sums is None or zeros is None or zeros.ndim != 2:
+    if zeros is None or zeros.ndim != 2:
         return None
-    indicator_name, source = view.nodes[sums].input if left else view.nodes[sums].input[::-1]
-    indicator = view.array(indicator_name)
-    if source != activation or indicator is None or indicator.ndim != 2:
-        return None
-    indicator = indicator.T if left else indicator
     zeros = zeros if left else zeros.T
-    groups = indicator.shape[1]
-    group_size = int(np.count_nonzero(indicator[:, 0])) if indicator.shape[0] == k else 0
-    if not group_size or zeros.shape != (n, groups) or num_groups(k, group_size) != groups:
-        return None
-    expected = expand_groups(np.eye(groups), k, group_size).T
-    if not np.array_equal(indicator, expected):
+    groups = zeros.shape[1]
+    group_size = group_sums_group_size(view, sums_name, activation, k, groups, left)
+    if group_size is None or zeros.shape[0] != n:
         return None
     return FloatZeroTerm(zeros, group_size, add_node.output[0], [add, term])
+
+
+def group_sums_group_size(view: GraphView, sums: str, activation: str, k: int, groups: int,
+                          left: bool) -> int | None:
+    """The group size of ``sums`` when it is onnxq's sums of ``activation`` over ``groups`` groups of K (None
+    otherwise), in either form: ``ReduceSum(Reshape(Pad?(A)))`` (:mod:`onnxq.formats.float_zero`) or, as onnxq
+    0.1.0 wrote it, ``MatMul(A, E)`` (left: ``MatMul(Eᵀ, X)``) with the group indicator ``E[K, G]``."""
+    if view.produced_by(sums, "MatMul") is not None:
+        indicator_name, source = view.nodes[view.producer[sums]].input
+        if not left:
+            indicator_name, source = source, indicator_name
+        indicator = view.array(indicator_name)
+        if source != activation or indicator is None or indicator.shape != ((groups, k) if left else (k, groups)):
+            return None
+        group_size = int(np.count_nonzero(indicator[0] if left else indicator[:, 0]))
+        if group_size < 1 or num_groups(k, group_size) != groups:
+            return None
+        expected = group_indicator(k, group_size, np.dtype(np.float64))
+        return group_size if np.array_equal(indicator.T if left else indicator, expected) else None
+    return _reduced_group_size(view, sums, activation, k, groups, left)
+
+
+def _reduced_group_size(view: GraphView, sums: str, activation: str, k: int, groups: int,
+                        left: bool) -> int | None:
+    """The group size of ``ReduceSum(Reshape(Pad?(activation), [0,…,0, G, group(, −1)]), axes=[group axis],
+    keepdims=0)`` with zeros padded onto K alone, exactly up to ``G·group`` (None when ``sums`` is not that)."""
+    reduce = view.produced_by(sums, "ReduceSum")
+    reshape = None if reduce is None else view.produced_by(view.nodes[reduce].input[0], "Reshape")
+    if reshape is None or attribute(view.nodes[reduce], "keepdims", 1) != 0 or \
+            attribute(view.nodes[reshape], "allowzero", 0) != 0:
+        return None
+    shape = view.array(view.nodes[reshape].input[1])
+    axes = _ints(view, view.nodes[reduce], "axes", 1)
+    if shape is None or shape.ndim != 1 or len(shape) < 2 or axes is None or len(axes) != 1:
+        return None
+    shape = [int(d) for d in shape]
+    trailing = [-1] if left and shape[-1] == -1 else []
+    axis = len(shape) - 2 - len(trailing)  # the K axis of the activation
+    rank = axis + 1 + len(trailing)
+    expected = group_axes(rank, left)
+    if expected is None or expected != (axis, trailing) or shape[:axis] != [0] * axis or shape[axis] != groups \
+            or axes[0] % len(shape) != axis + 1 or left and not trailing and view.ranks.get(activation) != 1:
+        return None
+    group_size = shape[axis + 1]
+    if group_size < 1 or num_groups(k, group_size) != groups:
+        return None
+    source = view.nodes[reshape].input[0]
+    pad = view.produced_by(source, "Pad")
+    if pad is not None:
+        node = view.nodes[pad]
+        pads = _ints(view, node, "pads", 1)
+        wanted = [0] * (2 * rank)
+        wanted[rank + axis] = groups * group_size - k
+        value = view.array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+        if pads != wanted or attribute(node, "mode", b"constant") not in (b"constant", "constant") or \
+                value is None or np.any(value != 0) or attribute(node, "value", 0.0) != 0 or \
+                len(node.input) > 3 and node.input[3]:
+            return None
+        source = node.input[0]
+    elif groups * group_size != k:
+        return None
+    return group_size if source == activation else None
+
+
+def _ints(view: GraphView, node: onnx.NodeProto, name: str, index: int) -> list[int] | None:
+    """An int list given as attribute ``name`` or as constant input ``index`` (None when neither)."""
+    if len(node.input) > index and node.input[index]:
+        values = view.array(node.input[index])
+        return None if values is None else [int(v) for v in values.reshape(-1)]
+    values = attribute(node, name, None)
+    return None if values is None else [int(v) for v in values]
 
 
 def regroup_to(qw: QuantizedWeight, group_size: int, float_zeros: np.ndarray | None = None) -> QuantizedWeight:

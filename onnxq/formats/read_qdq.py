@@ -2,16 +2,18 @@
 
 ``DequantizeLinear(q, s, zp)`` is ``s·(q − zp)`` blocked (``block_size``) along the reduction axis, per output
 channel (1-D scale on the other axis) or per tensor; signed codes are read as unsigned ``q + 2^(b−1)`` with
-``zp + 2^(b−1)`` (the same values).  onnxq's float zeros come back from its two forms
-(:mod:`onnxq.formats.qdq`): for Conv a second DequantizeLinear of zero codes, zero point 1 and scale ``−z``
-added before the Reshape; for MatMul/Gemm the term ``(A·E)·Zᵀ`` added to the product (``Z`` holds Gemm's
-``alpha·z``).  A DequantizeLinear whose output feeds anything else is left as it is.
+``zp + 2^(b−1)`` (the same values).  onnxq's float zeros come back from its forms (:mod:`onnxq.formats.qdq`):
+for Conv a second DequantizeLinear added before the Reshape, of ``ConstantOfShape`` ones with scale ``z`` (or, as
+onnxq 0.1.0 wrote it, of stored zero codes with zero point 1 and scale ``−z``); for MatMul/Gemm the term ``S·Zᵀ``
+added to the product (``Z`` holds Gemm's ``alpha·z``; :func:`~onnxq.formats.read_common.find_float_zero_term`).
+A DequantizeLinear whose output feeds anything else is left as it is.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxq.formats.read_common import GraphView, ReadLayer, find_float_zero_term, narrowest_bits, refuse
 from onnxq.formats.read_fused import PLACEHOLDER, ReadHints
@@ -81,13 +83,25 @@ def read_qdq_layers(view: GraphView, index: int, hints: ReadHints) -> list[ReadL
 
 
 def _float_zero_half(view: GraphView, index: int, weight_dq: onnx.NodeProto) -> np.ndarray:
-    """``z`` from the DequantizeLinear of zero codes, zero point 1 and scale ``−z`` (blocked like the weight)."""
+    """``z`` (as stored) from the DequantizeLinear at ``index``, blocked like the weight's ``weight_dq``: of
+    ``ConstantOfShape`` uint8 ones with scale ``z`` and no zero point, or of zero codes with zero point 1 and scale
+    ``−z`` (onnxq 0.1.0)."""
     node = view.nodes[index]
-    codes, scales, zero_points = (view.array(node.input[i]) if len(node.input) > i else None for i in range(3))
-    if codes is None or scales is None or zero_points is None or np.any(codes.astype(np.int64) != 0) \
-            or np.any(zero_points.astype(np.int64) != 1):
+    codes_dims = tuple(int(d) for d in view.inits[weight_dq.input[0]].dims)
+    scales = view.array(node.input[1])
+    zero_points = view.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    same_blocks = all(attribute(node, key, None) == attribute(weight_dq, key, None) for key in ("axis", "block_size"))
+    ones = view.produced_by(node.input[0], "ConstantOfShape")
+    if ones is not None and scales is not None and same_blocks and (len(node.input) < 3 or not node.input[2]):
+        shape, value = view.array(view.nodes[ones].input[0]), attribute(view.nodes[ones], "value", None)
+        if shape is not None and tuple(int(d) for d in shape) == codes_dims and value is not None and \
+                value.data_type == onnx.TensorProto.UINT8 and numpy_helper.to_array(value).tolist() == [1]:
+            return scales
+    codes = view.array(node.input[0])
+    if codes is None or scales is None or zero_points is None or not same_blocks or codes.shape != codes_dims \
+            or np.any(codes.astype(np.int64) != 0) or np.any(zero_points.astype(np.int64) != 1):
         raise refuse(weight_dq, "the weight's float-zero DequantizeLinear is not onnxq's")
-    return (-scales).astype(np.float32)
+    return -scales
 
 
 def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_shape: tuple[int, ...] | None,
@@ -114,12 +128,15 @@ def _layer(view: GraphView, reader: int, weight: str, dq: onnx.NodeProto, conv_s
     if qw is None:
         return None
     absorbed = []
-    stored = [view.array(dq.input[1]).dtype]  # (a Conv's float-zero DequantizeLinear is stored alike)
+    stored = [view.array(dq.input[1]).dtype]
     float_node = onnx.NodeProto()
     float_node.CopyFrom(node)
     if conv_zeros is not None:
-        qw = QuantizedWeight(qw.codes, qw.scales, qw.zero_points, conv_zeros.reshape(qw.scales.shape), qw.bits,
+        if conv_zeros.shape != qw.scales.shape:
+            raise refuse(node, "its float-zero DequantizeLinear does not match its weight's blocks")
+        qw = QuantizedWeight(qw.codes, qw.scales, qw.zero_points, conv_zeros.astype(np.float32), qw.bits,
                              qw.group_size)
+        stored.append(conv_zeros.dtype)
     elif node.op_type in ("MatMul", "Gemm"):
         left = node.op_type == "MatMul" and slot == 0
         term = find_float_zero_term(view, node.output[0], node.input[1 - slot if node.op_type == "MatMul" else 0],
