@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import onnxq.api as api
 from onnxq.config import QuantizeConfig
 from onnxq.demo import run_demo
+from onnxq.demo_llm import DEFAULT_FOLDER, run_llm_demo
 from onnxq.errors import OnnxqError
 from onnxq.ir.paths import run_temp_dir
 from onnxq.verify import verify_models
@@ -50,6 +51,8 @@ CONVERT_EXAMPLES = """examples:
 DEMO_EXAMPLES = """examples:
   onnxq demo                  # built-in digits models, 2/4/8 bits, every format
   onnxq demo --model cnn --bits 2 4
+  onnxq demo --llm            # ./smollm2-genai (README's export step): fp32 vs decoupleQ W2; needs onnxq[llm]
+  onnxq demo --llm my-genai/  # any onnxruntime-genai model folder
 """
 
 
@@ -173,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="quantize the built-in digits models and compare accuracy, size, latency",
                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["mlp", "cnn", "all"], default="all")
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--model", choices=["mlp", "cnn", "all"], help="digits model (default all)")
+    p.add_argument("--bits", type=int, nargs="+", help="digits bit widths (default 2 4 8)")
+    p.add_argument("--llm", nargs="?", const=DEFAULT_FOLDER, metavar="GENAI_DIR",
+                   help="instead: an onnxruntime-genai folder (default ./smollm2-genai) at fp32 and decoupleQ W2 g64, "
+                        "calibrated on text shipped with onnxq: perplexity, size, bits/weight, decode speed, greedy "
+                        "text (needs pip install 'onnxq[llm]')")
     return parser
 
 
@@ -228,7 +235,13 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(summary.lines()))
         print(f"wrote {args.output}")
     elif args.command == "demo":
-        print(run_demo(models=("mlp", "cnn") if args.model == "all" else (args.model,), bits=tuple(args.bits)))
+        if args.llm is not None:
+            if args.model is not None or args.bits is not None:
+                raise OnnxqError("--model and --bits choose the digits demo; drop them with --llm")
+            print(run_llm_demo(args.llm))
+        else:
+            model = args.model or "all"
+            print(run_demo(models=("mlp", "cnn") if model == "all" else (model,), bits=tuple(args.bits or (2, 4, 8))))
     return 0
 
 

@@ -65,6 +65,8 @@ if __package__ in (None, ""):
 from models.austen import novel_path  # noqa: E402
 from models.cache import cache_dir, onnx_file_sha256, write_npz  # noqa: E402
 from onnxq.errors import OnnxqError  # noqa: E402
+from onnxq.ir.genai_folder import decoder_files  # noqa: E402
+from onnxq.perplexity import perplexity  # noqa: E402
 from tools.kv_generate import PrefillSession, agreement, common_prefix, greedy_generate  # noqa: E402
 from tools.lm_metrics import EVAL_NOVEL, N_WINDOWS, evaluation_windows, novel_token_ids, score_windows  # noqa: E402
 
@@ -266,13 +268,6 @@ class Row:
     build_seconds: float | None = None
 
 
-def decoder_files(folder: Path) -> list[Path]:
-    """The decoder file of a genai folder and its external-data files."""
-    from onnxq.ir.genai_folder import decoder_file, model_files
-
-    return sorted(model_files(folder, decoder_file(folder)))
-
-
 def parameter_count(model_path: Path) -> int:
     """Elements of every float initializer of a float model (read from the dims; data stays on disk)."""
     import onnx
@@ -357,7 +352,7 @@ def measure(variants: list[Variant], folders: dict[str, Path], windows: np.ndarr
         stamp = read_stamp(folder)
         rows.append(Row(variant.name, variant.label, size / 1e6, 8 * size / params,
                         None if variant.kind == "zoo" else quantized_layer_bits(folder),
-                        float(np.exp(scores[variant.name]["nll"].mean())),
+                        perplexity(scores[variant.name]["nll"]),
                         float(np.mean(scores[variant.name]["argmax"] == scores["fp32"]["argmax"])),
                         ort_tokens=scores[variant.name]["tokens"].tolist(),
                         build_seconds=stamp.get("seconds") if stamp else None))

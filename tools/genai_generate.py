@@ -20,28 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
-PROMPT = "It is a truth universally acknowledged, that"
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def run_once(og: Any, model: Any, ids: list[int], tokens: int) -> dict[str, Any]:
-    """One greedy run of ``tokens`` new tokens after ``ids``: the tokens and the timings (rules in the docstring)."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    start = time.perf_counter()
-    generator.append_tokens(ids)
-    prefill_ms = (time.perf_counter() - start) * 1e3
-    new: list[int] = []
-    step_ms: list[float] = []
-    while not generator.is_done():
-        start = time.perf_counter()
-        generator.generate_next_token()
-        step_ms.append((time.perf_counter() - start) * 1e3)
-        new.append(int(generator.get_next_tokens()[0]))
-    return {"tokens": new, "prefill_ms": prefill_ms, "decode_ms": step_ms[1:]}
+from onnxq.generation import PROMPT, greedy_run  # noqa: E402
 
 
 def generate_all(og: Any, folders: list[str], prompt: str | list[int], tokens: int, repeat: int,
@@ -53,11 +38,11 @@ def generate_all(og: Any, folders: list[str], prompt: str | list[int], tokens: i
            for folder in folders}
     for folder in folders:
         for _ in range(warmup):
-            run_once(og, models[folder], ids[folder], tokens)
+            greedy_run(og, models[folder], ids[folder], tokens)
     runs: dict[str, list[dict[str, Any]]] = {folder: [] for folder in folders}
     for _ in range(repeat):
         for folder in folders:
-            run = run_once(og, models[folder], ids[folder], tokens)
+            run = greedy_run(og, models[folder], ids[folder], tokens)
             run["text"] = tokenizers[folder].decode(run["tokens"])
             runs[folder].append(run)
     return runs

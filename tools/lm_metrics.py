@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from models.austen import NOVELS, novel_text  # noqa: E402
 from models.cache import cache_dir, write_npz  # noqa: E402
 from onnxq.errors import OnnxqError  # noqa: E402
+from onnxq.perplexity import next_token_scores, perplexity  # noqa: E402
 from onnxq.progress import Progress  # noqa: E402
 
 EVAL_NOVEL = "persuasion"
@@ -157,7 +158,8 @@ def score_windows(session: Any, windows: np.ndarray, label: str = "eval") -> tup
     """Run each window; return (negative log-likelihoods float64, argmax int32), both ``[n, window − 1]``.
 
     ``nll[i, t] = logsumexp(z[i, t]) − z[i, t, x[i, t+1]]`` and ``argmax[i, t] = argmax z[i, t]`` for the logits
-    ``z`` of window ``i`` at position ``t`` (the prediction of token ``t + 1``).
+    ``z`` of window ``i`` at position ``t`` (the prediction of token ``t + 1``), by
+    :func:`onnxq.perplexity.next_token_scores`.
     """
     n, length = windows.shape
     nll = np.empty((n, length - 1), dtype=np.float64)
@@ -165,11 +167,7 @@ def score_windows(session: Any, windows: np.ndarray, label: str = "eval") -> tup
     with Progress(n, label) as bar:
         for i in range(n):
             (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: windows[i : i + 1]})
-            z = logits[0, :-1].astype(np.float64)
-            peak = z.max(axis=1)
-            log_norm = peak + np.log(np.exp(z - peak[:, None]).sum(axis=1))
-            nll[i] = log_norm - z[np.arange(length - 1), windows[i, 1:]]
-            argmax[i] = z.argmax(axis=1)
+            nll[i], argmax[i] = next_token_scores(logits[0], windows[i])
             bar.step(f"window {i + 1}")
     if not np.all(np.isfinite(nll)):
         raise OnnxqError("the model produced non-finite logits on the evaluation text; the model is broken")
@@ -227,7 +225,7 @@ def evaluate_lm(
             agreement = float(np.mean(argmax == reference_argmax))
     seconds = time.perf_counter() - start
     return LMEvaluation(
-        perplexity=float(np.exp(nll.mean())),
+        perplexity=perplexity(nll),
         top1_agreement=agreement,
         n_windows=int(windows.shape[0]),
         n_tokens=int(nll.size),

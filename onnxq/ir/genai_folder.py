@@ -100,6 +100,11 @@ def model_files(folder: Path, model_path: Path) -> set[Path]:
     return {model_path.resolve(), *(p.resolve() for p in external_data_files(model, model_path).values())}
 
 
+def decoder_files(folder: str | os.PathLike) -> list[Path]:
+    """The decoder file of a genai folder and its external-data files, sorted (what its size on disk counts)."""
+    return sorted(model_files(Path(folder), decoder_file(folder)))
+
+
 def write_folder(source: str | os.PathLike, output: str | os.PathLike, model: onnx.ModelProto,
                  custom_ops_library: str | os.PathLike | None = None) -> None:
     """Write ``model`` as the decoder of a copy of the genai folder ``source`` at ``output`` (atomically).
