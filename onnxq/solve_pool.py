@@ -28,7 +28,7 @@ PARALLEL_WORK = 1e8  # Σ rows·K² of a group below which it is solved here (~0
 
 def _work(task: RowTask) -> float:
     """A task's cost in the units of :data:`PARALLEL_WORK` (the column sweeps cost ``rows·K²``)."""
-    rows, k = task.target.shape
+    rows, k = task.original.shape
     return float(rows) * k * k
 
 

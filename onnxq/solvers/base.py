@@ -114,10 +114,14 @@ class RowTask:
     """Rows of one weight solved against one Hessian (one conv group, or part of one: rows are independent)."""
 
     original: np.ndarray  # the rows of W as given (float64)
-    target: np.ndarray  # what they are fit to: W̃ with float targets, else ``original``
     hessian: PreparedHessian
+    cross: np.ndarray | None  # C = Σ xᵀx_float with float targets (the rows are fit to W̃), else None
     mask: np.ndarray | None
     params: GptqParams | DecoupleqParams
+
+    @property
+    def rows(self) -> int:
+        return self.original.shape[0]
 
 
 @dataclass(frozen=True)
@@ -157,19 +161,19 @@ def solve(
 def plan(
     weight: np.ndarray, params: GptqParams | DecoupleqParams, stats: LayerStats, zero_mask: np.ndarray | None
 ) -> list[RowTask]:
-    """The row tasks of a Hessian method: per conv group, its rows (and float target ``W̃``) in near-equal parts of
-    at most :data:`ROWS_PER_TASK` rows.  The split depends on the shape only, never on how tasks are run."""
+    """The row tasks of a Hessian method: per conv group, its rows in near-equal parts of at most
+    :data:`ROWS_PER_TASK` rows (each task computes its rows' float target ``W̃``).  The split depends on the shape
+    only, never on how tasks are run."""
     conv_groups = len(stats.hessians)
     rows = weight.shape[0] // conv_groups
     tasks = []
     for c, (hessian, cross) in enumerate(zip(stats.hessians, stats.crosses, strict=True)):
         original = weight[c * rows : (c + 1) * rows]
-        target = original if cross is None else float_output_target(original, hessian, cross)
         mask = None if zero_mask is None else zero_mask[c * rows : (c + 1) * rows]
         parts = -(-rows // ROWS_PER_TASK)
         for start, stop in itertools.pairwise(np.linspace(0, rows, parts + 1).round().astype(int)):
-            tasks.append(RowTask(original[start:stop], target[start:stop], hessian,
-                                 None if mask is None else mask[start:stop], params))
+            tasks.append(RowTask(original[start:stop], hessian, cross, None if mask is None else mask[start:stop],
+                                 params))
     return tasks
 
 
@@ -186,7 +190,8 @@ def assemble(results: list[RowResult]) -> tuple[QuantizedWeight, SolveReport]:
 
 
 def _solve_rows(task: RowTask) -> RowResult:
-    params, target, mask = task.params, task.target, task.mask
+    params, mask = task.params, task.mask
+    target = task.original if task.cross is None else float_output_target(task.original, task.hessian, task.cross)
     if isinstance(params, GptqParams):
         qw = quantize_gptq(target, task.hessian, params.bits, params.group_size, params.symmetric,
                            params.zero_convention, params.damp, params.act_order, zero_mask=mask,
