@@ -68,23 +68,30 @@ class SolvePool:
             self._processes = [_start_worker() for _ in range(self.workers)]
         return _Dispatch(self._processes, tasks).results()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers: let them finish (end of their input), or ``kill`` them (an interrupted run)."""
         for process in self._processes:
             if process.poll() is None:
                 try:
+                    if kill:
+                        raise OSError
                     process.stdin.close()
                     process.wait(timeout=10)
                 except (OSError, subprocess.TimeoutExpired):
                     process.kill()
                     process.wait()
-            process.stdout.close()
+            for stream in (process.stdin, process.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         self._processes = []
 
     def __enter__(self) -> SolvePool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        self.close(kill=kind is not None)
 
 
 def _start_worker() -> subprocess.Popen:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import deep_model, matmul_model
+from graphs import matmul_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
@@ -518,11 +518,22 @@ def test_temp_names_carry_the_pid(ws, monkeypatch):
 
 
 def slow_model(ws: Workspace) -> tuple[str, str]:
-    """A model and calibration set that keep decoupleQ busy for several seconds."""
-    model = deep_model()
-    path = ws.inp / "deep.onnx"
+    """A model and calibration set that keep decoupleQ busy for several seconds: four 768-wide layers (each solved
+    as row tasks on the worker processes; a small model's rows stop improving after a few iterations)."""
+    rng = np.random.default_rng(0)
+    width, nodes, inits, current = 768, [], [], "x"
+    for i in range(4):
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                             f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+        current = f"h{i}"
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["b", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime 1.31 loads
+    path = ws.inp / "slow.onnx"
     save_model(model, path)
-    calib = npz(ws.inp / "deep_calib.npz", x=np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32))
+    calib = npz(ws.inp / "slow_calib.npz", x=rng.standard_normal((2048, width)).astype(np.float32))
     return str(path), calib
 
 

@@ -4,6 +4,10 @@ error, and a layer's rows may be split into tasks without changing its result.""
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from onnxq.errors import OnnxqError
 from onnxq.solve_pool import SolvePool, SolveTaskError
 from onnxq.solvers.base import ROWS_PER_TASK, DecoupleqParams, GptqParams, LayerStats, plan, solve
 from onnxq.solvers.hessian import prepare_hessian
+from tests.test_adversarial import Workspace, slow_model
 from tests.test_solver_decoupleq import correlated_problem
 
 DATA = Path(onnxq.__file__).parent / "data"
@@ -75,3 +80,42 @@ def test_workers_out_of_range_is_refused(tmp_path: Path) -> None:
         onnxq.quantize(DATA / "digits_mlp.onnx", tmp_path / "out.onnx", method="decoupleq", bits=2, workers=0,
                        calibration=str(DATA / "digits_calib.npz"), progress=False)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Pids of the solver worker processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"onnxq.solve_worker" in command:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_ctrl_c_while_workers_solve_stops_them(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "in", tmp_path / "out", tmp_path / "tmp")
+    for folder in (ws.inp, ws.out, ws.tmp):
+        folder.mkdir()
+    model, calib = slow_model(ws)
+    process = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", model, "-o", str(ws.out / "q.onnx"),
+                                "--method", "decoupleq", "--bits", "2", "--iters", "50", "--calib", calib,
+                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _workers_of(process.pid) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _workers_of(process.pid)
+    assert workers and process.poll() is None, "the run ended before its workers started"
+    time.sleep(0.5)  # inside a group's tasks
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().startswith("onnxq: error: interrupted (SIGINT)"), stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert not list(ws.out.iterdir())

@@ -272,9 +272,8 @@ def _solve_all(
                                                    float_targets=config.float_target, shard_ends=shard_ends(ranges))
             fit = ", each layer fit to the float model's output" if config.float_target else ""
             summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
-    pool = SolvePool(config.workers)
     try:
-        with Progress(len(targets), "quantize", config.progress) as bar:
+        with SolvePool(config.workers) as pool, Progress(len(targets), "quantize", config.progress) as bar:
             for index, group in enumerate(layer_groups):
                 if sequential is not None:
                     hessians, stats, crosses = sequential.step(index)
@@ -297,7 +296,6 @@ def _solve_all(
                 for target in group:
                     bar.step(target.name)
     finally:
-        pool.close()
         if sequential is not None:
             sequential.close()
     return solved
