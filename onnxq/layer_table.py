@@ -23,7 +23,7 @@ class LayerRow:
     params: int
     bytes: float  # bytes of the weight as stored: every tensor the layer uses (shared ones split between layers)
     bits_per_weight: float
-    state: str  # "float" or "quantized"
+    state: str  # "float", "float, kept" (lm_head), LOOKUP_FLOAT (an embedding lookup) or "quantized"
 
 
 @dataclass
@@ -63,6 +63,9 @@ def _row(name: str, op_type: str, n: int, k: int, nbytes: int, state: str) -> La
     return LayerRow(name, op_type, (n, k), params, nbytes, 8 * nbytes / params if params else 0.0, state)
 
 
+LOOKUP_FLOAT = "float, with --op-types Gather"  # an embedding lookup: quantized only when asked for
+
+
 def inspect_model(model: onnx.ModelProto) -> InspectReport:
     """Rows for float targets (fp32/fp16 bytes) and for quantized layers (the bytes of every tensor they use,
     :func:`~onnxq.quantized_size.quantized_layers`), a MatMul reading one of those tensors (the float-zero term's)
@@ -77,7 +80,7 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
     for t in found.targets:
         if t.weight_name not in used:
             n, k = t.matrix_shape
-            state = KEPT_FLOAT if t.name in kept else "float"
+            state = KEPT_FLOAT if t.name in kept else LOOKUP_FLOAT if t.op_type in LOOKUP_OP_TYPES else "float"
             report.rows.append(_row(t.name, t.op_type, n, k, _tensor_bytes(inits, t.weight_name), state))
     report.skipped = [s for s in found.skipped if "no constant weight" not in s.reason]
     for layer in quantized:
@@ -92,7 +95,7 @@ def quantized_layer_counts(model: onnx.ModelProto) -> dict[str, int]:
     when any float product is left (such a model is quantizable; a float embedding lookup alone does not count, as
     it is quantized only when asked for)."""
     rows = inspect_model(model).rows
-    if any(r.state == "float" and r.op_type not in LOOKUP_OP_TYPES for r in rows):
+    if any(r.state == "float" for r in rows):
         return {}
     counts: dict[str, int] = {}
     for r in rows:

@@ -555,7 +555,7 @@ def test_signal_removes_temp_files(ws, sig):
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
         pytest.fail(f"still running 120 s after {signal.Signals(sig).name}:\n{process.communicate()[1][-4000:]}")
-    assert process.returncode == 128 + sig
+    assert process.returncode == 128 + sig, stderr[-3000:]
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"onnxq: error: interrupted ({signal.Signals(sig).name})"), stderr
     assert not ws.tmp_leftovers() and not list(ws.out.iterdir())

@@ -16,7 +16,7 @@ from onnxq.api import quantize_with_summary
 from onnxq.config import default_scale_storage
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import model_bytes
-from onnxq.layer_table import inspect_model, quantized_layer_counts
+from onnxq.layer_table import LOOKUP_FLOAT, inspect_model, quantized_layer_counts
 from onnxq.quantized_size import quantized_layers
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.rtn import quantize_rtn
@@ -132,7 +132,7 @@ def test_size_inspect_and_refusal_know_the_lookup():
     assert lookup.shape == (64, 64)
     assert lookup.bits_per_weight == pytest.approx(4 + 32 / 32 + 4 / 32)  # codes, fp32 scales, 4-bit zero points
     rows = inspect_model(model).rows
-    assert [r.state for r in rows if r.op_type == "Gather"] == ["float"]
+    assert [r.state for r in rows if r.op_type == "Gather"] == [LOOKUP_FLOAT]  # not quantized by default
     assert quantized_layer_counts(quantized)["GatherBlockQuantized"] == 1
     with pytest.raises(OnnxqError, match="already quantized"):
         onnxq.quantize(quantized, op_types=("Gather",))

@@ -48,9 +48,10 @@ CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")
 @pytest.fixture(scope="module")
 def genai_path() -> Path | None:
     """``None`` when onnxruntime-genai is installed here (``onnxq[llm]``), else the zoo's ``--target`` folder."""
-    if importlib.util.find_spec("onnxruntime_genai") is not None:
-        return None
     folder = cache_dir("zoo", "tools", create=False) / "genai"
+    spec = importlib.util.find_spec("onnxruntime_genai")  # (an earlier test may have imported the zoo's copy)
+    if spec is not None and not str(spec.origin).startswith(str(folder)):
+        return None
     if not (folder / "onnxruntime_genai" / "__init__.py").is_file():
         pytest.skip(f"onnxruntime-genai is not unpacked in {folder}: python -c \"from models.zoo_fetch import "
                     "tool_env; tool_env('genai')\" (pip install --no-deps --target: the environment's onnxruntime "
