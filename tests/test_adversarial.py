@@ -544,7 +544,9 @@ def test_signal_removes_temp_files(ws, sig):
     env = {**os.environ, "TMPDIR": str(ws.tmp), "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", model, "-o", ws.o(), "--method",
                                 "decoupleq", "--bits", "2", "--group-size", "-1", "--iters", "50", "--calib", calib],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    # child (a shell's background job, e.g. `pytest &`, ignores SIGINT, and its children inherit that)
     deadline = time.monotonic() + 120
     while not list(ws.tmp.glob("onnxq-*/onnxq-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until calibration has its temp folder (a weight copy) inside the run's temp folder

@@ -106,7 +106,8 @@ def test_ctrl_c_while_workers_solve_stops_them(tmp_path: Path) -> None:
     model, calib = slow_model(ws)
     process = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", model, "-o", str(ws.out / "q.onnx"),
                                 "--method", "decoupleq", "--bits", "2", "--iters", "50", "--calib", calib,
-                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's child
     deadline = time.monotonic() + 120
     while not _workers_of(process.pid) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
