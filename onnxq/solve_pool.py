@@ -144,7 +144,7 @@ class _Dispatch:
                 pickle.dump(self.tasks[index], process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 process.stdin.flush()
                 self.answers[index] = pickle.load(process.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError):
+            except Exception:  # noqa: BLE001 - a dead worker, or its pipes closed under us by an interrupt
                 self.answers[index] = ("died", f" (exit code {process.poll()})")
                 return
 
