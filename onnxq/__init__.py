@@ -21,20 +21,9 @@ _PUBLIC = {
     "split": "onnxq.api",
     "split_with_report": "onnxq.api",
 }
-__all__ = [
-    "OnnxqError",
-    "QuantizedWeight",
-    "convert",
-    "convert_with_summary",
-    "inspect",
-    "library_path",
-    "quantize",
-    "quantize_with_summary",
-    "session_options",
-    "split",
-    "split_with_report",
-]
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
 
 def __getattr__(name: str) -> object:
     if name not in _PUBLIC:

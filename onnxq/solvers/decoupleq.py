@@ -20,7 +20,8 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
 Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``float_zeros = z``.  With a
 ``zero_mask`` (SplitQuant branches) the integer zero-point convention is used instead — ``q = s_g·(c − zp_g)``,
 ``zp_g`` an integer fixed by the (grid) min/max fit, masked entries get ``c = zp_g`` and dequantize to exactly 0 —
-and the float step solves only ``s``.  Channels are processed in chunks of ``max_rows`` (they are independent).
+and the float step solves only ``s``.  Channels are independent: a caller may split the rows (the solver registry
+does, :func:`onnxq.solvers.base.plan`) and get the same rows back.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Literal
 import numpy as np
 
 from onnxq.errors import OnnxqError
-from onnxq.quantized_weight import QuantizedWeight, expand_groups, num_groups
+from onnxq.quantized_weight import QuantizedWeight, expand_groups
 from onnxq.solvers.gptq import check_hessian_size, check_mask, check_weight, gptq_round
 from onnxq.solvers.grid import nearest_codes, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
@@ -81,7 +82,6 @@ def quantize_decoupleq(
     refine_sweeps: int = 1,
     train_stages: int = 8,
     train_steps: int = 25,
-    max_rows: int = 4096,
     param_dtype: np.dtype | type = np.float32,
 ) -> tuple[QuantizedWeight, dict]:
     """Solve ``min (w − q) H (w − q)ᵀ``, ``q = s·a + z`` per channel/group, by alternating integer and float steps.
@@ -124,20 +124,8 @@ def quantize_decoupleq(
         train_steps=max(1, int(train_steps)),
         param_dtype=np.dtype(param_dtype),
     )
-    groups = num_groups(k, group_size)
-    result = GroupGrid(
-        codes=np.empty((n, k), dtype=np.uint8),
-        scales=np.empty((n, groups)),
-        zero_points=np.empty((n, groups)),
-        float_zeros=np.zeros((n, groups)),
-    )
-    chunk_stats = []
-    rows = max(1, int(max_rows))
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        grid, stats = _solve_rows(target[r0:r1], None if mask is None else mask[r0:r1], prepared, config, log)
-        result.take(slice(r0, r1), grid, source_rows=slice(None))
-        chunk_stats.append(stats)
+    result, stats = _solve_rows(target, mask, prepared, config, log)
+    stats["iterations"] = len(stats["losses"])
 
     qweight = QuantizedWeight(
         codes=result.codes,
@@ -148,7 +136,6 @@ def quantize_decoupleq(
         group_size=group_size,
     )
     raw_hessian = prepared.undamped()
-    stats = _merge_stats(chunk_stats)
     rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float",
                        scale_dtype=config.param_dtype)
     guarded = no_worse_than(target, raw_hessian, qweight, rtn)
@@ -363,23 +350,3 @@ def _stored(grid: GroupGrid, dtype: np.dtype) -> GroupGrid:
         return None if values is None else values.astype(dtype).astype(np.float64)
 
     return GroupGrid(grid.codes, rounded(grid.scales), grid.zero_points, rounded(grid.float_zeros))
-
-
-def _merge_stats(chunks: list[dict]) -> dict:
-    """Sum the per-chunk losses; a chunk that stopped early keeps its last loss in later iterations."""
-    length = max(len(c["losses"]) for c in chunks)
-    losses = [0.0] * length
-    improved = [0] * length
-    for c in chunks:
-        padded = c["losses"] + [c["loss_final"]] * (length - len(c["losses"]))
-        counts = c["improved"] + [0] * (length - len(c["improved"]))
-        losses = [a + b for a, b in zip(losses, padded, strict=True)]
-        improved = [a + b for a, b in zip(improved, counts, strict=True)]
-    return {
-        "loss_rtn": sum(c["loss_rtn"] for c in chunks),
-        "loss_init": sum(c["loss_init"] for c in chunks),
-        "loss_final": sum(c["loss_final"] for c in chunks),
-        "losses": losses,
-        "improved": improved,
-        "iterations": length,
-    }
