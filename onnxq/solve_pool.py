@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import threading
@@ -141,19 +142,56 @@ class _Dispatch:
                     return
                 self.next += 1
             try:
-                pickle.dump(self.tasks[index], process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                process.stdin.flush()
-                self.answers[index] = pickle.load(process.stdout)
+                send(process.stdin, self.tasks[index])
+                self.answers[index] = receive(process.stdout)
             except Exception:  # noqa: BLE001 - a dead worker, or its pipes closed under us by an interrupt
                 self.answers[index] = ("died", f" (exit code {process.poll()})")
                 return
 
 
+def send(stream, value: object) -> None:
+    """Write ``value`` to a binary stream as pickle protocol 5 with its arrays' bytes out of band: a length-prefixed
+    header, then each buffer length-prefixed, written straight from the array (no pickled copy of ``H`` in memory)."""
+    buffers: list[pickle.PickleBuffer] = []
+    header = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    stream.write(struct.pack("<QQ", len(header), len(buffers)))
+    stream.write(header)
+    for buffer in buffers:
+        raw = buffer.raw()
+        stream.write(struct.pack("<Q", raw.nbytes))
+        stream.write(raw)
+    stream.flush()
+
+
+def receive(stream) -> object:
+    """Read one value written by :func:`send` (``EOFError`` at the end of the stream); arrays come back writable,
+    read straight into their own memory."""
+    size, count = struct.unpack("<QQ", _read_exactly(stream, 16))
+    header = _read_exactly(stream, size)
+    buffers = []
+    for _ in range(count):
+        (length,) = struct.unpack("<Q", _read_exactly(stream, 8))
+        buffers.append(_read_exactly(stream, length, bytearray(length)))
+    return pickle.loads(header, buffers=buffers)
+
+
+def _read_exactly(stream, length: int, into: bytearray | None = None) -> bytearray:
+    out = bytearray(length) if into is None else into
+    view, done = memoryview(out), 0
+    while done < length:
+        got = stream.readinto(view[done:])
+        if not got:
+            raise EOFError
+        done += got
+    return out
+
+
 def serve(source, sink) -> None:
-    """The worker loop: read a pickled :class:`RowTask` from ``source``, write ``(kind, value)`` to ``sink``."""
+    """The worker loop: read a :class:`RowTask` from ``source`` (:func:`receive`), write ``(kind, value)`` to
+    ``sink``."""
     while True:
         try:
-            task = pickle.load(source)
+            task = receive(source)
         except EOFError:
             return
         try:
@@ -164,5 +202,4 @@ def serve(source, sink) -> None:
             import traceback
 
             answer = ("failed", traceback.format_exc())
-        pickle.dump(answer, sink, protocol=pickle.HIGHEST_PROTOCOL)
-        sink.flush()
+        send(sink, answer)

@@ -15,6 +15,7 @@ import onnx
 
 from onnxq.calibration.sessions import Feed, OrtRunError, SessionFactory, run_session
 from onnxq.errors import OnnxqError
+from onnxq.heap import release_free_memory
 
 DEFAULT_BATCH_SIZE = 8  # samples per ORT run when neither the caller nor the model fixes it
 
@@ -168,6 +169,7 @@ class CalibrationBatches:
         if model is not None and not self.settled:
             self.check(model)
             note = probe_batch(model, self)
+            release_free_memory()  # the probe's whole-model session is gone: give its pages back
             if note is not None:
                 self.batch_size = 1
                 self.notes.append(note)

@@ -12,14 +12,16 @@ forward pass over the calibration data, the same as calibrating every layer on f
 For a transformer the frontier is the residual stream plus whatever a block's partial results the next group needs
 (attention output before ``o_proj``, the MLP product before ``down_proj``) and shared tensors such as masks: a few
 activations of the hidden size per token.  It is held in memory up to ``memory_limit`` bytes, beyond that in
-memory-mapped temp files.
+memory-mapped temp files.  A committed (solved, dequantized) weight goes to a file in this object's temp folder and
+is read back only for the step whose nodes read it, so the solved weights cost no memory between steps (a
+1.1 B-parameter model would otherwise hold a second copy of its weights by the last step).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from onnxq.calibration.data import CalibrationBatches, model_input_specs
 from onnxq.calibration.keys import HessianKey, plan_keys
 from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, model_shell, open_session, run_session
 from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, process_cpu_seconds
+from onnxq.heap import release_free_memory
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import Target
 from onnxq.stats.hessian import HessianSum
@@ -87,6 +90,41 @@ class FrontierStore:
             self._tmp.cleanup()
 
 
+class CommittedWeights(Mapping[str, onnx.TensorProto]):
+    """The model's initializers by name, with the committed ones replaced by their solved values.
+
+    A committed array is written to ``folder`` at once and read back (as a new ``TensorProto``) each time it is
+    looked up, so the process holds only the float model and the weights of the step being run."""
+
+    def __init__(self, float_weights: Mapping[str, onnx.TensorProto], folder: Path) -> None:
+        self.float_weights, self.folder = float_weights, folder
+        self.committed: dict[str, tuple[Path, np.dtype, tuple[int, ...]]] = {}
+        self._files = 0
+
+    def commit(self, name: str, values: np.ndarray) -> None:
+        self.folder.mkdir(exist_ok=True)
+        self._files += 1
+        path = self.folder / f"{self._files}.bin"
+        values = np.ascontiguousarray(values)
+        values.tofile(path)
+        self.committed[name] = (path, values.dtype, values.shape)
+
+    def __getitem__(self, name: str) -> onnx.TensorProto:
+        if name in self.committed:
+            path, dtype, shape = self.committed[name]
+            return onnx.numpy_helper.from_array(np.fromfile(path, dtype=dtype).reshape(shape), name)
+        return self.float_weights[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.float_weights
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.float_weights)
+
+    def __len__(self) -> int:
+        return len(self.float_weights)
+
+
 class SequentialCalibration:
     """``step(i)`` returns the Hessians of layer group ``i``, computed with the weights committed so far.
 
@@ -117,18 +155,18 @@ class SequentialCalibration:
         self.float_store = FrontierStore(limit // 2) if float_targets else None
         self.specs = model_input_specs(model)
         self.float_weights = {t.name: t for t in model.graph.initializer}
-        self.weights = dict(self.float_weights)  # the float weights, with the committed ones replaced
+        self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
+        self.weights = CommittedWeights(self.float_weights, Path(self._tmp.name) / "solved")
         self.produced = {name for node in model.graph.node for name in node.output if name}
         self.keys = [plan_keys(group) for group in layer_groups]
         self.next_step = 0
         self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
         self.dtypes: dict[str, int] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
 
     def commit(self, weight_name: str, values: np.ndarray) -> None:
         """Use ``values`` (the solved weight, dequantized, in the initializer's layout) for ``weight_name`` in the
         steps that follow."""
-        self.weights[weight_name] = onnx.numpy_helper.from_array(np.ascontiguousarray(values), weight_name)
+        self.weights.commit(weight_name, values)
 
     def step(
         self, index: int
@@ -170,8 +208,9 @@ class SequentialCalibration:
             run, self.batches, self.specs, self.weights, units, self.float_targets, self.shard_ends, self.keep_shards
         )
         quantized = floating = run = None
-        for path in Path(self._tmp.name).iterdir():
+        for path in Path(self._tmp.name).glob("step*"):
             path.unlink()
+        release_free_memory()  # the step's sessions and activations are gone
         for store in filter(None, (self.store, self.float_store)):
             store.keep(frontier)
         cross_keys = [key for key in sums if self.float_targets and units[key].tensor in changed]

@@ -19,6 +19,7 @@ from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
 from onnxq.config import FAST_ACCURACY_LEVEL, QuantizeConfig
 from onnxq.errors import OnnxqError
+from onnxq.heap import release_free_memory
 from onnxq.ir.llm import LM_HEAD_REASON, embedding_note, lm_head_names
 from onnxq.ir.metadata import QUANT_METADATA_KEY, set_metadata, split_branch_nodes
 from onnxq.ir.model import model_bytes
@@ -293,6 +294,8 @@ def _solve_all(
                         dtype = onnx.helper.tensor_dtype_to_np_dtype(job.target.dtype)
                         sequential.commit(job.target.weight_name,
                                           job.target.initializer_from_matrix(qw.dequantize(dtype)))
+                jobs = results = None
+                release_free_memory()  # the group's weights, statistics and task buffers are gone
                 for target in group:
                     bar.step(target.name)
     finally:
