@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from onnxq.errors import OnnxqError
+from onnxq.heap import release_free_memory
 from onnxq.solvers.base import RowResult, RowTask, run_task
 
 PARALLEL_WORK = 1e8  # Σ rows·K² of a group below which it is solved here (~0.3 s; a worker starts in ~0.7 s)
@@ -202,4 +203,7 @@ def serve(source, sink) -> None:
             import traceback
 
             answer = ("failed", traceback.format_exc())
+        task = None
         send(sink, answer)
+        answer = None
+        release_free_memory()  # an idle worker holds no freed task arrays

@@ -27,6 +27,14 @@ class HessianStore:
         self.crosses.update(crosses or {})
         self.prepared = {slot: p for slot, p in self.prepared.items() if slot[0] not in hessians}
 
+    def forget(self, keys: set[HessianKey]) -> None:
+        """Drop the statistics of ``keys`` (solved, and read by no layer still to solve): a sequential run holds
+        one layer group's ``H``, ``C`` and factorisations at a time, not the whole model's."""
+        for key in keys:
+            self.hessians.pop(key, None)
+            self.crosses.pop(key, None)
+        self.prepared = {slot: p for slot, p in self.prepared.items() if slot[0] not in keys}
+
     def layer_stats(self, target: Target) -> LayerStats:
         """The statistics of ``target``'s input, one entry per conv group."""
         key = hessian_key(target)

@@ -273,6 +273,7 @@ def _solve_all(
                                                    float_targets=config.float_target, shard_ends=shard_ends(ranges))
             fit = ", each layer fit to the float model's output" if config.float_target else ""
             summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
+    later_keys = _keys_read_later(layer_groups)
     try:
         with SolvePool(config.workers) as pool, Progress(len(targets), "quantize", config.progress) as bar:
             for index, group in enumerate(layer_groups):
@@ -294,6 +295,8 @@ def _solve_all(
                         dtype = onnx.helper.tensor_dtype_to_np_dtype(job.target.dtype)
                         sequential.commit(job.target.weight_name,
                                           job.target.initializer_from_matrix(qw.dequantize(dtype)))
+                if store is not None:
+                    store.forget({hessian_key(t) for t in group} - later_keys[index])
                 jobs = results = None
                 release_free_memory()  # the group's weights, statistics and task buffers are gone
                 for target in group:
@@ -389,6 +392,16 @@ def _record_calibration(store, summary: QuantizeSummary, hessians: dict, stats, 
             summary.thin_inputs.append((key[0], rows, size))
     summary.calibration_seconds += stats.seconds
     summary.peak_memory_mb = max(summary.peak_memory_mb, stats.peak_rss_bytes / 2**20)
+
+
+def _keys_read_later(layer_groups: list[list[Target]]) -> list[set]:
+    """Per group index, the Hessian keys that the groups after it read."""
+    later: list[set] = [set() for _ in layer_groups]
+    seen: set = set()
+    for index in range(len(layer_groups) - 1, -1, -1):
+        later[index] = set(seen)
+        seen |= {hessian_key(t) for t in layer_groups[index]}
+    return later
 
 
 def layer_groups_of(targets: list[Target]) -> list[list[Target]]:

@@ -117,9 +117,7 @@ class HessianSum:
 
     def result(self) -> np.ndarray:
         """The symmetric ``H`` (``[K, K]``, or ``[groups, K', K']`` for a grouped conv)."""
-        total = self._finished().upper
-        upper = np.triu(total)
-        full = upper + np.swapaxes(np.triu(total, 1), -1, -2)
+        full = _mirror_upper(self._finished().upper)
         return full[0] if self.unfold.groups == 1 else full
 
     def cross_result(self) -> np.ndarray | None:
@@ -128,6 +126,23 @@ class HessianSum:
         if cross is None:
             return None
         return cross[0] if self.unfold.groups == 1 else cross.copy()
+
+
+MIRROR_ROWS = 512  # rows of H mirrored per step (bounds the temporary to MIRROR_ROWS·K values)
+
+
+def _mirror_upper(total: np.ndarray) -> np.ndarray:
+    """``[G, K, K]`` with each lower triangle replaced, in place, by the transposed upper triangle (the sums hold the
+    upper triangle; below the diagonal they hold zeros, or the same products for a grouped conv)."""
+    size = total.shape[-1]
+    for start in range(0, size, MIRROR_ROWS):
+        stop = min(start + MIRROR_ROWS, size)
+        for matrix in total:
+            block = matrix[start:stop, :stop]  # rows start..stop-1, columns up to the block's last diagonal entry
+            upper_part = matrix[:stop, start:stop].T  # H[j, i] for the same (i, j)
+            below = np.tril(np.ones((stop - start, stop), dtype=bool), k=start - 1)  # j < i
+            block[below] = upper_part[below]
+    return total
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
