@@ -13,19 +13,28 @@ Ctrl-C, which the parent handles by stopping them.
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from onnxq.errors import OnnxqError
 from onnxq.heap import release_free_memory
+from onnxq.ir.paths import RUN_TEMP, remove_stale_temps, temp_prefix
 from onnxq.solvers.base import RowResult, RowTask, run_task
 
 PARALLEL_WORK = 1e8  # Σ rows·K² of a group below which it is solved here (~0.3 s; a worker starts in ~0.7 s)
+SHARE_BYTES = 1 << 20  # task arrays this large reach the workers through shared memory, not the pipe
+SHARED_MEMORY = "/dev/shm"  # where shared arrays are written when it exists (a RAM file system); else TMPDIR
 
 
 def _work(task: RowTask) -> float:
@@ -105,8 +114,67 @@ def _start_worker() -> subprocess.Popen:
                             stdout=subprocess.PIPE, env=env)
 
 
+class SharedArrays:
+    """The large arrays of a dispatch's tasks (a layer's ``H``, ``U``, ``C``, its rows), each written once to a file
+    in shared memory and mapped read-only by every worker that solves a task reading it: a layer group's statistics
+    are then in memory once for all workers, instead of once more in each worker for every task sent to it.
+
+    The folder is ``/dev/shm/onnxq-<pid>-xxxxxxxx`` (or in TMPDIR), removed by :meth:`close`; a killed run's folder
+    is removed by the next run (:func:`onnxq.ir.paths.remove_stale_temps`)."""
+
+    def __init__(self) -> None:
+        base = SHARED_MEMORY if os.access(SHARED_MEMORY, os.W_OK) else tempfile.gettempdir()
+        remove_stale_temps(base, RUN_TEMP)
+        self.folder = Path(tempfile.mkdtemp(prefix=temp_prefix(RUN_TEMP), dir=base))
+        self._references: dict[int, tuple[str, str, tuple[int, ...]]] = {}
+        self._arrays: list[np.ndarray] = []  # keeps every shared array (and so its id) alive while shared
+        self._lock = threading.Lock()
+
+    def reference(self, array: np.ndarray) -> tuple[str, str, tuple[int, ...]]:
+        """``(file, dtype, shape)`` of ``array``'s shared copy, written at its first reference."""
+        with self._lock:
+            found = self._references.get(id(array))
+            if found is None:
+                path = self.folder / f"{len(self._references)}.bin"
+                data = np.ascontiguousarray(array)
+                data.tofile(path)
+                found = (str(path), data.dtype.str, data.shape)
+                self._references[id(array)] = found
+                self._arrays.append(array)
+            return found
+
+    def close(self) -> None:
+        self._references.clear()
+        self._arrays.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickle protocol 5 whose arrays of :data:`SHARE_BYTES` or more are sent as :class:`SharedArrays` references."""
+
+    def __init__(self, file, shared: SharedArrays | None, buffers: list) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.shared = shared
+
+    def persistent_id(self, obj: object) -> tuple | None:
+        if self.shared is not None and type(obj) is np.ndarray and obj.nbytes >= SHARE_BYTES:
+            return self.shared.reference(obj)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    """Maps each :class:`SharedArrays` reference read-only (a plain ndarray over the mapped file)."""
+
+    def persistent_load(self, reference: tuple) -> np.ndarray:
+        path, dtype, shape = reference
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype=np.dtype(dtype)).reshape(shape)
+
+
 class _Dispatch:
-    """Hand ``tasks`` to the workers (one thread each, feeding its worker the next task as it finishes one)."""
+    """Hand ``tasks`` to the workers (one thread each, feeding its worker the next task as it finishes one); their
+    large arrays go through :class:`SharedArrays`."""
 
     def __init__(self, processes: list[subprocess.Popen], tasks: list[RowTask]) -> None:
         self.tasks = tasks
@@ -114,13 +182,18 @@ class _Dispatch:
         self.next = 0
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._feed, args=(p,), daemon=True) for p in processes]
+        self.shared: SharedArrays | None = None
 
     def results(self) -> list[RowResult]:
-        for thread in self.threads:
-            thread.start()
-        for thread in self.threads:
-            while thread.is_alive():
-                thread.join(0.2)  # a short wait keeps Ctrl-C deliverable to this thread
+        self.shared = SharedArrays()
+        try:
+            for thread in self.threads:
+                thread.start()
+            for thread in self.threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # a short wait keeps Ctrl-C deliverable to this thread
+        finally:
+            self.shared.close()
         out = []
         for index, answer in enumerate(self.answers):
             kind, value = answer if answer is not None else ("died", "")
@@ -143,18 +216,21 @@ class _Dispatch:
                     return
                 self.next += 1
             try:
-                send(process.stdin, self.tasks[index])
+                send(process.stdin, self.tasks[index], self.shared)
                 self.answers[index] = receive(process.stdout)
             except Exception:  # noqa: BLE001 - a dead worker, or its pipes closed under us by an interrupt
                 self.answers[index] = ("died", f" (exit code {process.poll()})")
                 return
 
 
-def send(stream, value: object) -> None:
+def send(stream, value: object, shared: SharedArrays | None = None) -> None:
     """Write ``value`` to a binary stream as pickle protocol 5 with its arrays' bytes out of band: a length-prefixed
-    header, then each buffer length-prefixed, written straight from the array (no pickled copy of ``H`` in memory)."""
+    header, then each buffer length-prefixed, written straight from the array (no pickled copy in memory); with
+    ``shared``, arrays of :data:`SHARE_BYTES` or more travel as references to their shared-memory copies."""
     buffers: list[pickle.PickleBuffer] = []
-    header = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    header_file = io.BytesIO()
+    _Pickler(header_file, shared, buffers).dump(value)
+    header = header_file.getvalue()
     stream.write(struct.pack("<QQ", len(header), len(buffers)))
     stream.write(header)
     for buffer in buffers:
@@ -173,7 +249,7 @@ def receive(stream) -> object:
     for _ in range(count):
         (length,) = struct.unpack("<Q", _read_exactly(stream, 8))
         buffers.append(_read_exactly(stream, length, bytearray(length)))
-    return pickle.loads(header, buffers=buffers)
+    return _Unpickler(io.BytesIO(header), buffers=buffers).load()
 
 
 def _read_exactly(stream, length: int, into: bytearray | None = None) -> bytearray:

@@ -28,6 +28,7 @@ DATA = Path(onnxq.__file__).parent / "data"
 @pytest.mark.parametrize("method", ["decoupleq", "gptq"])
 def test_workers_give_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     monkeypatch.setattr(solve_pool, "PARALLEL_WORK", 0)  # the digits layers are small: use the workers anyway
+    monkeypatch.setattr(solve_pool, "SHARE_BYTES", 1)  # and send every array through shared memory
     digests = []
     for workers in (1, 2):
         out = tmp_path / f"{method}_{workers}.onnx"
@@ -35,6 +36,30 @@ def test_workers_give_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyP
                        calibration=str(DATA / "digits_calib.npz"), progress=False)
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_shared_arrays_arrive_equal_read_only_and_leave_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's large arrays travel as references to one shared-memory copy: equal on arrival, read-only (a solver
+    writing into H would fail loudly), written once however often they are sent, and removed by close()."""
+    import io
+
+    monkeypatch.setattr(solve_pool, "SHARE_BYTES", 1024)
+    big, small = np.arange(4096, dtype=np.float64).reshape(64, 64), np.ones(3)
+    row = big[3:5]  # a view of 1 KiB: shared on its own
+    shared = solve_pool.SharedArrays()
+    stream = io.BytesIO()
+    for _ in range(2):
+        solve_pool.send(stream, {"h": big, "again": big, "row": row, "small": small}, shared)
+    assert len(list(shared.folder.iterdir())) == 2  # big once, its row view once; small went through the pipe
+    stream.seek(0)
+    for _ in range(2):
+        got = solve_pool.receive(stream)
+        assert np.array_equal(got["h"], big) and np.array_equal(got["row"], big[3:5])
+        assert np.array_equal(got["small"], small) and got["small"].flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            got["h"][0, 0] = 1.0
+    shared.close()
+    assert not shared.folder.exists()
 
 
 def test_rows_split_into_tasks_give_the_rows_solved_alone() -> None:
