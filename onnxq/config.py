@@ -121,10 +121,11 @@ class QuantizeConfig:
     ray: str | None = option(None, "data-parallel sequential calibration on Ray (pip install 'onnxq[ray]'): the flag "
                              "alone starts a local cluster; 'auto' or an address joins a running one; same output as "
                              "without --ray", metavar="ADDRESS", const=LOCAL_CLUSTER)
-    ray_workers: int | None = option(None, "with --ray: calibration actors (default: the cluster's CPUs, at most "
-                                     "--calib-shards)", metavar="N")
+    ray_workers: int | None = option(None, "with --ray: calibration actors, which also solve "
+                                     "the layers (default: the cluster's CPUs, at most --calib-shards)", metavar="N")
     workers: int | None = option(None, "processes that solve the weights of a layer group in parallel (default: one "
-                                 "per CPU; 1: in this process); the output is the same for any number", metavar="N")
+                                 "per CPU; 1: in this process; with --ray the actors solve); the output is the same "
+                                 "for any number", metavar="N")
     float_target: bool = option(True, "with --sequential: fit each layer's output on quantized inputs to the float "
                                 "model's output on float inputs (runs the float model alongside)")
 

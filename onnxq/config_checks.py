@@ -139,8 +139,8 @@ def check_method_options(config) -> None:
 
 
 def check_ray(config) -> None:
-    """``--calib-shards``, ``--ray`` and ``--ray-workers``: ranges, and refusals where they would change nothing
-    (Ray distributes the sequential calibration of the Hessian methods, nothing else)."""
+    """``--calib-shards``, ``--ray``, ``--ray-workers`` and ``--workers``: ranges, and refusals where they would change
+    nothing (Ray distributes the sequential calibration of the Hessian methods and their solves, nothing else)."""
     if config.calib_shards < 1:
         raise OnnxqError(f"--calib-shards {config.calib_shards} is out of range; use 1 or more")
     shards_given = config.calib_shards != DEFAULT_SHARDS
@@ -161,3 +161,6 @@ def check_ray(config) -> None:
                          "drop --ray")
     if not config.sequential:
         raise OnnxqError("--ray distributes sequential calibration; drop --no-sequential or --ray")
+    if config.workers is not None:
+        raise OnnxqError("--workers sets the local solve processes; with --ray the Ray actors solve the layers: "
+                         "drop --workers (--ray-workers sets the actors)")

@@ -30,6 +30,7 @@ from onnxq.calibration import distributed  # noqa: E402
 from onnxq.calibration.shards import LOCAL_CLUSTER  # noqa: E402
 from onnxq.demo import data_path  # noqa: E402
 from onnxq.errors import OnnxqError  # noqa: E402
+from onnxq.solve_pool import SolvePool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = {"method": "decoupleq", "bits": 2, "group_size": 16, "progress": False}  # the digits layers are 64 wide
@@ -45,10 +46,21 @@ def cluster():
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_two_actors_give_the_local_bytes(cluster, name):
+def test_two_actors_give_the_local_bytes(cluster, name, monkeypatch):
+    """Calibration and the layers' solves both on the actors (no local solve process) give the local bytes."""
     model, calib = data_path(f"digits_{name}.onnx"), data_path("digits_calib.npz")
     local = onnxq.quantize(model, calibration=calib, **JOB)
+    solved_on_actors = []
+    run = distributed.DistributedCalibration.run
+
+    def counted(self, tasks):
+        solved_on_actors.extend(tasks)
+        return run(self, tasks)
+
+    monkeypatch.setattr(distributed.DistributedCalibration, "run", counted)
+    monkeypatch.setattr(SolvePool, "run", lambda self, tasks: pytest.fail("a local solve in a --ray run"))
     remote, summary = onnxq.quantize_with_summary(model, calibration=calib, ray="auto", ray_workers=2, **JOB)
+    assert len(solved_on_actors) >= len(summary.layers) > 0  # every layer's rows went to an actor
     assert any("calibration on Ray: 2 actors, 8 shards of 16 batches" in note for note in summary.notes)
     assert remote.SerializeToString() == local.SerializeToString()
     assert ray.util.list_named_actors() == []  # every actor was killed
@@ -76,6 +88,25 @@ def test_a_killed_actor_is_one_clear_error_and_nothing_written(cluster, tmp_path
     assert ray.util.list_named_actors() == []
 
 
+def test_an_actor_killed_before_solving_is_one_clear_error(cluster, tmp_path, monkeypatch):
+    """Actor 2 dies between calibrating and solving the first group: one error naming it and the solve, no output."""
+    run = distributed.DistributedCalibration.run
+
+    def kill_then_run(self, tasks):
+        os.kill(ray.get(self.actors[1].pid.remote()), signal.SIGKILL)
+        time.sleep(1)
+        return run(self, tasks + tasks)  # at least one task reaches actor 2
+
+    monkeypatch.setattr(distributed.DistributedCalibration, "run", kill_then_run)
+    output = tmp_path / "out.onnx"
+    with pytest.raises(OnnxqError, match=r"Ray actor 2 of 2 \(.+:\d+ node \w+\) failed at solving layer group 1 of "
+                                         r"\d+: .*Actor.*nothing written"):
+        onnxq.quantize(data_path("digits_mlp.onnx"), output, calibration=data_path("digits_calib.npz"), ray="auto",
+                       ray_workers=2, **JOB)
+    assert list(tmp_path.iterdir()) == []
+    assert ray.util.list_named_actors() == []
+
+
 def test_refusals_need_no_cluster():
     with pytest.raises(OnnxqError, match="--ray distributes the calibration of --method gptq/decoupleq"):
         onnxq.quantize(data_path("digits_mlp.onnx"), ray="auto")
@@ -84,6 +115,9 @@ def test_refusals_need_no_cluster():
                        sequential=False, **JOB)
     with pytest.raises(OnnxqError, match="--ray-workers works with --ray only"):
         onnxq.quantize(data_path("digits_mlp.onnx"), ray_workers=2)
+    with pytest.raises(OnnxqError, match="with --ray the Ray actors solve the layers: drop --workers"):
+        onnxq.quantize(data_path("digits_mlp.onnx"), calibration=data_path("digits_calib.npz"), ray="auto", workers=2,
+                       **JOB)
     with pytest.raises(OnnxqError, match="--calib-shards orders the sums of sequential calibration"):
         onnxq.quantize(data_path("digits_mlp.onnx"), calib_shards=2)
     with pytest.raises(OnnxqError, match="--calib-shards 0 is out of range"):

@@ -8,8 +8,10 @@ Rules:
   (a weight-less shell and the weight arrays, put once in the object store), keeps its own frontier activations and
   returns its per-shard sums of ``H`` (and ``C``) for each layer group.  The driver folds the shard sums in shard
   order, exactly as one process does, so the output is byte-identical to the run without ``--ray`` (same data,
-  seed and ``--calib-shards``).  The driver solves the group's layers itself (the quantize pass, unchanged); the
-  solved weights go to every actor (``commit``) before the next step.
+  seed and ``--calib-shards``).  The group's row tasks are then solved on the same actors, idle between steps
+  (:meth:`DistributedCalibration.run`, the interface of :class:`~onnxq.solve_pool.SolvePool`: each task with one
+  BLAS thread, results in task order, so again the bytes of a local run); the solved weights go to every actor
+  (``commit``) before the next step.
 - Every ``ray.get`` has a deadline (:data:`STEP_TIMEOUT_SECONDS`).  A dead or stuck actor is one
   :class:`OnnxqError` naming the actor, its host and pid, and the layer group; the pass fails, so nothing is written.
 - :meth:`DistributedCalibration.close` (also on Ctrl-C) kills the actors, and shuts Ray down when onnxq started the
@@ -37,6 +39,8 @@ from onnxq.calibration.stream import CalibrationStats, finish_pass, process_cpu_
 from onnxq.errors import OnnxqError
 from onnxq.ir.model import copy_model_without
 from onnxq.ir.targets import Target
+from onnxq.solve_pool import SolveTaskError
+from onnxq.solvers.base import RowResult, RowTask
 from onnxq.stats.hessian import HessianSum
 
 STEP_TIMEOUT_SECONDS = 3600.0  # one layer group on one actor; past it the run fails instead of hanging
@@ -164,6 +168,43 @@ class DistributedCalibration:
         stats.cpu_seconds += sum(reply["cpu_seconds"] for reply in replies)
         crosses = {key: sums[key].cross_result() for key in replies[0]["cross_keys"]}
         return hessians, stats, crosses
+
+    def run(self, tasks: list[RowTask]) -> list[RowResult]:
+        """Solve a layer group's row tasks on the actors (one task at a time each, the next to the first one free);
+        the results in task order.  A solver's refusal is a :class:`~onnxq.solve_pool.SolveTaskError`."""
+        ray = self.ray
+        what = f"solving layer group {self.next_step} of {len(self.layer_groups)}"
+        results: list[tuple[str, object] | None] = [None] * len(tasks)
+        running: dict = {}  # ref → (task index, actor index)
+        free = list(range(self.workers))
+        deadline = time.monotonic() + self.timeout
+        queue = iter(range(len(tasks)))
+        while True:
+            while free and (index := next(queue, None)) is not None:
+                actor = free.pop(0)
+                running[self.actors[actor].solve.remote(tasks[index])] = (index, actor)
+            if not running:
+                break
+            done, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                _, actor = next(iter(running.values()))
+                raise OnnxqError(f"Ray actor {actor + 1} of {self.workers} ({self.places[actor]}) did not answer "
+                                 f"within {self.timeout:.0f} s at {what}; nothing written")
+            index, actor = running.pop(done[0])
+            results[index] = self._get(done, what, deadline, first=actor)[0]
+            free.append(actor)
+        out = []
+        for index, (kind, value) in enumerate(results):
+            if kind == "refused":
+                raise SolveTaskError(index, str(value))
+            out.append(value)
+        return out
+
+    def __enter__(self) -> DistributedCalibration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing: the actors live until :meth:`close`."""
 
     def _get(self, refs: list, what: str, deadline: float | None = None, first: int = 0) -> list:
         """The results of ``refs`` (one per actor, from actor ``first`` on) in order, by ``deadline`` (default: the

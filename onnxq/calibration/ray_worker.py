@@ -3,7 +3,9 @@
 Ray imports this module in the worker process (Ray itself is imported only inside :meth:`CalibrationWorker.where`).
 The actor rebuilds the model from a weight-less shell and the weights' arrays (both from the object store), keeps
 its own frontier activations for its batches, returns its per-shard sums for each step and takes the solved weights
-of each group through :meth:`CalibrationWorker.commit` before the next step.
+of each group through :meth:`CalibrationWorker.commit` before the next step.  Between steps the actors are idle, so
+they also solve the group's row tasks (:meth:`CalibrationWorker.solve`, :func:`onnxq.solvers.base.run_task`: one BLAS
+thread, so the bytes are those of a local run).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from onnxq.calibration.keys import HessianKey
 from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.sessions import Feed
 from onnxq.calibration.stream import process_cpu_seconds, process_peak_rss_bytes
+from onnxq.errors import OnnxqError
 from onnxq.ir.targets import Target
+from onnxq.solvers.base import RowTask, run_task
 from onnxq.stats.hessian import ShardSum
 
 
@@ -69,6 +73,13 @@ class CalibrationWorker:
         """The solved (dequantized) weights of the last group, in their initializers' layout."""
         for name, values in weights.items():
             self.calibration.commit(name, values)
+
+    def solve(self, task: RowTask) -> tuple[str, object]:
+        """One row task: ``("ok", RowResult)``, or ``("refused", message)`` when its solver refuses the input."""
+        try:
+            return "ok", run_task(task)
+        except OnnxqError as exc:
+            return "refused", str(exc)
 
     def close(self) -> None:
         self.calibration.close()

@@ -275,7 +275,8 @@ def _solve_all(
             summary.notes.append(f"sequential calibration: {len(layer_groups)} layer groups{fit}")
     later_keys = _keys_read_later(layer_groups)
     try:
-        with SolvePool(config.workers) as pool, Progress(len(targets), "quantize", config.progress) as bar:
+        solvers = sequential if isinstance(sequential, DistributedCalibration) else SolvePool(config.workers)
+        with solvers as pool, Progress(len(targets), "quantize", config.progress) as bar:
             for index, group in enumerate(layer_groups):
                 if sequential is not None:
                     hessians, stats, crosses = sequential.step(index)
