@@ -159,3 +159,39 @@ def test_float_output_target_is_the_least_squares_fit():
     np.testing.assert_allclose(target, best, rtol=1e-6, atol=1e-8)
     # equal inputs: the target is the weight itself (with the default damping too)
     np.testing.assert_allclose(float_output_target(w, prepare_hessian(xf.T @ xf), xf.T @ xf), w, atol=1e-12)
+
+
+def test_a_committed_weight_lives_in_a_file_not_in_memory(tmp_path):
+    """A solved weight handed to commit() is written to the temp folder and read back, equal, for each lookup."""
+    from onnxq.calibration.sequential import CommittedWeights
+
+    float_weights = {"w": onnx.numpy_helper.from_array(np.zeros((3, 4), np.float32), "w")}
+    weights = CommittedWeights(float_weights, tmp_path / "solved")
+    solved = np.arange(12, dtype=np.float32).reshape(3, 4)
+    weights.commit("w", solved)
+    assert "w" in weights and list(weights) == ["w"]
+    path, dtype, shape = weights.committed["w"]  # a file name, not the array
+    assert path.exists() and path.stat().st_size == solved.nbytes and shape == (3, 4)
+    assert np.array_equal(onnx.numpy_helper.to_array(weights["w"]), solved)
+    assert weights["w"].name == "w"
+
+
+def test_a_sequential_run_holds_one_group_of_statistics(monkeypatch):
+    """Each group's H, C and factorisations are dropped once no later group reads them (a 1 B model would otherwise
+    hold every layer's), and the output is what it was."""
+    from onnxq.calibration.store import HessianStore
+    from onnxq.demo import data_path
+
+    held = []
+    layer_stats = HessianStore.layer_stats
+
+    def spy(self, target):
+        held.append((len(self.hessians), len(self.crosses), len({slot[0] for slot in self.prepared})))
+        return layer_stats(self, target)
+
+    monkeypatch.setattr(HessianStore, "layer_stats", spy)
+    model, summary = quantize_with_summary(str(data_path("digits_mlp.onnx")), method="decoupleq", bits=2,
+                                           group_size=32, calibration=str(data_path("digits_calib.npz")),
+                                           progress=False)
+    assert len(held) == len(summary.layers) >= 3
+    assert max(h for h, _, _ in held) == 1 and max(p for _, _, p in held) <= 1  # one input per group in this MLP
