@@ -241,8 +241,8 @@ def send(stream, value: object, shared: SharedArrays | None = None) -> None:
 
 
 def receive(stream) -> object:
-    """Read one value written by :func:`send` (``EOFError`` at the end of the stream); arrays come back writable,
-    read straight into their own memory."""
+    """Read one value written by :func:`send` (``EOFError`` at the end of the stream): piped arrays come back
+    writable, read straight into their own memory; shared ones read-only, mapped from their file."""
     size, count = struct.unpack("<QQ", _read_exactly(stream, 16))
     header = _read_exactly(stream, size)
     buffers = []

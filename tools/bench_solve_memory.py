@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     weight, stats = problem(args.rows, args.k)
     tasks = plan(weight, DecoupleqParams(bits=2, group_size=64, iters=args.iters), stats, None)
-    statistics = sum(a.nbytes for a in (stats.hessians[0].damped, stats.crosses[0],
-                                        *stats.hessians[0]._upper_cache.values()))
+    prepared = stats.hessians[0]
+    upper = prepared.inverse_cholesky_upper(prepared.act_order())  # the factor the tasks use (cached)
+    statistics = sum(a.nbytes for a in (prepared.damped, stats.crosses[0], upper))
     print(f"W [{args.rows}, {args.k}] in {len(tasks)} tasks on {args.workers} workers; H, U, C: "
           f"{statistics / 2**30:.2f} GiB in this process")
     print("| mode | wall s | peak PSS, this process + workers |")
