@@ -1,12 +1,13 @@
 """Build hook: compile the onnxq custom-op library (custom_ops/) with CMake during ``pip install``.
 
 All metadata lives in pyproject.toml.  This file only adds a step to ``build_py`` that builds
-``onnxq/lib/libonnxq_ops.so`` (CPU kernels) and, when nvcc is found, ``libonnxq_ops_cuda.so``.
+``onnxq/lib/libonnxq_ops.so`` (CPU kernels) and, when nvcc is found, ``libonnxq_ops_cuda.so``; and the solvers'
+compiled column sweeps ``libonnxq_sweeps.so`` (custom_ops/solver/, no ONNX Runtime headers needed).
 Nothing here may break the install: without CMake, a compiler or the ONNX Runtime headers (offline, no
 npm registry), onnxq installs without the library and ``onnxq.custom_ops`` explains how to build it.
 
 Environment:
-  ONNXQ_BUILD_CUSTOM_OPS=0   skip the library entirely
+  ONNXQ_BUILD_CUSTOM_OPS=0   skip the native libraries entirely (the solvers then use their numpy sweeps)
   ONNXQ_BUILD_CUDA=0|1       never / always try the CUDA library (default: when nvcc is found)
   ONNXQ_ORT_INCLUDE=DIR      use these ONNX Runtime headers instead of downloading them
   CMAKE_BUILD_PARALLEL_LEVEL build jobs (default: CPU count)
@@ -27,9 +28,12 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 CUSTOM_OPS = ROOT / "custom_ops"
 BUILD_DIR = ROOT / "build" / "custom_ops"
+SOLVER_SOURCES = CUSTOM_OPS / "solver"
+SOLVER_BUILD_DIR = ROOT / "build" / "solver"
 LIBRARY_SUFFIX = ".dll" if sys.platform == "win32" else (".dylib" if sys.platform == "darwin" else ".so")
 CPU_LIBRARY = f"libonnxq_ops{LIBRARY_SUFFIX}"
 CUDA_LIBRARY = f"libonnxq_ops_cuda{LIBRARY_SUFFIX}"
+SOLVER_LIBRARY = f"libonnxq_sweeps{LIBRARY_SUFFIX}"
 
 
 def log(message: str) -> None:
@@ -113,6 +117,26 @@ def build_custom_ops(destination: Path) -> None:
         log(f"CUDA library not built (the CPU library is unaffected): {exc}")
 
 
+def build_solver_kernels(destination: Path) -> None:
+    """Build the solvers' compiled column sweeps (no ONNX Runtime headers needed); log instead of raising: without
+    them onnxq/solvers/sweeps.py runs its numpy twins, which give the same bits."""
+    if os.environ.get("ONNXQ_BUILD_CUSTOM_OPS", "1") == "0":
+        return
+    destination.mkdir(parents=True, exist_ok=True)
+    (destination / SOLVER_LIBRARY).unlink(missing_ok=True)
+    cmake = cmake_executable()
+    if not cmake:
+        log("solver sweeps not built: CMake not found (the numpy sweeps give the same results, slower)")
+        return
+    try:
+        run([cmake, "-S", str(SOLVER_SOURCES), "-B", str(SOLVER_BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release"])
+        run([cmake, "--build", str(SOLVER_BUILD_DIR), "--target", "onnxq_sweeps"])
+        shutil.copy2(SOLVER_BUILD_DIR / SOLVER_LIBRARY, destination / SOLVER_LIBRARY)
+        log(f"built {destination / SOLVER_LIBRARY}")
+    except Exception as exc:
+        log(f"solver sweeps not built (the numpy sweeps give the same results, slower): {exc}")
+
+
 class BuildPyWithCustomOps(build_py):
     """``build_py`` plus the custom-op library: into the source tree for editable installs, else build_lib."""
 
@@ -120,6 +144,7 @@ class BuildPyWithCustomOps(build_py):
         super().run()
         editable = getattr(self, "editable_mode", False) or getattr(self, "inplace", False)
         destination = ROOT / "onnxq" / "lib" if editable else Path(self.build_lib) / "onnxq" / "lib"
+        build_solver_kernels(destination)
         build_custom_ops(destination)
 
 

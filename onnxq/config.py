@@ -98,7 +98,8 @@ class QuantizeConfig:
     calib_samples: int | None = option(None, "with --calib-text/--calib-images: samples (default 128)", metavar="N")
     calib_seq_len: int | None = option(None, "with --calib-text: tokens per sample (default 512)", metavar="L")
     calib_batch_size: int | None = option(None, "calibration samples per ONNX Runtime run (default: the model's "
-                                          "fixed batch, else 8, or 1 when the model fails or mixes samples at 8)",
+                                          "fixed batch, else 8 samples or, for token ids, 1024 positions; "
+                                          "1 when the model fails or mixes samples in a batch)",
                                           metavar="N")
     iters: int = option(4, "decoupleq alternations")
     damp: float = option(0.01, "Hessian damping λ·mean(diag H)")

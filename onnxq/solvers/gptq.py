@@ -9,7 +9,8 @@ For ``W[N, K]`` and the layer loss ``(w − q) H (w − q)ᵀ`` per row, let ``U
 
 Updates are applied lazily (exact, not an approximation): immediately within a sub-block of 16 columns, to the rest
 of the block once per sub-block, and to the columns after a block of ``block_size`` once per block, each as one
-matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).
+matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).  The per-column work inside a sub-block is
+:func:`onnxq.solvers.sweeps.gptq_columns` (compiled when built, the same bits as its numpy twin).
 
 Groups are contiguous runs of ``group_size`` columns in the ORIGINAL order (so act-order keeps the storage layout);
 a group's scale and zero are fitted (min/max, as RTN) when its first column is reached in processing order, from
@@ -29,6 +30,7 @@ from onnxq.solvers.grid import ZeroConvention, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.hessian import PreparedHessian, no_worse_than, prepare_hessian
 from onnxq.solvers.rtn import quantize_rtn
+from onnxq.solvers.sweeps import gptq_columns
 
 SUB_BLOCK = 16  # columns updated immediately; the rest of a block is updated per sub-block by one product
 
@@ -142,13 +144,14 @@ def gptq_round(
     fitted = None if fit_group is None else np.zeros(scales.shape[1], dtype=bool)
     codes_t = np.empty((k, n), dtype=np.uint8)
     loss = np.zeros(n)
-    value = np.empty(n)
+    grid = (params.scales, params.zero_points, params.float_zeros, params.inverse_scales)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         errors = np.empty((i2 - i1, n))
         for j1 in range(i1, i2, sub_block):
             j2 = min(j1 + sub_block, i2)
-            for c in range(j1, j2):
+            c = j1
+            while c < j2:
                 if fitted is not None and not fitted[group_of_position[c]]:
                     g = group_of_position[c]
                     positions = position_of_column[g * group_size : min((g + 1) * group_size, k)]
@@ -157,25 +160,11 @@ def gptq_round(
                     scales[:, g], zero_points[:, g], float_zeros[:, g] = fit_group(current.T, group_mask)
                     params.refresh(g)
                     fitted[g] = True
-                w = work[c]
-                # q = clip(round((w − z)/s) + zp, 0, L); value = s·(q − zp) + z
-                np.subtract(w, params.float_zeros[c], out=value)
-                value *= params.inverse_scales[c]
-                np.rint(value, out=value)
-                value += params.zero_points[c]
-                np.clip(value, 0.0, levels, out=value)
-                if mask_t is not None:
-                    np.copyto(value, params.zero_points[c], where=mask_t[c])
-                codes_t[c] = value
-                value -= params.zero_points[c]
-                value *= params.scales[c]
-                value += params.float_zeros[c]
-                err = errors[c - i1]
-                np.subtract(w, value, out=err)
-                err *= 1.0 / upper[c, c]
-                loss += err * err
-                if c + 1 < j2:
-                    work[c + 1 : j2] -= upper[c, c + 1 : j2, None] * err
+                stop = c + 1  # the columns up to the next group to fit go to one sweep call
+                while stop < j2 and (fitted is None or fitted[group_of_position[stop]]):
+                    stop += 1
+                gptq_columns(work, upper, grid, mask_t, codes_t, errors, i1, loss, levels, c, stop, j2)
+                c = stop
             if j2 < i2:
                 work[j2:i2] -= upper[j1:j2, j2:i2].T @ errors[j1 - i1 : j2 - i1]
         if i2 < k:

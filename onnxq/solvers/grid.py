@@ -89,10 +89,16 @@ def nearest_codes(
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """``clip(round((w − z)/s) + zp, 0, 2^b − 1)`` elementwise (float64); masked and NaN entries get ``zp``."""
-    codes = np.clip(np.rint((values - float_zeros) * inverse_scales) + zero_points, 0, (1 << bits) - 1)
+    # np.clip(np.rint((v − z)·(1/s)) + zp, 0, L) as ufuncs with in-place steps (called per column in loops)
+    codes = np.multiply(np.subtract(values, float_zeros), inverse_scales)
+    np.rint(codes, out=codes)
+    codes = codes + zero_points
+    np.maximum(codes, 0.0, out=codes)
+    np.minimum(codes, float((1 << bits) - 1), out=codes)
     if mask is not None:
         codes = np.where(mask, zero_points, codes)
-    return np.where(np.isnan(codes), zero_points, codes)
+    nan = np.isnan(codes)
+    return np.where(nan, zero_points, codes) if nan.any() else codes
 
 
 def off_grid(

@@ -5,7 +5,8 @@ in ``[0, 2^b − 1]``; entries under ``zero_mask`` keep the code ``zp`` (they de
 
 * :func:`coordinate_descent` — exact minimisation over one code at a time.  With ``e = q − w`` and ``g = e·H``,
   moving ``q_k`` by ``d`` changes the loss by ``2·d·g_k + d²·H_kk``; the best grid point is the one nearest to
-  ``q_k − g_k/H_kk``, so every move lowers the loss.  ``g`` is updated lazily per block of columns.
+  ``q_k − g_k/H_kk``, so every move lowers the loss.  Within a block of columns ``g`` follows each move at once
+  (:func:`onnxq.solvers.sweeps.cd_block`, compiled), the columns outside it once per block (one matrix product).
 * :func:`relaxed_rounding` — projected gradient descent (FISTA, step ``1/λ_max(H)``) on the box-relaxed
   ``q ∈ [s·(0 − zp) + z, s·(2^b − 1 − zp) + z]``, rounding the columns progressively in stages and re-optimising
   the columns still free after each stage.
@@ -20,6 +21,7 @@ import scipy.linalg
 
 from onnxq.quantized_weight import expand_groups
 from onnxq.solvers.grid import nearest_codes, safe_inverse
+from onnxq.solvers.sweeps import cd_block
 
 
 @dataclass
@@ -85,25 +87,10 @@ def coordinate_descent(
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
             moves = np.zeros((i2 - i1, n))
-            for c in range(i1, i2):
-                g = gradient_t[c] + hessian[c, i1:c] @ moves[: c - i1] if c > i1 else gradient_t[c]
-                code = nearest_codes(
-                    values_t[c] - g / diag[c],
-                    inverse_scales[c],
-                    zero_points[c],
-                    float_zeros[c],
-                    bits,
-                    None if mask_t is None else mask_t[c],
-                )
-                value = scales[c] * (code - zero_points[c]) + float_zeros[c]
-                d = value - values_t[c]
-                step = d * (2.0 * g + d * diag[c])
-                keep = step >= 0  # no gain (ties, rounding noise): leave the code alone
-                d[keep] = 0.0
-                change += np.where(keep, 0.0, step)
-                codes_t[c] = np.where(keep, codes_t[c], code)
-                values_t[c] += d
-                moves[c - i1] = d
+            block = slice(i1, i2)
+            cd_block(gradient_t[block].copy(), hessian, i1, values_t[block], codes_t[block],
+                     (scales[block], zero_points[block], float_zeros[block], inverse_scales[block]),
+                     None if mask_t is None else mask_t[block], diag[block], moves, change, float((1 << bits) - 1))
             gradient_t += hessian[:, i1:i2] @ moves
     return np.ascontiguousarray(codes_t.T).astype(np.uint8), change
 
