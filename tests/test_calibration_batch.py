@@ -107,6 +107,16 @@ def test_probe_keeps_the_batch_of_a_batched_model():
     assert batches.batch_size == 8 and batches.notes == [] and [len(b["x"]) for b in batches] == [8, 8, 4]
 
 
+@pytest.mark.parametrize(("positions", "expected"), [(512, 2), (256, 4), (128, 8), (64, 8), (4096, 1)])
+def test_token_ids_default_to_1024_positions_per_run(positions, expected):
+    ids = np.zeros((6, positions), np.int64)
+    batches = iter_batches({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert batches.batch_size == expected
+    assert [len(b["input_ids"]) for b in batches] == [min(expected, 6 - i) for i in range(0, 6, expected)]
+    assert iter_batches({"x": np.zeros((6, 3, 8, 8), np.float32)}).batch_size == 8  # not token ids: 8 samples
+    assert iter_batches({"input_ids": ids}, 5).batch_size == 5  # a given size wins
+
+
 def test_explicit_batch_size_is_used_as_given():
     model = batch_one_model("fails")
     batches = iter_batches(CALIB, 3, model=model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -201,12 +202,19 @@ class SequentialCalibration:
             floating = self._runner(self.float_weights, self.float_store, nodes, outputs, new_frontier,
                                     [t for t in layer_inputs if t in changed], cached, "f")
 
-        def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-            return quantized(batch, origin, feed), {} if floating is None else floating(batch, origin, feed)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-float") as float_pool:
 
-        sums, samples, count, peak = accumulate_pass(
-            run, self.batches, self.specs, self.weights, units, self.float_targets, self.shard_ends, self.keep_shards
-        )
+            def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                # the float model's batch runs beside the quantized one: each session leaves CPU idle in its
+                # narrow operators, the other fills it (the results do not depend on it)
+                pending = None if floating is None else float_pool.submit(floating, batch, origin, feed)
+                values = quantized(batch, origin, feed)
+                return values, {} if pending is None else pending.result()
+
+            sums, samples, count, peak = accumulate_pass(
+                run, self.batches, self.specs, self.weights, units, self.float_targets, self.shard_ends,
+                self.keep_shards
+            )
         quantized = floating = run = None
         for path in Path(self._tmp.name).glob("step*"):
             path.unlink()
