@@ -211,6 +211,7 @@ def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_d
     rows = [Row("fp32", None, None, evaluate(fp32_path))]
     print(_row_line(rows[0]), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"onnxq-compare-{name}-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"compare_{name}.json"
     for bits, group_size in configs:
         for method in methods:
