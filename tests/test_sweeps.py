@@ -58,7 +58,7 @@ def test_gptq_columns_native_equals_numpy(monkeypatch, masked):
 
     def run():
         work, codes, errors, loss = work0.copy(), np.zeros((k, n), np.uint8), np.zeros((16, n)), np.zeros(n)
-        sweeps.gptq_columns(work, upper, params, mask, codes, errors, 16, loss, 3.0, 18, 27, 32)
+        sweeps.GptqSweep(work, upper, params, mask, codes, errors, loss, 3.0).columns(16, 18, 27, 32)
         return work, codes, errors, loss
 
     native, twin = _both(run, monkeypatch)

@@ -10,7 +10,7 @@ For ``W[N, K]`` and the layer loss ``(w − q) H (w − q)ᵀ`` per row, let ``U
 Updates are applied lazily (exact, not an approximation): immediately within a sub-block of 16 columns, to the rest
 of the block once per sub-block, and to the columns after a block of ``block_size`` once per block, each as one
 matrix product (``W[:, i2:] −= E · U[i1:i2, i2:]``).  The per-column work inside a sub-block is
-:func:`onnxq.solvers.sweeps.gptq_columns` (compiled when built, the same bits as its numpy twin).
+:class:`onnxq.solvers.sweeps.GptqSweep` (compiled when built, the same bits as its numpy twin).
 
 Groups are contiguous runs of ``group_size`` columns in the ORIGINAL order (so act-order keeps the storage layout);
 a group's scale and zero are fitted (min/max, as RTN) when its first column is reached in processing order, from
@@ -30,7 +30,7 @@ from onnxq.solvers.grid import ZeroConvention, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
 from onnxq.solvers.hessian import PreparedHessian, no_worse_than, prepare_hessian
 from onnxq.solvers.rtn import quantize_rtn
-from onnxq.solvers.sweeps import gptq_columns
+from onnxq.solvers.sweeps import GptqSweep
 
 SUB_BLOCK = 16  # columns updated immediately; the rest of a block is updated per sub-block by one product
 
@@ -144,10 +144,12 @@ def gptq_round(
     fitted = None if fit_group is None else np.zeros(scales.shape[1], dtype=bool)
     codes_t = np.empty((k, n), dtype=np.uint8)
     loss = np.zeros(n)
-    grid = (params.scales, params.zero_points, params.float_zeros, params.inverse_scales)
+    errors_buffer = np.empty((min(block_size, k), n))  # the current block's scaled errors
+    sweep = GptqSweep(work, upper, (params.scales, params.zero_points, params.float_zeros, params.inverse_scales),
+                      mask_t, codes_t, errors_buffer, loss, levels)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        errors = np.empty((i2 - i1, n))
+        errors = errors_buffer[: i2 - i1]
         for j1 in range(i1, i2, sub_block):
             j2 = min(j1 + sub_block, i2)
             c = j1
@@ -163,7 +165,7 @@ def gptq_round(
                 stop = c + 1  # the columns up to the next group to fit go to one sweep call
                 while stop < j2 and (fitted is None or fitted[group_of_position[stop]]):
                     stop += 1
-                gptq_columns(work, upper, grid, mask_t, codes_t, errors, i1, loss, levels, c, stop, j2)
+                sweep.columns(i1, c, stop, j2)
                 c = stop
             if j2 < i2:
                 work[j2:i2] -= upper[j1:j2, j2:i2].T @ errors[j1 - i1 : j2 - i1]

@@ -26,8 +26,7 @@ LIBRARY = Path(__file__).resolve().parent.parent / "lib" / (
     "libonnxq_sweeps" + (".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"))
 ENV_SWITCH = "ONNXQ_NATIVE_SWEEPS"
 
-_double_p = ctypes.POINTER(ctypes.c_double)
-_byte_p = ctypes.POINTER(ctypes.c_uint8)
+_p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 
 
@@ -39,13 +38,11 @@ def _load() -> ctypes.CDLL | None:
     except OSError:
         return None
     library.onnxq_gptq_columns.restype = None
-    library.onnxq_gptq_columns.argtypes = [
-        _double_p, _double_p, _i64, _i64, _double_p, _double_p, _double_p, _double_p, _byte_p, _byte_p, _double_p,
-        _i64, _double_p, ctypes.c_double, _i64, _i64, _i64]
+    library.onnxq_gptq_columns.argtypes = [_p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _i64, _p, ctypes.c_double,
+                                           _i64, _i64, _i64]
     library.onnxq_cd_block.restype = None
-    library.onnxq_cd_block.argtypes = [
-        _double_p, _double_p, _i64, _i64, _i64, _i64, _double_p, _double_p, _double_p, _double_p, _double_p,
-        _double_p, _byte_p, _double_p, _double_p, _double_p, ctypes.c_double]
+    library.onnxq_cd_block.argtypes = [_p, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p,
+                                       ctypes.c_double]
     return library
 
 
@@ -57,62 +54,65 @@ def native() -> bool:
     return _NATIVE is not None
 
 
-def _ptr(array: np.ndarray | None, kind=_double_p):
+def _address(array: np.ndarray | None) -> int | None:
+    """The data address of a C-contiguous array (None for None)."""
     if array is None:
         return None
-    assert array.flags.c_contiguous, "sweep arrays must be C-contiguous"
-    return array.ctypes.data_as(kind)
+    if not array.flags.c_contiguous:
+        raise ValueError("the compiled sweeps need C-contiguous arrays")
+    return array.ctypes.data
 
 
-def gptq_columns(
-    work: np.ndarray,
-    upper: np.ndarray,
-    params: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    mask: np.ndarray | None,
-    codes: np.ndarray,
-    errors: np.ndarray,
-    errors_row0: int,
-    loss: np.ndarray,
-    levels: float,
-    c0: int,
-    c1: int,
-    j2: int,
-) -> None:
-    """GPTQ on the positions ``c0 … c1−1`` of a sub-block that ends at ``j2``, in place.  Per position ``c``::
+class GptqSweep:
+    """GPTQ's per-column steps over one weight's arrays, bound once (a call then passes positions only).
 
-        a = clip(rint((w_c − z)·(1/s)) + zp, 0, L)  (masked: zp);   q = s·(a − zp) + z
-        e = (w_c − q) / U[c, c];   loss += e²;   w_j −= U[c, j]·e   for c < j < j2
+    ``work``: the weights being rounded; ``upper``: ``U``; ``params``: ``(scales, zero_points, float_zeros,
+    inverse_scales)``; ``mask`` or None; ``codes``: uint8 out; ``errors``: ``[block, n]``, the current block's
+    scaled errors; ``loss``: ``[n]``; ``levels``: ``2^b − 1``.  All ``[K, n]`` but ``upper`` (``[K, K]``)."""
 
-    ``params``: ``(scales, zero_points, float_zeros, inverse_scales)``, ``[K, n]`` each; ``codes``: uint8 ``[K, n]``;
-    ``errors``: the block's scaled errors, row ``c − errors_row0``."""
-    scales, zero_points, float_zeros, inverse_scales = params
-    if _NATIVE is not None:
-        k, n = work.shape
-        _NATIVE.onnxq_gptq_columns(
-            _ptr(work), _ptr(upper), k, n, _ptr(scales), _ptr(zero_points), _ptr(float_zeros), _ptr(inverse_scales),
-            _ptr(mask if mask is None else mask.view(np.uint8), _byte_p), _ptr(codes, _byte_p), _ptr(errors),
-            errors_row0, _ptr(loss), float(levels), c0, c1, j2)
-        return
-    value = np.empty(work.shape[1])
-    for c in range(c0, c1):
-        w = work[c]
-        np.subtract(w, float_zeros[c], out=value)
-        value *= inverse_scales[c]
-        np.rint(value, out=value)
-        value += zero_points[c]
-        np.clip(value, 0.0, levels, out=value)
-        if mask is not None:
-            np.copyto(value, zero_points[c], where=mask[c])
-        codes[c] = value
-        value -= zero_points[c]
-        value *= scales[c]
-        value += float_zeros[c]
-        err = errors[c - errors_row0]
-        np.subtract(w, value, out=err)
-        err *= 1.0 / upper[c, c]
-        loss += err * err
-        if c + 1 < j2:
-            work[c + 1 : j2] -= upper[c, c + 1 : j2, None] * err
+    def __init__(self, work: np.ndarray, upper: np.ndarray, params: tuple[np.ndarray, ...], mask: np.ndarray | None,
+                 codes: np.ndarray, errors: np.ndarray, loss: np.ndarray, levels: float) -> None:
+        self.work, self.upper, self.params, self.mask = work, upper, params, mask
+        self.codes, self.errors, self.loss, self.levels = codes, errors, loss, float(levels)
+        if _NATIVE is not None:
+            k, n = work.shape
+            self._arguments = (_address(work), _address(upper), k, n, *(_address(p) for p in params),
+                               _address(None if mask is None else mask.view(np.uint8)), _address(codes),
+                               _address(errors))
+            self._tail = (_address(loss), self.levels)
+
+    def columns(self, errors_row0: int, c0: int, c1: int, j2: int) -> None:
+        """The positions ``c0 … c1−1`` of a sub-block that ends at ``j2``, in place.  Per position ``c``::
+
+            a = clip(rint((w_c − z)·(1/s)) + zp, 0, L)  (masked: zp);   q = s·(a − zp) + z
+            e = (w_c − q) / U[c, c];   loss += e²;   w_j −= U[c, j]·e   for c < j < j2
+
+        ``errors`` row ``c − errors_row0`` receives ``e``."""
+        if _NATIVE is not None:
+            _NATIVE.onnxq_gptq_columns(*self._arguments, errors_row0, *self._tail, c0, c1, j2)
+            return
+        work, upper, mask, levels = self.work, self.upper, self.mask, self.levels
+        scales, zero_points, float_zeros, inverse_scales = self.params
+        value = np.empty(work.shape[1])
+        for c in range(c0, c1):
+            w = work[c]
+            np.subtract(w, float_zeros[c], out=value)
+            value *= inverse_scales[c]
+            np.rint(value, out=value)
+            value += zero_points[c]
+            np.clip(value, 0.0, levels, out=value)
+            if mask is not None:
+                np.copyto(value, zero_points[c], where=mask[c])
+            self.codes[c] = value
+            value -= zero_points[c]
+            value *= scales[c]
+            value += float_zeros[c]
+            err = self.errors[c - errors_row0]
+            np.subtract(w, value, out=err)
+            err *= 1.0 / upper[c, c]
+            self.loss += err * err
+            if c + 1 < j2:
+                work[c + 1 : j2] -= upper[c, c + 1 : j2, None] * err
 
 
 def cd_block(
@@ -139,10 +139,10 @@ def cd_block(
     rows, n = gradient.shape
     if _NATIVE is not None:
         _NATIVE.onnxq_cd_block(
-            _ptr(gradient), _ptr(hessian), hessian.shape[0], n, i1, i1 + rows, _ptr(values), _ptr(codes),
-            _ptr(scales), _ptr(zero_points), _ptr(float_zeros), _ptr(inverse_scales),
-            _ptr(mask if mask is None else mask.view(np.uint8), _byte_p), _ptr(diag), _ptr(moves), _ptr(change),
-            float(levels))
+            _address(gradient), _address(hessian), hessian.shape[0], n, i1, i1 + rows, _address(values),
+            _address(codes), _address(scales), _address(zero_points), _address(float_zeros), _address(inverse_scales),
+            _address(None if mask is None else mask.view(np.uint8)), _address(diag), _address(moves),
+            _address(change), float(levels))
         return
     bits = int(levels).bit_length()
     for b in range(rows):
