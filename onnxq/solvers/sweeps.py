@@ -35,7 +35,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(LIBRARY))
-    except OSError:
+        library.onnxq_gptq_columns, library.onnxq_cd_block  # noqa: B018 (a library from another version lacks them)
+    except (OSError, AttributeError):
         return None
     library.onnxq_gptq_columns.restype = None
     library.onnxq_gptq_columns.argtypes = [_p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _i64, _p, ctypes.c_double,
