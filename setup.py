@@ -74,6 +74,15 @@ def run(command: list[str]) -> None:
         raise RuntimeError(f"`{' '.join(command[:4])} ...` failed:\n{tail}")
 
 
+def build_library(configure: list[str], build_dir: Path, target: str, library: str, destination: Path) -> None:
+    """Configure and build one CMake ``target`` and copy its ``library`` to ``destination`` (raises on failure)."""
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    run(configure)
+    run([configure[0], "--build", str(build_dir), "--target", target, "-j", jobs])
+    shutil.copy2(build_dir / library, destination / library)
+    log(f"built {destination / library}")
+
+
 def build_custom_ops(destination: Path) -> None:
     """Build the libraries and copy them to ``destination``; log instead of raising on any failure."""
     if os.environ.get("ONNXQ_BUILD_CUSTOM_OPS", "1") == "0":
@@ -92,14 +101,10 @@ def build_custom_ops(destination: Path) -> None:
         log(f"not built: ONNX Runtime headers unavailable ({exc}); set ONNXQ_ORT_INCLUDE=/path/to/headers "
             "or run `python custom_ops/fetch_ort_headers.py`, then reinstall")
         return
-    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     configure = [cmake, "-S", str(CUSTOM_OPS), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DORT_INCLUDE_DIR={include}", "-DBUILD_TESTING=OFF"]
     try:
-        run([*configure, "-DONNXQ_WITH_CUDA=OFF"])
-        run([cmake, "--build", str(BUILD_DIR), "--target", "onnxq_ops", "-j", jobs])
-        shutil.copy2(BUILD_DIR / CPU_LIBRARY, destination / CPU_LIBRARY)
-        log(f"built {destination / CPU_LIBRARY}")
+        build_library([*configure, "-DONNXQ_WITH_CUDA=OFF"], BUILD_DIR, "onnxq_ops", CPU_LIBRARY, destination)
     except Exception as exc:
         log(f"CPU library not built: {exc}")
         return
@@ -109,10 +114,8 @@ def build_custom_ops(destination: Path) -> None:
         return
     try:
         cuda_flags = [f"-DCMAKE_CUDA_COMPILER={nvcc}"] if nvcc else []
-        run([*configure, "-DONNXQ_WITH_CUDA=ON", *cuda_flags])
-        run([cmake, "--build", str(BUILD_DIR), "--target", "onnxq_ops_cuda", "-j", jobs])
-        shutil.copy2(BUILD_DIR / CUDA_LIBRARY, destination / CUDA_LIBRARY)
-        log(f"built {destination / CUDA_LIBRARY}")
+        build_library([*configure, "-DONNXQ_WITH_CUDA=ON", *cuda_flags], BUILD_DIR, "onnxq_ops_cuda", CUDA_LIBRARY,
+                      destination)
     except Exception as exc:
         log(f"CUDA library not built (the CPU library is unaffected): {exc}")
 
@@ -129,10 +132,8 @@ def build_solver_kernels(destination: Path) -> None:
         log("solver sweeps not built: CMake not found (the numpy sweeps give the same results, slower)")
         return
     try:
-        run([cmake, "-S", str(SOLVER_SOURCES), "-B", str(SOLVER_BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release"])
-        run([cmake, "--build", str(SOLVER_BUILD_DIR), "--target", "onnxq_sweeps"])
-        shutil.copy2(SOLVER_BUILD_DIR / SOLVER_LIBRARY, destination / SOLVER_LIBRARY)
-        log(f"built {destination / SOLVER_LIBRARY}")
+        build_library([cmake, "-S", str(SOLVER_SOURCES), "-B", str(SOLVER_BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release"],
+                      SOLVER_BUILD_DIR, "onnxq_sweeps", SOLVER_LIBRARY, destination)
     except Exception as exc:
         log(f"solver sweeps not built (the numpy sweeps give the same results, slower): {exc}")
 

@@ -10,6 +10,7 @@ from onnxq.solvers.decoupleq import quantize_decoupleq
 from onnxq.solvers.gptq import quantize_gptq
 from onnxq.solvers.hessian import layer_loss
 from onnxq.solvers.rounding import GroupGrid, coordinate_descent
+from tests.test_solver_decoupleq import correlated_problem
 
 needs_native = pytest.mark.skipif(not sweeps.native(), reason="libonnxq_sweeps not built")
 
@@ -26,14 +27,6 @@ def _both(run, monkeypatch):
     twin = run()
     monkeypatch.undo()
     return native, twin
-
-
-def _problem(seed: int, n: int = 37, k: int = 96):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((4 * k, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
-    hessian = x.T @ x + 0.01 * np.eye(k)
-    weight = rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, size=(n, 1))
-    return weight, hessian
 
 
 def _assert_same(a, b):
@@ -58,7 +51,7 @@ def test_gptq_columns_native_equals_numpy(monkeypatch, masked):
 
     def run():
         work, codes, errors, loss = work0.copy(), np.zeros((k, n), np.uint8), np.zeros((16, n)), np.zeros(n)
-        sweeps.GptqSweep(work, upper, params, mask, codes, errors, loss, 3.0).columns(16, 18, 27, 32)
+        sweeps.GptqSweep(work, upper, params, mask, codes, errors, loss, 2).columns(16, 18, 27, 32)
         return work, codes, errors, loss
 
     native, twin = _both(run, monkeypatch)
@@ -70,7 +63,7 @@ def test_gptq_columns_native_equals_numpy(monkeypatch, masked):
 @needs_native
 @pytest.mark.parametrize("masked", [False, True])
 def test_coordinate_descent_native_equals_numpy_and_its_loss_change_is_exact(monkeypatch, masked):
-    weight, hessian = _problem(5, n=23, k=200)  # two blocks of 128 columns
+    weight, hessian = correlated_problem(n=23, k=200, seed=5)  # two blocks of 128 columns
     qw = quantize_gptq(weight, hessian, 2, 32, zero_convention="float", rtn_guard=False)
     grid = GroupGrid(qw.codes, qw.scales.astype(np.float64), qw.zero_points.astype(np.float64),
                      qw.float_zeros.astype(np.float64))
@@ -88,7 +81,7 @@ def test_coordinate_descent_native_equals_numpy_and_its_loss_change_is_exact(mon
 @needs_native
 @pytest.mark.parametrize("param_dtype", [np.float32, np.float16])
 def test_decoupleq_and_act_order_gptq_give_the_same_bytes_either_way(monkeypatch, param_dtype):
-    weight, hessian = _problem(11, n=45, k=192)
+    weight, hessian = correlated_problem(n=45, k=192, seed=11)
 
     def solve():
         dq, stats = quantize_decoupleq(weight, hessian, 2, 64, param_dtype=param_dtype)

@@ -3,7 +3,7 @@
     python -m tools.bench_sweeps                     # SmolLM2's shapes: [576, 576], [1536, 576], [576, 1536]
     python -m tools.bench_sweeps --shapes 2048x2048 --repeat 1
 
-Each layer (rows scaled like a trained weight's, ``H = XᵀX`` of correlated random inputs) is solved by
+Each layer (:func:`tools.bench_solve_memory.problem`: random rows, ``H = XᵀX`` of correlated inputs) is solved by
 :func:`onnxq.solvers.decoupleq.quantize_decoupleq` (W2 g64, float16 parameters, as the LLM harness stores them) with
 one BLAS thread, once with ``libonnxq_sweeps`` and once with ``ONNXQ_NATIVE_SWEEPS``'s numpy path.  Prints seconds
 per mode and the ratio, and fails when the two results differ in a single byte.
@@ -19,17 +19,11 @@ from threadpoolctl import threadpool_limits
 
 from onnxq.solvers import sweeps
 from onnxq.solvers.decoupleq import quantize_decoupleq
+from onnxq.solvers.hessian import PreparedHessian
+from tools.bench_solve_memory import problem
 
 
-def problem(rows: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mixing = np.eye(k) + rng.standard_normal((k, k)) / np.sqrt(k)
-    x = rng.standard_normal((4 * k, k)) @ mixing * rng.uniform(0.2, 3.0, k)  # uneven input channels
-    weight = rng.standard_normal((rows, k)) * rng.uniform(0.01, 0.05, (rows, 1))
-    return weight, x.T @ x
-
-
-def solve(weight: np.ndarray, hessian: np.ndarray) -> tuple[float, bytes]:
+def solve(weight: np.ndarray, hessian: PreparedHessian) -> tuple[float, bytes]:
     start = time.perf_counter()
     with threadpool_limits(limits=1):
         qw, _ = quantize_decoupleq(weight, hessian, 2, 64, param_dtype=np.float16)
@@ -49,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = [0.0, 0.0]
     for shape in args.shapes:
         rows, k = (int(v) for v in shape.split("x"))
-        weight, hessian = problem(rows, k)
+        weight, stats = problem(rows, k)  # tools.bench_solve_memory's layer: rows and H of correlated inputs
+        hessian = stats.hessians[0]
         results = []
         for module in (native_module, None):
             sweeps._NATIVE = module

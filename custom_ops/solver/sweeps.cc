@@ -8,19 +8,38 @@
 
 namespace {
 
-// np.clip(v, 0, L) on float64 (numpy's _NPY_CLIP: NaN passes, max(-0, +0) is +0)
-inline double clip_like_numpy(double v, double levels) {
-  if (std::isnan(v)) return v;
-  v = v > 0.0 ? v : 0.0;
-  return v < levels ? v : levels;
-}
+// One row (a column of the weight, all n of its rows) of a grid: q = s·(a − zp) + z; mask: 1 where a = zp is forced.
+struct GridRow {
+  const double* s;
+  const double* zp;
+  const double* z;
+  const double* inv;  // 1/s, 0 where s = 0
+  const uint8_t* m;   // or null
 
-// np.maximum(v, 0) then np.minimum(v, L) (numpy's ufuncs: NaN passes, ties keep the first operand)
-inline double max_min_like_numpy(double v, double levels) {
-  if (std::isnan(v)) return v;
-  v = v >= 0.0 ? v : 0.0;
-  return v <= levels ? v : levels;
-}
+  GridRow(const double* scales, const double* zero_points, const double* float_zeros, const double* inverse_scales,
+          const uint8_t* mask, int64_t offset)
+      : s(scales + offset), zp(zero_points + offset), z(float_zeros + offset), inv(inverse_scales + offset),
+        m(mask ? mask + offset : nullptr) {}
+
+  // onnxq.solvers.grid.nearest_codes: clip(rint((x − z)·(1/s)) + zp, 0, L) with np.maximum/np.minimum (NaN passes,
+  // ties keep the first operand), masked and NaN entries → zp
+  double nearest(int64_t r, double x, double levels) const {
+    double v = x - z[r];
+    v *= inv[r];
+    v = std::rint(v);
+    v = v + zp[r];
+    if (!std::isnan(v)) {
+      v = v >= 0.0 ? v : 0.0;
+      v = v <= levels ? v : levels;
+    }
+    if (m && m[r]) v = zp[r];
+    if (std::isnan(v)) v = zp[r];
+    return v;
+  }
+
+  // s·(a − zp) + z
+  double value(int64_t r, double a) const { return s[r] * (a - zp[r]) + z[r]; }
+};
 
 }  // namespace
 
@@ -35,7 +54,7 @@ inline double max_min_like_numpy(double v, double levels) {
 extern "C" {
 
 // GPTQ: columns [c0, c1) of a sub-block ending at j2 (c1 <= j2).  Per column c and row r:
-//   v = clip(rint((w − z)·(1/s)) + zp, 0, L), masked → zp;  code = v;  q = (v − zp)·s + z
+//   a = GridRow::nearest(w) (onnxq.solvers.grid.nearest_codes);  code = a;  q = s·(a − zp) + z
 //   e = (w − q)·(1/U[c,c]);  loss += e²;  w_j −= U[c,j]·e for c < j < j2
 // work, scales, zero_points, float_zeros, inverse_scales: [K, n]; mask: [K, n] bytes or null; upper: [K, K];
 // codes: [K, n] uint8; errors: rows of the current block, errors_row0 = the block's first position.
@@ -45,26 +64,14 @@ ONNXQ_CLONES void onnxq_gptq_columns(double* work, const double* upper, int64_t 
                         double levels, int64_t c0, int64_t c1, int64_t j2) {
   for (int64_t c = c0; c < c1; ++c) {
     const double* w = work + c * n;
-    const double* s = scales + c * n;
-    const double* zp = zero_points + c * n;
-    const double* z = float_zeros + c * n;
-    const double* inv = inverse_scales + c * n;
-    const uint8_t* m = mask ? mask + c * n : nullptr;
+    const GridRow grid(scales, zero_points, float_zeros, inverse_scales, mask, c * n);
     uint8_t* code = codes + c * n;
     double* err = errors + (c - errors_row0) * n;
     const double inv_diag = 1.0 / upper[c * k + c];
     for (int64_t r = 0; r < n; ++r) {
-      double v = w[r] - z[r];
-      v *= inv[r];
-      v = std::rint(v);
-      v += zp[r];
-      v = clip_like_numpy(v, levels);
-      if (m && m[r]) v = zp[r];
-      code[r] = static_cast<uint8_t>(v);
-      v -= zp[r];
-      v *= s[r];
-      v += z[r];
-      double e = w[r] - v;
+      const double a = grid.nearest(r, w[r], levels);
+      code[r] = static_cast<uint8_t>(a);
+      double e = w[r] - grid.value(r, a);
       e *= inv_diag;
       err[r] = e;
       loss[r] += e * e;
@@ -93,25 +100,12 @@ ONNXQ_CLONES void onnxq_cd_block(double* gradient, const double* hessian, int64_
     double* g = gradient + b * n;
     double* q = values + b * n;
     double* a = codes + b * n;
-    const double* s = scales + b * n;
-    const double* zp = zero_points + b * n;
-    const double* z = float_zeros + b * n;
-    const double* inv = inverse_scales + b * n;
-    const uint8_t* m = mask ? mask + b * n : nullptr;
+    const GridRow grid(scales, zero_points, float_zeros, inverse_scales, mask, b * n);
     double* d_out = moves + b * n;
     const double h = diag[b];
     for (int64_t r = 0; r < n; ++r) {
-      double x = q[r] - g[r] / h;
-      double v = x - z[r];
-      v *= inv[r];
-      v = std::rint(v);
-      v = v + zp[r];
-      v = max_min_like_numpy(v, levels);
-      if (m && m[r]) v = zp[r];
-      if (std::isnan(v)) v = zp[r];
-      double value = v - zp[r];
-      value = s[r] * value;
-      value = value + z[r];
+      const double v = grid.nearest(r, q[r] - g[r] / h, levels);
+      const double value = grid.value(r, v);
       double d = value - q[r];
       double t = 2.0 * g[r];
       t = t + d * h;

@@ -131,7 +131,6 @@ def gptq_round(
     ``(w − q) H_d (w − q)ᵀ = ‖e‖²``.
     """
     n, k = weight.shape
-    levels = float((1 << bits) - 1)
     order = np.arange(k) if order is None else np.asarray(order)
     position_of_column = np.argsort(order)
     group_of_position = order // group_size
@@ -146,7 +145,7 @@ def gptq_round(
     loss = np.zeros(n)
     errors_buffer = np.empty((min(block_size, k), n))  # the current block's scaled errors
     sweep = GptqSweep(work, upper, (params.scales, params.zero_points, params.float_zeros, params.inverse_scales),
-                      mask_t, codes_t, errors_buffer, loss, levels)
+                      mask_t, codes_t, errors_buffer, loss, bits)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         errors = errors_buffer[: i2 - i1]

@@ -90,7 +90,7 @@ def coordinate_descent(
             block = slice(i1, i2)
             cd_block(gradient_t[block].copy(), hessian, i1, values_t[block], codes_t[block],
                      (scales[block], zero_points[block], float_zeros[block], inverse_scales[block]),
-                     None if mask_t is None else mask_t[block], diag[block], moves, change, float((1 << bits) - 1))
+                     None if mask_t is None else mask_t[block], diag[block], moves, change, bits)
             gradient_t += hessian[:, i1:i2] @ moves
     return np.ascontiguousarray(codes_t.T).astype(np.uint8), change
 

@@ -69,45 +69,37 @@ class GptqSweep:
 
     ``work``: the weights being rounded; ``upper``: ``U``; ``params``: ``(scales, zero_points, float_zeros,
     inverse_scales)``; ``mask`` or None; ``codes``: uint8 out; ``errors``: ``[block, n]``, the current block's
-    scaled errors; ``loss``: ``[n]``; ``levels``: ``2^b − 1``.  All ``[K, n]`` but ``upper`` (``[K, K]``)."""
+    scaled errors; ``loss``: ``[n]``; ``bits``: of the codes.  All ``[K, n]`` but ``upper`` (``[K, K]``)."""
 
     def __init__(self, work: np.ndarray, upper: np.ndarray, params: tuple[np.ndarray, ...], mask: np.ndarray | None,
-                 codes: np.ndarray, errors: np.ndarray, loss: np.ndarray, levels: float) -> None:
+                 codes: np.ndarray, errors: np.ndarray, loss: np.ndarray, bits: int) -> None:
         self.work, self.upper, self.params, self.mask = work, upper, params, mask
-        self.codes, self.errors, self.loss, self.levels = codes, errors, loss, float(levels)
+        self.codes, self.errors, self.loss, self.bits = codes, errors, loss, bits
         if _NATIVE is not None:
             k, n = work.shape
             self._arguments = (_address(work), _address(upper), k, n, *(_address(p) for p in params),
                                _address(None if mask is None else mask.view(np.uint8)), _address(codes),
                                _address(errors))
-            self._tail = (_address(loss), self.levels)
+            self._tail = (_address(loss), float((1 << bits) - 1))
 
     def columns(self, errors_row0: int, c0: int, c1: int, j2: int) -> None:
         """The positions ``c0 … c1−1`` of a sub-block that ends at ``j2``, in place.  Per position ``c``::
 
-            a = clip(rint((w_c − z)·(1/s)) + zp, 0, L)  (masked: zp);   q = s·(a − zp) + z
+            a = nearest_codes(w_c);   q = s·(a − zp) + z
             e = (w_c − q) / U[c, c];   loss += e²;   w_j −= U[c, j]·e   for c < j < j2
 
         ``errors`` row ``c − errors_row0`` receives ``e``."""
         if _NATIVE is not None:
             _NATIVE.onnxq_gptq_columns(*self._arguments, errors_row0, *self._tail, c0, c1, j2)
             return
-        work, upper, mask, levels = self.work, self.upper, self.mask, self.levels
+        work, upper, mask = self.work, self.upper, self.mask
         scales, zero_points, float_zeros, inverse_scales = self.params
-        value = np.empty(work.shape[1])
         for c in range(c0, c1):
             w = work[c]
-            np.subtract(w, float_zeros[c], out=value)
-            value *= inverse_scales[c]
-            np.rint(value, out=value)
-            value += zero_points[c]
-            np.clip(value, 0.0, levels, out=value)
-            if mask is not None:
-                np.copyto(value, zero_points[c], where=mask[c])
-            self.codes[c] = value
-            value -= zero_points[c]
-            value *= scales[c]
-            value += float_zeros[c]
+            code = nearest_codes(w, inverse_scales[c], zero_points[c], float_zeros[c], self.bits,
+                                 None if mask is None else mask[c])
+            self.codes[c] = code
+            value = scales[c] * (code - zero_points[c]) + float_zeros[c]
             err = self.errors[c - errors_row0]
             np.subtract(w, value, out=err)
             err *= 1.0 / upper[c, c]
@@ -127,7 +119,7 @@ def cd_block(
     diag: np.ndarray,
     moves: np.ndarray,
     change: np.ndarray,
-    levels: float,
+    bits: int,
 ) -> None:
     """Coordinate descent over the block of columns ``i1 … i1+B−1``, in place (``B`` = ``len(gradient)``).
 
@@ -143,9 +135,8 @@ def cd_block(
             _address(gradient), _address(hessian), hessian.shape[0], n, i1, i1 + rows, _address(values),
             _address(codes), _address(scales), _address(zero_points), _address(float_zeros), _address(inverse_scales),
             _address(None if mask is None else mask.view(np.uint8)), _address(diag), _address(moves),
-            _address(change), float(levels))
+            _address(change), float((1 << bits) - 1))
         return
-    bits = int(levels).bit_length()
     for b in range(rows):
         c = i1 + b
         g = gradient[b]
