@@ -36,6 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = {"method": "decoupleq", "bits": 2, "group_size": 16, "progress": False}  # the digits layers are 64 wide
 
 
+def temporary_folders() -> set[Path]:
+    """onnxq's temporary folders (the actors run on this machine and share its temporary directory)."""
+    return set(Path(tempfile.gettempdir()).glob("onnxq-*"))
+
+
+def remove_the_killed_actors_folder(before: set[Path]) -> None:
+    """Only the killed actor (SIGKILL: no clean-up possible) left a folder; the test removes it."""
+    left = temporary_folders() - before
+    assert len(left) <= 1, left
+    for folder in left:
+        shutil.rmtree(folder)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A local 2-CPU Ray cluster on 127.0.0.1 for this module (onnxq's own start rule), shut down at the end."""
@@ -59,7 +72,9 @@ def test_two_actors_give_the_local_bytes(cluster, name, monkeypatch):
 
     monkeypatch.setattr(distributed.DistributedCalibration, "run", counted)
     monkeypatch.setattr(SolvePool, "run", lambda self, tasks: pytest.fail("a local solve in a --ray run"))
+    before = temporary_folders()
     remote, summary = onnxq.quantize_with_summary(model, calibration=calib, ray="auto", ray_workers=2, **JOB)
+    assert temporary_folders() <= before  # the actors removed their files
     assert len(solved_on_actors) >= len(summary.layers) > 0  # every layer's rows went to an actor
     assert any("calibration on Ray: 2 actors, 8 shards of 16 batches" in note for note in summary.notes)
     assert remote.SerializeToString() == local.SerializeToString()
@@ -79,6 +94,7 @@ def test_a_killed_actor_is_one_clear_error_and_nothing_written(cluster, tmp_path
     monkeypatch.setattr(distributed.DistributedCalibration, "step", kill_then_step)
     output = tmp_path / "out.onnx"
     start = time.perf_counter()
+    before = temporary_folders()
     with pytest.raises(OnnxqError, match=r"Ray actor 2 of 2 \(.+:\d+ node \w+\) failed at layer group 2 of \d+: .*Actor"
                                          r".*nothing written"):
         onnxq.quantize(data_path("digits_mlp.onnx"), output, calibration=data_path("digits_calib.npz"), ray="auto",
@@ -86,6 +102,7 @@ def test_a_killed_actor_is_one_clear_error_and_nothing_written(cluster, tmp_path
     assert time.perf_counter() - start < 120
     assert list(tmp_path.iterdir()) == []
     assert ray.util.list_named_actors() == []
+    remove_the_killed_actors_folder(before)
 
 
 def test_an_actor_killed_before_solving_is_one_clear_error(cluster, tmp_path, monkeypatch):
@@ -99,12 +116,14 @@ def test_an_actor_killed_before_solving_is_one_clear_error(cluster, tmp_path, mo
 
     monkeypatch.setattr(distributed.DistributedCalibration, "run", kill_then_run)
     output = tmp_path / "out.onnx"
+    before = temporary_folders()
     with pytest.raises(OnnxqError, match=r"Ray actor 2 of 2 \(.+:\d+ node \w+\) failed at solving layer group 1 of "
                                          r"\d+: .*Actor.*nothing written"):
         onnxq.quantize(data_path("digits_mlp.onnx"), output, calibration=data_path("digits_calib.npz"), ray="auto",
                        ray_workers=2, **JOB)
     assert list(tmp_path.iterdir()) == []
     assert ray.util.list_named_actors() == []
+    remove_the_killed_actors_folder(before)
 
 
 def test_refusals_need_no_cluster():

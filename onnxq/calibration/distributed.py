@@ -44,6 +44,7 @@ from onnxq.solvers.base import RowResult, RowTask
 from onnxq.stats.hessian import HessianSum
 
 STEP_TIMEOUT_SECONDS = 3600.0  # one layer group on one actor; past it the run fails instead of hanging
+CLOSE_TIMEOUT_SECONDS = 30.0  # an actor removing its temporary files at the end of a run
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # shipped to the workers: they run the driver's onnxq
 
 
@@ -230,7 +231,16 @@ class DistributedCalibration:
         return out
 
     def close(self) -> None:
-        """Kill the actors; shut Ray down when this object started the cluster."""
+        """Ask each actor to remove its temporary files (waiting at most ``CLOSE_TIMEOUT_SECONDS``), kill the actors,
+        and shut Ray down when this object started the cluster.  A dead or hung actor is skipped, never waited on."""
+        refs = []
+        for actor in self.actors:
+            try:
+                refs.append(actor.close.remote())
+            except Exception:  # noqa: BLE001, S110 - an actor already gone has nothing left to remove
+                pass
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_SECONDS)
         for actor in self.actors:
             try:
                 self.ray.kill(actor)
