@@ -135,6 +135,8 @@ class SequentialCalibration:
 
     ``shard_ends``: the batch positions that close a shard (:mod:`onnxq.calibration.shards`).  A data-parallel
     worker holds a slice of the batches, passes ``keep_shards`` and calls :meth:`step_sums` for its shard sums.
+    ``threads``: ORT intra-op threads; with float targets the two sessions run at once and get half each (their
+    outputs do not depend on it).
     """
 
     def __init__(
@@ -148,7 +150,9 @@ class SequentialCalibration:
         shard_ends: Collection[int] = (),
         keep_shards: bool = False,
     ) -> None:
-        self.model, self.layer_groups, self.batches, self.threads = model, layer_groups, batches, threads
+        self.model, self.layer_groups, self.batches = model, layer_groups, batches
+        # with float targets the quantized and the float session run side by side: they share the threads
+        self.threads = max(1, threads // 2) if float_targets else threads
         self.float_targets = float_targets
         self.shard_ends, self.keep_shards = shard_ends, keep_shards
         limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit

@@ -39,6 +39,8 @@ try:  # ships with scikit-learn; without it BLAS keeps its own thread count
 except ImportError:  # pragma: no cover
     threadpool_limits = None
 
+SUM_THREADS = 2  # threads adding one batch into the sums: each H and each C update is one job
+
 
 @dataclass
 class CalibrationStats:
@@ -167,11 +169,12 @@ def accumulate_pass(
     batch i is added to the sums.  It returns ``(values, float_values)``: the layer inputs that are not graph inputs
     or constants, and with ``cross`` the float model's values of those that differ (see :class:`HessianSum`).
 
-    The sums are updated in batch order on the calling thread with single-threaded BLAS (many mid-sized
-    ``syrk`` calls: threading them costs more than it gains, and ORT has the other core), so results do not
-    depend on timing.  At most two batches of activations are alive at once.  After each batch index in
-    ``shard_ends`` the sums close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept
-    per shard with ``keep_shards``.
+    The sums are updated in batch order with single-threaded BLAS (many mid-sized ``syrk`` calls: threading one
+    costs more than it gains); a batch's ``H`` and ``C`` updates are independent jobs on ``SUM_THREADS`` threads,
+    and each sum's own updates keep batch order, so results do not depend on timing.
+    At most two batches of activations are alive at once.  After each batch index in ``shard_ends`` the sums
+    close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept per shard with
+    ``keep_shards``.
     """
     sums = {key: HessianSum(unit, cross, keep_shards) for key, unit in units.items()}
     users = keys_by_tensor(units)
@@ -182,19 +185,23 @@ def accumulate_pass(
         nonlocal samples, count, peak_outputs
         values, float_values = results
         peak_outputs = max(peak_outputs, sum(v.nbytes for part in results for v in part.values()))
+        parts = []
         for tensor, keys in users.items():
             x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
             ref = float_values.pop(tensor, None)
-            for key in keys:
-                sums[key].add(x, ref)
+            parts += [part for key in keys for part in sums[key].parts(x, ref)]
             del x, ref
+        for done in [sum_pool.submit(part) for part in parts]:
+            done.result()
         samples += batch_samples(feed)
         count += 1
         if index in shard_ends:
             for hessian_sum in sums.values():
                 hessian_sum.end_shard()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool, _single_threaded_blas():
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-ort") as pool,
+          ThreadPoolExecutor(max_workers=SUM_THREADS, thread_name_prefix="onnxq-sums") as sum_pool,
+          _single_threaded_blas()):
         pending = None
         for index, (origin, batch) in enumerate(_origins(batches)):
             feed = check_feed(specs, batch, origin)

@@ -9,6 +9,7 @@ the same order (:meth:`HessianSum.fold`) gives the same bytes as one process."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,9 +95,27 @@ class HessianSum:
 
     def add(self, x: np.ndarray, reference: np.ndarray | None = None) -> None:
         """Add every row of one activation tensor (and of its reference, for :attr:`cross`)."""
-        groups, size = self.unfold.groups, self.unfold.size
+        for part in self.parts(x, reference):
+            part()
+
+    def parts(self, x: np.ndarray, reference: np.ndarray | None = None) -> list[Callable[[], None]]:
+        """:meth:`add` as independent calls: the ``H`` update and (with a reference) the ``C`` update, which write
+        different arrays and may run at the same time on two threads (each sum's own updates stay in batch order,
+        so the result does not depend on it).  A conv layer's patches are unfolded once, so it is one call."""
         if self.upper is None:
             self._allocate()
+        cross = self.cross is not None and reference is not None
+        if self.unfold.kind == "conv" and cross:
+            return [lambda: self._add_blocks(x, reference, upper=True)]
+        parts = [lambda: self._add_blocks(x, None, upper=True)]
+        if cross:
+            parts.append(lambda: self._add_blocks(x, reference, upper=False))
+        return parts
+
+    def _add_blocks(self, x: np.ndarray, reference: np.ndarray | None, upper: bool) -> None:
+        """``H += Σ xᵀx`` over ``x``'s row blocks (with ``upper``, counting the rows), and ``C += Σ xᵀx_ref`` when
+        ``reference`` is given."""
+        groups, size = self.unfold.groups, self.unfold.size
         references = unfold_rows(reference, self.unfold) if reference is not None else itertools.repeat(None)
         for block, ref in zip(unfold_rows(x, self.unfold), references, strict=False):  # same shapes
             if block.shape[1] != groups * size:
@@ -104,15 +123,15 @@ class HessianSum:
                     f"activation '{self.unfold.tensor}' unfolds to {block.shape[1]} columns, the layer expects "
                     f"{groups}·{size}; the model is inconsistent"
                 )
-            self.shard_rows += block.shape[0]
-            if groups == 1:
-                self.upper[0] += blas.ssyrk(1.0, block.T, trans=0)  # block.T is F-contiguous: no copy
-            else:
-                per_group = block.reshape(-1, groups, size).transpose(1, 0, 2)  # [G, rows, K']
-                self.upper += np.matmul(per_group.transpose(0, 2, 1), per_group)
-            if self.cross is not None and ref is not None:
+            block_groups = block.reshape(-1, groups, size).transpose(1, 0, 2)  # [G, rows, K']
+            if upper:
+                self.shard_rows += block.shape[0]
+                if groups == 1:
+                    self.upper[0] += blas.ssyrk(1.0, block.T, trans=0)  # block.T is F-contiguous: no copy
+                else:
+                    self.upper += np.matmul(block_groups.transpose(0, 2, 1), block_groups)
+            if ref is not None:
                 ref_groups = ref.reshape(-1, groups, size).transpose(1, 0, 2)
-                block_groups = block.reshape(-1, groups, size).transpose(1, 0, 2)
                 self.cross += np.matmul(block_groups.transpose(0, 2, 1), ref_groups)
 
     def result(self) -> np.ndarray:
