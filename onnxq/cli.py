@@ -14,6 +14,7 @@ from onnxq.config import QuantizeConfig
 from onnxq.demo import run_demo
 from onnxq.demo_llm import DEFAULT_FOLDER, run_llm_demo
 from onnxq.errors import OnnxqError
+from onnxq.heap import reuse_freed_memory
 from onnxq.ir.paths import run_temp_dir
 from onnxq.verify import verify_models
 
@@ -252,6 +253,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # this process solves the small layer groups itself
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with run_temp_dir():

@@ -39,6 +39,7 @@ if __package__ in (None, ""):
 
 import onnxq  # noqa: E402
 from models.cache import cache_dir, write_npz  # noqa: E402
+from onnxq.heap import reuse_freed_memory
 from onnxq.ir.model import load_model
 from onnxq.quantized_size import quantized_layers
 
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="explicit (bits, group) pairs instead of the --bits x --group-size grid")
     parser.add_argument("--out-dir", default="docs")
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # as the command line does: this process solves the small layer groups itself
     if args.configs:
         try:
             configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]

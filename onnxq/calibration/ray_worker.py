@@ -23,6 +23,7 @@ from onnxq.calibration.sequential import SequentialCalibration
 from onnxq.calibration.sessions import Feed
 from onnxq.calibration.stream import process_cpu_seconds, process_peak_rss_bytes
 from onnxq.errors import OnnxqError
+from onnxq.heap import reuse_freed_memory
 from onnxq.ir.targets import Target
 from onnxq.solvers.base import RowTask, run_task
 from onnxq.stats.hessian import ShardSum
@@ -46,6 +47,7 @@ class CalibrationWorker:
         self, shell: bytes, weights: dict[str, np.ndarray], layer_groups: list[list[Target]], batches: list[Feed],
         shard_ends: frozenset[int], memory_limit: int | None, float_targets: bool, threads: int,
     ) -> None:
+        reuse_freed_memory()  # this actor's process also solves row tasks
         model = rebuild_model(shell, weights)
         self.calibration = SequentialCalibration(model, layer_groups, batches, memory_limit, threads, float_targets,
                                                  shard_ends, keep_shards=True)
