@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,9 @@ def test_compare_4bit_end_to_end_matches_ort(fp32_path: Path, tmp_path: Path) ->
     must score alike, close to fp32, at ~4.5 bits per weight; the JSON and the plot are written."""
     from tools import compare
 
+    before = set(Path(tempfile.gettempdir()).glob("onnxq-compare-minilm-*"))
     rows, table = compare.compare("minilm", [(4, 64)], ["rtn", "ort-default"], tmp_path)
+    assert set(Path(tempfile.gettempdir()).glob("onnxq-compare-minilm-*")) <= before  # its work folder is gone
     fp32, rtn, ort_default = rows
     assert fp32.metrics["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert rtn.metrics["cosine"] > 0.94

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -212,42 +213,46 @@ def compare(name: str, configs: list[tuple[int, int]], methods: list[str], out_d
     rows = [Row("fp32", None, None, evaluate(fp32_path))]
     print(_row_line(rows[0]), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"onnxq-compare-{name}-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"compare_{name}.json"
-    for bits, group_size in configs:
-        for method in methods:
-            out = workdir / f"{method}_w{bits}_g{group_size}.onnx"
-            row = Row(method, bits, group_size)
-            print(f"[{method} w{bits} g{group_size}] running ...", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            try:
-                if method in ONNXQ_METHODS:
-                    row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path, exclude)
-                else:
-                    row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, excluded,
-                                       ORT_GPTQ_SAMPLES[name])
-                    if method == "ort-gptq":
-                        row.note = "; ".join(filter(None, [row.note, f"{ORT_GPTQ_SAMPLES[name]} calibration samples"]))
-                row.seconds = time.perf_counter() - start
-                if not row.note.startswith("refused"):
-                    row.weight_bytes, params = quantized_weight_bytes(out)
-                    row.bits_per_weight = 8 * row.weight_bytes / params
-                    row.metrics = evaluate(out)
-            except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
-                row.seconds = time.perf_counter() - start
-                row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-                traceback.print_exc(limit=2, file=sys.stderr)
-            if method == "ort-gptq" and out.exists() and "ort-default" in methods:
-                reference = workdir / f"ort-default_w{bits}_g{group_size}.onnx"
-                diff = code_differences(out, reference) if reference.exists() else None
-                if diff is not None:
-                    row.note = "; ".join(filter(None, [row.note, f"codes differ from ort-default's in {diff[0]:,} "
-                                                                 f"of {diff[1]:,} bytes"]))
-            rows.append(row)
-            print(_row_line(row), flush=True)
-            json_path.write_text(json.dumps([asdict(r) for r in rows], indent=1))  # partial results survive
-        for leftover in workdir.glob("*"):
-            leftover.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path = out_dir / f"compare_{name}.json"
+        for bits, group_size in configs:
+            for method in methods:
+                out = workdir / f"{method}_w{bits}_g{group_size}.onnx"
+                row = Row(method, bits, group_size)
+                print(f"[{method} w{bits} g{group_size}] running ...", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                try:
+                    if method in ONNXQ_METHODS:
+                        row.note = run_onnxq(method, fp32_path, out, bits, group_size, calib_path, exclude)
+                    else:
+                        row.note = run_ort(method, fp32_path, out, bits, group_size, calib, external, excluded,
+                                           ORT_GPTQ_SAMPLES[name])
+                        if method == "ort-gptq":
+                            samples = f"{ORT_GPTQ_SAMPLES[name]} calibration samples"
+                            row.note = "; ".join(filter(None, [row.note, samples]))
+                    row.seconds = time.perf_counter() - start
+                    if not row.note.startswith("refused"):
+                        row.weight_bytes, params = quantized_weight_bytes(out)
+                        row.bits_per_weight = 8 * row.weight_bytes / params
+                        row.metrics = evaluate(out)
+                except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
+                    row.seconds = time.perf_counter() - start
+                    row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                    traceback.print_exc(limit=2, file=sys.stderr)
+                if method == "ort-gptq" and out.exists() and "ort-default" in methods:
+                    reference = workdir / f"ort-default_w{bits}_g{group_size}.onnx"
+                    diff = code_differences(out, reference) if reference.exists() else None
+                    if diff is not None:
+                        row.note = "; ".join(filter(None, [row.note, f"codes differ from ort-default's in {diff[0]:,} "
+                                                                     f"of {diff[1]:,} bytes"]))
+                rows.append(row)
+                print(_row_line(row), flush=True)
+                json_path.write_text(json.dumps([asdict(r) for r in rows], indent=1))  # partial results survive
+            for leftover in workdir.glob("*"):
+                leftover.unlink()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the quantized models of every configuration
     table = markdown_table(rows)
     plot(rows, primary, higher_better, out_dir / f"compare_{name}.png", name)
     return rows, table
