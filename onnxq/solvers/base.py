@@ -42,7 +42,7 @@ from onnxq.quantized_weight import QuantizedWeight, stack_rows
 from onnxq.solvers.decoupleq import quantize_decoupleq
 from onnxq.solvers.gptq import quantize_gptq
 from onnxq.solvers.grid import ZeroConvention
-from onnxq.solvers.hessian import PreparedHessian, float_output_target, layer_loss
+from onnxq.solvers.hessian import PreparedHessian, float_output_target
 from onnxq.solvers.rtn import quantize_rtn
 
 
@@ -204,12 +204,11 @@ def _solve_rows(task: RowTask) -> RowResult:
                                        damp=params.damp, round_mode=params.round_mode, zero_mask=mask,
                                        param_dtype=params.scale_dtype)
         zero_convention, symmetric, loss_method = "float", False, stats["raw_loss_final"]
-    raw = task.hessian.undamped()
     if loss_method is None:
-        loss_method = float(layer_loss(target, qw.dequantize(np.float64), raw).sum())
+        loss_method = float(task.hessian.undamped_loss(target, qw.dequantize(np.float64)).sum())
     rtn = quantize_rtn(task.original, params.bits, params.group_size, symmetric,
                        "integer" if mask is not None else zero_convention, scale_dtype=params.scale_dtype)
-    return RowResult(qw, float(layer_loss(target, rtn.dequantize(np.float64), raw).sum()), loss_method)
+    return RowResult(qw, float(task.hessian.undamped_loss(target, rtn.dequantize(np.float64)).sum()), loss_method)
 
 
 def _stored_as(qw: QuantizedWeight, dtype: type) -> QuantizedWeight:

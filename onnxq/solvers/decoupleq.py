@@ -135,10 +135,9 @@ def quantize_decoupleq(
         bits=bits,
         group_size=group_size,
     )
-    raw_hessian = prepared.undamped()
     rtn = quantize_rtn(target, bits, group_size, zero_convention="integer" if config.integer_zero else "float",
                        scale_dtype=config.param_dtype)
-    guarded = no_worse_than(target, raw_hessian, qweight, rtn)
+    guarded = no_worse_than(target, prepared, qweight, rtn)
     qweight = guarded.weight
     stats["rows_from_rtn"] = int(guarded.taken.sum())
     stats["raw_loss_rtn"] = float(guarded.loss_reference.sum())

@@ -106,7 +106,7 @@ def quantize_gptq(
     if not rtn_guard:
         return solved
     rtn = quantize_rtn(weight, bits, group_size, symmetric, zero_convention, scale_dtype=scale_dtype)
-    return no_worse_than(weight, prepared.undamped(), solved, rtn).weight
+    return no_worse_than(weight, prepared, solved, rtn).weight
 
 
 def gptq_round(

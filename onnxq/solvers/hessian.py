@@ -38,11 +38,11 @@ class PreparedHessian:
     def size(self) -> int:
         return self.damped.shape[0]
 
-    def undamped(self) -> np.ndarray:
-        """``H_d − λ·mean(diag H)·I``: the symmetrised input Hessian (``I`` if it was all zero)."""
-        raw = self.damped.copy()
-        raw[np.diag_indices_from(raw)] -= self.shift
-        return raw
+    def undamped_loss(self, weight: np.ndarray, qweight_dequant: np.ndarray) -> np.ndarray:
+        """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` with the undamped ``H``, as
+        ``(w − q) H_d (w − q)ᵀ − μ‖w − q‖²`` (``μ`` the damping shift): no ``K × K`` copy of ``H`` is made."""
+        error = np.asarray(weight, dtype=np.float64) - np.asarray(qweight_dequant, dtype=np.float64)
+        return np.einsum("nk,nk->n", error @ self.damped, error) - self.shift * np.einsum("nk,nk->n", error, error)
 
     def act_order(self) -> np.ndarray:
         """Column order by decreasing ``diag H`` (stable, so ties keep their original order)."""
@@ -134,13 +134,14 @@ class Guarded(NamedTuple):
 
 
 def no_worse_than(
-    weight: np.ndarray, hessian: np.ndarray, solved: QuantizedWeight, reference: QuantizedWeight
+    weight: np.ndarray, hessian: PreparedHessian, solved: QuantizedWeight, reference: QuantizedWeight
 ) -> Guarded:
-    """``solved`` with each row whose loss ``(w − q) H (w − q)ᵀ`` exceeds ``reference``'s replaced by that row.
+    """``solved`` with each row whose loss ``(w − q) H (w − q)ᵀ`` (undamped ``H``) exceeds ``reference``'s replaced
+    by that row.
 
     Rows are independent in the layer loss, so the result is never worse than either input, row by row."""
-    solved_loss = layer_loss(weight, solved.dequantize(np.float64), hessian)
-    reference_loss = layer_loss(weight, reference.dequantize(np.float64), hessian)
+    solved_loss = hessian.undamped_loss(weight, solved.dequantize(np.float64))
+    reference_loss = hessian.undamped_loss(weight, reference.dequantize(np.float64))
     worse = solved_loss > reference_loss
     result = select_rows(worse, solved, reference) if worse.any() else solved
     return Guarded(result, worse, reference_loss, np.where(worse, reference_loss, solved_loss))

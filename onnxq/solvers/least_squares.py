@@ -35,8 +35,11 @@ class ScaleLeastSquares:
         n, k = target.shape
         groups = -(-k // group_size)
         padded = groups * group_size
-        h_pad = np.zeros((padded, padded))
-        h_pad[:k, :k] = hessian
+        if padded == k:  # whole groups: H itself (read only), no K × K copy
+            h_pad = hessian
+        else:
+            h_pad = np.zeros((padded, padded))
+            h_pad[:k, :k] = hessian
         hw = target @ hessian
         hw_pad = np.zeros((n, padded))
         hw_pad[:, :k] = hw
