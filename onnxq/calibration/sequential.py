@@ -297,4 +297,4 @@ class SequentialCalibration:
         path = Path(self._tmp.name) / f"{stem}.onnx"
         onnx.save_model(sub, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{stem}.data", size_threshold=INLINE_TENSOR_BYTES)
-        return open_session(str(path), self.threads), feeds
+        return open_session(str(path), self.threads, shared_arena=True), feeds

@@ -24,7 +24,6 @@ INLINE_TENSOR_BYTES = 1024  # smaller initializers stay inside the session model
 
 
 ORT_THREADS = 2
-SHARED_ARENA = True  # calibration sessions allocate from one arena per process (see _shared_cpu_arena)
 
 
 class SessionFactory:
@@ -114,31 +113,32 @@ def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @functools.cache
-def _shared_cpu_arena() -> bool:
-    """Register one CPU arena in ORT's environment for the calibration sessions (once per process).
+def _shared_cpu_arena() -> None:
+    """Register one CPU arena in ORT's environment for the sessions that opt in (once per process).
 
     Sequential calibration opens two sessions per layer group.  Each with its own arena faulted in a fresh working
     set of activation pages every time (SmolLM2, 8 windows: 3.8 M minor page faults, 10.5 s of system time; with
-    this arena 1.1 M and 5.4 s, the same peak RSS).  Only sessions that opt in (``session.use_env_allocators``)
-    use it, so a caller's own sessions are not affected.  False when ORT refuses (e.g. one is registered already,
-    which the sessions then use)."""
+    this arena 1.1 M and 5.4 s, the same peak RSS).  The arena keeps what it has grown to for the rest of the
+    process, so one-off sessions (a whole-model probe, verification) keep their own arenas, freed with them.  When
+    ORT refuses (one is registered already), the sessions use that one."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     config = ort.OrtArenaCfg(0, 1, -1, -1)  # no limit; grow by what is requested (not by powers of two)
     try:
         ort.create_and_register_allocator(info, config)
-    except Exception:  # noqa: BLE001 - ORT raises several pybind types; the sessions then use their own arenas
-        return False
-    return True
+    except Exception:  # noqa: BLE001 - ORT raises several pybind types
+        pass
 
 
 def open_session(
-    model: str | bytes, threads: int, custom_ops: bool = False, purpose: str = "calibration"
+    model: str | bytes, threads: int, custom_ops: bool = False, purpose: str = "calibration",
+    shared_arena: bool = False,
 ) -> ort.InferenceSession:
-    """A CPU session (basic graph optimizations, ``threads`` intra-op threads) for a calibration sub-model, on the
-    process's shared calibration arena; with ``custom_ops`` the onnxq custom-op library is registered
-    (``onnxq::MatMulLowBit``)."""
+    """A CPU session (basic graph optimizations, ``threads`` intra-op threads) for a calibration sub-model; with
+    ``custom_ops`` the onnxq custom-op library is registered (``onnxq::MatMulLowBit``); with ``shared_arena`` it
+    allocates from the process's shared arena (for the many short sessions of sequential calibration), else from
+    its own, freed with it."""
     options = ort.SessionOptions()
-    if SHARED_ARENA:
+    if shared_arena:
         _shared_cpu_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
     if custom_ops:
