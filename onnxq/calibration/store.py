@@ -39,13 +39,13 @@ class HessianStore:
         """The statistics of ``target``'s input, one entry per conv group."""
         key = hessian_key(target)
         conv_groups = target.conv_groups
-        hessian, cross = self.hessians[key], self.crosses.get(key)
-        prepared = []
-        for c in range(conv_groups):
-            slot = (key, c)
-            if slot not in self.prepared:
+        cross = self.crosses.get(key)
+        if any((key, c) not in self.prepared for c in range(conv_groups)):
+            hessian = self.hessians.pop(key)  # once damped and factorised, the raw sum is not needed (K × K less)
+            for c in range(conv_groups):
                 h = hessian if conv_groups == 1 else hessian[c]
-                self.prepared[slot] = prepare_hessian(h, self.damp, act_order=self.act_order)
-            prepared.append(self.prepared[slot])
+                self.prepared[(key, c)] = prepare_hessian(h, self.damp, act_order=self.act_order)
+            del hessian, h
+        prepared = [self.prepared[(key, c)] for c in range(conv_groups)]
         crosses = [None if cross is None else (cross if conv_groups == 1 else cross[c]) for c in range(conv_groups)]
         return LayerStats(tuple(prepared), tuple(crosses))

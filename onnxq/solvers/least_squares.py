@@ -86,7 +86,8 @@ class ScaleLeastSquares:
         if with_float_zeros:
             system[:, groups:, :groups] = system[:, :groups, groups:].transpose(0, 2, 1)
             system[:, groups:, groups:] = self.m22
-        system = 0.5 * (system + system.transpose(0, 2, 1))
+        system += system.transpose(0, 2, 1)  # symmetrised in place (numpy buffers the overlapping operand)
+        system *= 0.5
 
         def loss(theta: np.ndarray) -> np.ndarray:
             return self.whw - 2.0 * np.einsum("ni,ni->n", theta, rhs) + np.einsum("ni,nij,nj->n", theta, system, theta)
