@@ -16,24 +16,13 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from onnxq import solve_pool
 from onnxq.solvers.base import DecoupleqParams, LayerStats, assemble, plan
 from onnxq.solvers.hessian import prepare_hessian
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of process ``pid`` (0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from tools.tree_memory import process_memory
 
 
 class PeakSampler:
@@ -48,7 +37,7 @@ class PeakSampler:
 
         while not self._stop.is_set():
             pids = [os.getpid(), *(p.pid for p in self.pool._processes)]
-            self.peak = max(self.peak, sum(pss_bytes(pid) for pid in pids))
+            self.peak = max(self.peak, sum(process_memory(pid).pss for pid in pids))
             time.sleep(0.1)
 
     def __enter__(self) -> PeakSampler:
