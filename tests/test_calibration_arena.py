@@ -4,8 +4,7 @@ one-off session (the batch probe's whole model) keeps its own arena, so its acti
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from probes import probe_output
 
 PROBE = """
 import resource, sys
@@ -29,8 +28,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout)
+    return int(probe_output(PROBE, mode))
 
 
 def test_sessions_reuse_one_arena():
@@ -66,5 +64,5 @@ print(rss_mib() - before)
 def test_the_batch_probe_keeps_no_activations():
     """The probe's whole-model session allocates from its own arena: its activations go with it (on the shared
     arena they stayed for the rest of the run: 0.34 GB on SmolLM2, more on a 1 B model)."""
-    out = subprocess.run([sys.executable, "-c", PROBE_LEAVES], capture_output=True, text=True, check=True)
-    assert float(out.stdout) < 48, out.stdout
+    growth = float(probe_output(PROBE_LEAVES))
+    assert growth < 48, growth

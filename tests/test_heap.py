@@ -3,11 +3,8 @@ pages instead of faulting fresh ones in for every temporary array (glibc only)."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from probes import probe_output
 
 from onnxq.heap import _libc_function
 
@@ -28,9 +25,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str) -> int:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
-    return int(out.stdout)
+    return int(probe_output(PROBE, mode, one_blas_thread=True))
 
 
 @pytest.mark.skipif(_libc_function("mallopt") is None, reason="not glibc")
