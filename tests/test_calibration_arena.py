@@ -66,3 +66,37 @@ def test_the_batch_probe_keeps_no_activations():
     arena they stayed for the rest of the run: 0.34 GB on SmolLM2, more on a 1 B model)."""
     growth = float(probe_output(PROBE_LEAVES))
     assert growth < 48, growth
+
+
+RELEASE = """
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from onnxq.calibration import sessions
+from onnxq.heap import release_free_memory
+def rss_mib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+sessions.release_shared_arena()  # before any session: nothing to do
+weight = numpy_helper.from_array(np.full((64, 12288), 0.01, np.float32), "w")
+nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 12288])], [weight])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+x = np.ones((4096, 64), np.float32)  # h and y are 192 MiB each
+session = sessions.open_session(model, 1, shared_arena=True)
+expected = session.run(["y"], {"x": x})[0].copy()
+del session
+release_free_memory()
+kept = rss_mib()
+sessions.release_shared_arena()
+release_free_memory()
+released = rss_mib()
+session = sessions.open_session(model, 1, shared_arena=True)  # the arena still serves the next step
+assert np.array_equal(session.run(["y"], {"x": x})[0], expected)
+print(kept - released)
+"""
+
+
+def test_release_gives_the_arena_back():
+    """Before a large solve the pass releases what the arena kept from the calibration steps."""
+    released = float(probe_output(RELEASE))
+    assert released > 150, released

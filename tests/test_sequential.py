@@ -12,6 +12,7 @@ import pytest
 from onnxq.api import quantize_with_summary
 from onnxq.calibration.data import iter_batches
 from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.sessions import release_shared_arena
 from onnxq.calibration.stream import collect_hessians
 from onnxq.ir.model import copy_model
 from onnxq.ir.targets import find_targets, initializer_array
@@ -81,6 +82,23 @@ def test_quantize_pass_is_sequential_by_default(tmp_path):
     first = [r.error for r in on.layers[:2]], [r.error for r in off.layers[:2]]
     assert first[0] == first[1]  # the first group sees the float model either way
     assert [r.error for r in on.layers] != [r.error for r in off.layers]
+
+
+def test_releasing_the_arena_before_each_solve_keeps_the_bytes(tmp_path, monkeypatch):
+    """A large solve releases the calibration arena first (a 1 B model's ``down_proj``); the steps after it get the
+    same activations, so the output is the same bytes.  Here every solve releases it."""
+    import onnxq.passes.quantize as quantize_pass
+
+    model = graphs.residual_model()
+    x = np.random.default_rng(3).standard_normal((16, 24)).astype(np.float32)
+    options = dict(method="decoupleq", bits=2, group_size=8, calibration={"x": x})
+    quantize_with_summary(model, tmp_path / "kept.onnx", **options)
+    released = []
+    monkeypatch.setattr(quantize_pass, "ARENA_RELEASE_BYTES", 0)
+    monkeypatch.setattr(quantize_pass, "release_shared_arena", lambda: released.append(release_shared_arena()))
+    quantize_with_summary(model, tmp_path / "released.onnx", **options)
+    assert len(released) == 6  # one per layer group
+    assert (tmp_path / "kept.onnx").read_bytes() == (tmp_path / "released.onnx").read_bytes()
 
 
 @pytest.mark.real

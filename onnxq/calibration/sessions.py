@@ -129,6 +129,26 @@ def _shared_cpu_arena() -> None:
         pass
 
 
+def release_shared_arena() -> None:
+    """Give the shared arena's unused chunks back to the system (a no-op before any session used it).
+
+    The arena keeps what sequential calibration's largest step needed, so that the next steps reuse those pages;
+    before a solve that needs more memory than that (a 1 B model's ``down_proj``: ``H``, ``U`` and ``C`` of
+    ``K = 5632`` are 0.71 GiB, and each worker's temporaries as much again) the pass hands them back.  ORT shrinks
+    an arena at the end of a run with ``memory.enable_memory_arena_shrinkage``: one run of a one-node session on
+    the arena does it."""
+    if _shared_cpu_arena.cache_info().currsize == 0:
+        return
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "release", [value],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    session = open_session(model.SerializeToString(), 1, purpose="releasing memory", shared_arena=True)
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    session.run(["y"], {"x": np.zeros(1, np.float32)}, options)
+
+
 def open_session(
     model: str | bytes, threads: int, custom_ops: bool = False, purpose: str = "calibration",
     shared_arena: bool = False,

@@ -14,6 +14,7 @@ from onnxq.calibration.data import iter_batches
 from onnxq.calibration.distributed import DistributedCalibration
 from onnxq.calibration.keys import hessian_key
 from onnxq.calibration.sequential import SequentialCalibration
+from onnxq.calibration.sessions import release_shared_arena
 from onnxq.calibration.shards import shard_ends, shard_ranges
 from onnxq.calibration.store import HessianStore
 from onnxq.calibration.stream import collect_hessians
@@ -287,6 +288,8 @@ def _solve_all(
                 for target in group:
                     if target.matrix_key not in solved and target.matrix_key not in jobs:
                         jobs[target.matrix_key] = _LayerJob.of(model, target, config, store, branch_nodes)
+                if isinstance(sequential, SequentialCalibration) and _needs_release(jobs.values()):
+                    release_shared_arena()  # the solve needs the pages more than the next step does
                 solve_start = time.perf_counter()
                 results = _solve_jobs(list(jobs.values()), pool)
                 summary.solve_seconds += time.perf_counter() - solve_start
@@ -306,6 +309,15 @@ def _solve_all(
         if sequential is not None:
             sequential.close()
     return solved
+
+
+ARENA_RELEASE_BYTES = 128 * 2**20  # a solve with a K × K float64 matrix this large releases the calibration arena
+
+
+def _needs_release(jobs) -> bool:
+    """Whether a group's solve is large enough (``K ≥ 4096``: a 1 B model's ``down_proj``) to release the arena's
+    retained calibration activations first; SmolLM2-sized groups keep them for the next step."""
+    return any(job.weight.shape[1] ** 2 * 8 >= ARENA_RELEASE_BYTES for job in jobs)
 
 
 @dataclass(frozen=True)
