@@ -35,6 +35,7 @@ from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_p
 from onnxq.heap import release_free_memory
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import Target
+from onnxq.spill import SpillFolder
 from onnxq.stats.hessian import HessianSum
 
 DEFAULT_MEMORY_LIMIT = 4 << 30  # frontier bytes kept in RAM before spilling to temp files
@@ -49,12 +50,11 @@ class FrontierStore:
         self.memory_bytes = 0  # bytes held in RAM
         self.total_bytes = 0  # RAM plus spilled
         self.peak_bytes = 0
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._files = 0
+        self._spilled = SpillFolder("onnxq-frontier-")
 
     def put(self, batch: int, name: str, value: np.ndarray) -> None:
         if self.memory_bytes + value.nbytes > self.memory_limit:
-            value = self._spill(value)
+            value = self._spilled.put(value)
         else:
             self.memory_bytes += value.nbytes
         self.values[(batch, name)] = value
@@ -75,20 +75,9 @@ class FrontierStore:
             if not isinstance(value, np.memmap):
                 self.memory_bytes -= value.nbytes
 
-    def _spill(self, value: np.ndarray) -> np.ndarray:
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-frontier-")
-        self._files += 1
-        path = Path(self._tmp.name) / f"{self._files}.npy"
-        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
-        mapped[...] = value
-        mapped.flush()
-        return np.load(path, mmap_mode="r")
-
     def close(self) -> None:
         self.values.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self._spilled.close()
 
 
 class CommittedWeights(Mapping[str, onnx.TensorProto]):

@@ -42,6 +42,7 @@ from onnxq.solve_pool import SolvePool, SolveTaskError
 from onnxq.solvers.base import NEEDS_STATS, LayerStats, RowTask, SolveReport, SolverParams, assemble, plan, solve
 from onnxq.solvers.grid import off_grid
 from onnxq.solvers.grouping import resolve_group_size
+from onnxq.spill import SpillFolder
 
 
 @dataclass
@@ -165,14 +166,19 @@ def quantize_in_place(model: onnx.ModelProto, config: QuantizeConfig) -> Quantiz
     products = [t for t in report.targets if not t.is_lookup]
     lookups = [t for t in report.targets if t.is_lookup]
     _check_tied(products, lookups, config)
-    solved = _solve_all(model, products, config, branch_nodes, summary) if products else {}
-    _solve_lookups(model, lookups, products, config, solved, branch_nodes, summary)
-    note = embedding_note(model, config.op_types)
-    if note:
-        summary.notes.append(note)
-    storage = np.dtype(config.resolved_scale_storage)
-    notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level,
-                          {t.matrix_key: storage for t in report.targets})
+    codes = SpillFolder("onnxq-codes-")  # solved codes wait on disk for the emitters (1 byte per weight)
+    try:
+        solved = _solve_all(model, products, config, branch_nodes, summary, codes) if products else {}
+        _solve_lookups(model, lookups, products, config, solved, branch_nodes, summary)
+        note = embedding_note(model, config.op_types)
+        if note:
+            summary.notes.append(note)
+        storage = np.dtype(config.resolved_scale_storage)
+        notes = emit_in_place(model, report.targets, solved, config.format, config.resolved_accuracy_level,
+                              {t.matrix_key: storage for t in report.targets})
+        solved = None
+    finally:
+        codes.close()
     if config.format == "matmulnbits" and config.accuracy_level is None and config.bits <= 3:
         notes.append(f"MatMulNBits accuracy_level {FAST_ACCURACY_LEVEL} (int8 activations) by default at {config.bits} "
                      "bits: fast on stock ONNX Runtime; --accuracy-level 0 keeps fp32 activations (exact, ~15x slower "
@@ -249,10 +255,12 @@ def _skipped_hint(skipped: list[Skipped]) -> str:
 
 def _solve_all(
     model: onnx.ModelProto, targets: list[Target], config: QuantizeConfig, branch_nodes: set[str],
-    summary: QuantizeSummary,
+    summary: QuantizeSummary, codes: SpillFolder,
 ) -> dict[tuple[str, str], QuantizedWeight]:
     """Solve every distinct weight matrix once (a weight read in two orientations is two matrices, see
-    :attr:`Target.matrix_key`); Hessian methods calibrate first (group by group when sequential)."""
+    :attr:`Target.matrix_key`); Hessian methods calibrate first (group by group when sequential).  Each solved
+    weight's codes go to ``codes`` (a memory-mapped file) as its group finishes: a 1 B model's would otherwise
+    grow the process by 1 GB by the end."""
     solved: dict[tuple[str, str], QuantizedWeight] = {}
     store = sequential = None
     layer_groups = [targets]
@@ -294,7 +302,8 @@ def _solve_all(
                 results = _solve_jobs(list(jobs.values()), pool)
                 summary.solve_seconds += time.perf_counter() - solve_start
                 for job, (qw, report) in zip(jobs.values(), results, strict=True):
-                    solved[job.target.matrix_key] = job.record(qw, report, config, summary)
+                    record = job.record(qw, report, config, summary)
+                    solved[job.target.matrix_key] = dataclasses.replace(record, codes=codes.put(record.codes))
                     if sequential is not None:
                         dtype = onnx.helper.tensor_dtype_to_np_dtype(job.target.dtype)
                         sequential.commit(job.target.weight_name,
