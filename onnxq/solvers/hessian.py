@@ -52,7 +52,8 @@ class PreparedHessian:
         """Upper ``U`` with ``UᵀU = (P H_d Pᵀ)⁻¹`` for the column order ``order`` (identity if None)."""
         key = _order_key(order)
         if key not in self._upper_cache:
-            upper = _inverse_cholesky_upper(self.damped, order)
+            h = self.damped if order is None else self.damped[np.ix_(order, order)]
+            upper = _inverse_cholesky_upper(h)
             if upper is None:
                 raise OnnxqError(
                     "Hessian factorisation failed after damping: the calibration statistics are degenerate; "
@@ -78,22 +79,20 @@ def prepare_hessian(
         raise OnnxqError("Hessian contains NaN or Inf; check the calibration inputs for non-finite activations")
     if damp <= 0:
         raise OnnxqError(f"damp must be > 0, got {damp}; use e.g. 0.01")
-    damped = np.add(h, h.T)  # one new K × K array: symmetrised, then damped in place (a 1 B model's K is 5632)
-    damped *= 0.5
-    diag = np.diag(damped).copy()
+    h = (h + h.T) * 0.5
+    diag = np.diag(h).copy()
     dead = diag <= 0
     mean_diag = float(np.mean(np.where(dead, 0.0, diag)))
     if mean_diag <= 0:  # no information at all: plain mean squared error
-        damped = np.eye(damped.shape[0])
-        diag = np.diag(damped).copy()
+        h = np.eye(h.shape[0])
         mean_diag = 1.0
     lam = float(damp)
-    on_diagonal = np.diag_indices_from(damped)
     for _ in range(MAX_DAMP_RAISES):
-        damped[on_diagonal] = diag + lam * mean_diag
+        damped = h.copy()
+        damped[np.diag_indices_from(damped)] += lam * mean_diag
         prepared = PreparedHessian(damped=damped, damp=lam, dead=dead, shift=lam * mean_diag)
         order = prepared.act_order() if act_order else None
-        upper = _inverse_cholesky_upper(damped, order)
+        upper = _inverse_cholesky_upper(damped if order is None else damped[np.ix_(order, order)])
         if upper is not None:
             prepared._upper_cache[_order_key(order)] = upper
             return prepared
@@ -107,19 +106,13 @@ def _order_key(order: np.ndarray | None) -> bytes:
     return b"" if order is None else np.asarray(order, dtype=np.int64).tobytes()
 
 
-def _inverse_cholesky_upper(h: np.ndarray, order: np.ndarray | None = None) -> np.ndarray | None:
-    """``U`` upper with ``UᵀU = (P h Pᵀ)⁻¹`` for the column order ``order`` (``U = J L⁻¹ J``, ``J P h Pᵀ J = L Lᵀ``);
-    None if ``h`` is not numerically PD.  ``h`` is symmetric; one ``K × K`` scratch array is factorised and
-    inverted in place, and ``U`` is a second."""
-    if order is None:
-        flipped = h[::-1, ::-1]  # a view: the factorisation works on a copy
-    else:  # the permuted copy is the scratch: symmetric, so its transpose is it in Fortran order (no copy by LAPACK)
-        flipped = h[np.ix_(order[::-1], order[::-1])].T
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
+    """``U`` upper with ``UᵀU = h⁻¹`` (``U = J L⁻¹ J``, ``J h J = L Lᵀ``); None if ``h`` is not numerically PD."""
     try:
-        lower = scipy.linalg.cholesky(flipped, lower=True, overwrite_a=order is not None, check_finite=False)
+        lower = scipy.linalg.cholesky(h[::-1, ::-1], lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
-    inv_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
+    inv_lower, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
     if info != 0 or not np.all(np.isfinite(inv_lower)) or np.any(np.diag(inv_lower) <= 0):
         return None
     return np.ascontiguousarray(inv_lower[::-1, ::-1])
