@@ -15,7 +15,9 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
   ``refine_sweeps`` sweeps of exact coordinate descent over single codes (:mod:`onnxq.solvers.rounding`);
 * every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; a channel's
   alternation stops after ``iters`` rounds or at the first round that does not improve it (the steps are
-  deterministic functions of the channel's own state, so no later round could).
+  deterministic functions of the channel's own state, so no later round could).  The steps and the acceptance use
+  the ranking loss (``K × K`` products in float32, float64 sums: :func:`onnxq.solvers.hessian.ranking_loss`), so
+  "drops" holds to ≈ 1e-6 relative; the loss reported for the result is float64.
 
 Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``float_zeros = z``.  With a
 ``zero_mask`` (SplitQuant branches) the integer zero-point convention is used instead — ``q = s_g·(c − zp_g)``,
@@ -38,7 +40,7 @@ from onnxq.quantized_weight import QuantizedWeight, expand_groups
 from onnxq.solvers.gptq import check_hessian_size, check_mask, check_weight, gptq_round
 from onnxq.solvers.grid import nearest_codes, safe_inverse
 from onnxq.solvers.grouping import resolve_group_size
-from onnxq.solvers.hessian import PreparedHessian, layer_loss, no_worse_than, prepare_hessian
+from onnxq.solvers.hessian import PreparedHessian, layer_loss, no_worse_than, prepare_hessian, ranking_loss
 from onnxq.solvers.least_squares import ScaleLeastSquares, fit_float_params
 from onnxq.solvers.rounding import GroupGrid, coordinate_descent, relaxed_rounding
 from onnxq.solvers.rtn import quantize_rtn
@@ -87,8 +89,9 @@ def quantize_decoupleq(
     """Solve ``min (w − q) H (w − q)ᵀ``, ``q = s·a + z`` per channel/group, by alternating integer and float steps.
 
     ``hessian`` is ``Σ xᵀx`` (``[K, K]``) or a :class:`PreparedHessian` shared between layers reading one input.
-    Returns the ``QuantizedWeight`` and stats: ``loss_rtn``, ``loss_init``, ``loss_final`` (sums over channels of
-    the damped objective), ``losses`` and ``improved`` (per iteration), ``raw_loss_rtn``/``raw_loss_final``
+    Returns the ``QuantizedWeight`` and stats: ``loss_rtn``, ``loss_init`` and ``losses`` (sums over channels of
+    the damped objective as ranked, per iteration for ``losses``), ``improved`` (per iteration), ``loss_final`` (the
+    damped objective of the returned weight, float64), ``raw_loss_rtn``/``raw_loss_final``
     (undamped ``H``), ``damp`` (λ used), ``iterations``, ``seconds`` and ``rows_from_rtn``: rows whose undamped
     loss would exceed plain RTN's are replaced by the RTN row, so the result is never worse than RTN.
 
@@ -139,6 +142,8 @@ def quantize_decoupleq(
                        scale_dtype=config.param_dtype)
     guarded = no_worse_than(target, prepared, qweight, rtn)
     qweight = guarded.weight
+    error = target - qweight.dequantize(np.float64)
+    stats["loss_final"] = float((guarded.loss + prepared.shift * np.einsum("nk,nk->n", error, error)).sum())
     stats["rows_from_rtn"] = int(guarded.taken.sum())
     stats["raw_loss_rtn"] = float(guarded.loss_reference.sum())
     stats["raw_loss_final"] = float(guarded.loss.sum())
@@ -165,10 +170,10 @@ def _solve_rows(
     Every step's candidate for a row depends on that row's state alone, so a row no step improved in an iteration
     would get the same candidates in the next one: it is done.  Iterations run on the rows still improving only
     (the result of a row does not depend on which other rows share its chunk)."""
-    hessian = prepared.damped
+    hessian, hessian32 = prepared.damped, prepared.damped32
     order = prepared.act_order() if config.act_order else None
-    problem = _Rows(target, mask, ScaleLeastSquares.build(target, hessian, config.group_size))
-    steps = _Steps(config, hessian, prepared.inverse_cholesky_upper(order), order)
+    problem = _Rows(target, mask, ScaleLeastSquares.build(target, hessian, config.group_size, hessian32))
+    steps = _Steps(config, hessian, hessian32, prepared.inverse_cholesky_upper(order), order)
 
     best = _rtn_grid(target, mask, config)
     loss = steps.loss_of(problem, best)
@@ -177,7 +182,7 @@ def _solve_rows(
     rtn_loss = loss.copy()
     _accept(best, loss, *steps.integer(problem, best))
     if config.grid_search:
-        grid = _grid_search(target, mask, config, hessian, rtn, rtn_loss)
+        grid = _grid_search(target, mask, config, hessian32, rtn, rtn_loss)
         _accept(best, loss, grid, steps.loss_of(problem, grid))
         fitted, fitted_loss, _ = steps.float(problem, grid)
         _accept(best, loss, fitted, fitted_loss)
@@ -202,7 +207,7 @@ def _solve_rows(
         improved.append(int(changed.sum()))
         if log is not None:
             log(f"  iteration {len(losses)}: loss {losses[-1]:.6g}, {improved[-1]} channels improved")
-    stats.update(losses=losses, improved=improved, loss_final=float(loss.sum()))
+    stats.update(losses=losses, improved=improved)
     return best, stats
 
 
@@ -225,11 +230,12 @@ class _Steps:
 
     config: _Config
     hessian: np.ndarray  # damped H
+    hessian32: np.ndarray  # damped H in float32: the ranking products (see onnxq.solvers.hessian)
     upper: np.ndarray  # upper Cholesky factor of H⁻¹ in processing order
     order: np.ndarray | None
 
     def loss_of(self, rows: _Rows, grid: GroupGrid) -> np.ndarray:
-        return layer_loss(rows.target, grid.dequantize(self.config.group_size), self.hessian)
+        return ranking_loss(rows.target, grid.dequantize(self.config.group_size), self.hessian32)
 
     def integer(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray]:
         """Re-round all codes on ``grid``: GPTQ (loss for free) or relaxed rounding."""
@@ -247,7 +253,7 @@ class _Steps:
         """Coordinate descent over single codes from ``grid`` (its loss change is exact)."""
         config = self.config
         codes, change = coordinate_descent(rows.target, self.hessian, grid, config.group_size, config.bits,
-                                           rows.mask, config.refine_sweeps)
+                                           rows.mask, config.refine_sweeps, hessian32=self.hessian32)
         return grid.with_codes(codes), grid_loss + change
 
     def float(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray | None]:
@@ -304,18 +310,17 @@ def _grid_search(
     target: np.ndarray,
     mask: np.ndarray | None,
     config: _Config,
-    hessian: np.ndarray,
+    hessian32: np.ndarray,
     start: GroupGrid,
     start_loss: np.ndarray,
 ) -> GroupGrid:
     """The min/max grid shrunk by the ``p ∈ [min_shrink, 1]`` of least ``ℓ`` (codes by rounding), per channel.
 
     ``start`` is the ``p = 1`` grid with its loss.  Shrinking the range scales ``s`` and ``z`` by ``p`` (an integer
-    zero-point stays put).  The candidates are only ranked, so ``ℓ`` is evaluated in float32.
+    zero-point stays put).  ``ℓ`` is the ranking loss (float32 products).
     """
     best = start.with_codes(start.codes.copy())
     best_loss = start_loss.copy()
-    hessian32 = hessian.astype(np.float32)
     scales, zero_points, float_zeros = start.expanded(config.group_size)
     inverse_scales = safe_inverse(scales)
     storage = np.float32 if not _compact(config) else config.param_dtype
@@ -327,8 +332,7 @@ def _grid_search(
             (start.float_zeros * shrink).astype(storage).astype(np.float64),
         )
         codes = nearest_codes(target, inverse_scales / shrink, zero_points, float_zeros * shrink, config.bits, mask)
-        error = (target - shrink * (scales * (codes - zero_points) + float_zeros)).astype(np.float32)
-        candidate_loss = np.einsum("nk,nk->n", error @ hessian32, error, dtype=np.float64)
+        candidate_loss = ranking_loss(target, shrink * (scales * (codes - zero_points) + float_zeros), hessian32)
         better = candidate_loss < best_loss
         if np.any(better):
             candidate.codes = codes.astype(np.uint8)

@@ -3,7 +3,8 @@
 For one row ``w`` with integers ``a`` and ``q_k = s_g·a_k + z_g``, ``q = A·θ`` with ``A = [a∘E | E]`` (``E`` the
 ``K×G`` group indicator, ``θ = (s_1…s_G, z_1…z_G)``), or ``A = a∘E`` when the zeros are fixed at 0.  The loss
 ``ℓ(θ) = (w − Aθ) H (w − Aθ)ᵀ`` is minimised by the normal equations ``AᵀHA·θ = AᵀH·wᵀ``, a ``2G×2G`` system per
-row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, :]`` and solved by batched LU in float64.  A
+row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, :]`` (in float32 when built with ``hessian32``)
+and solved by batched LU in float64.  A
 tiny Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable parameters (e.g. of a constant group)
 where they are.  The loss of any ``θ`` follows from the same quantities: ``ℓ(θ) = wHwᵀ − 2θᵀAᵀHwᵀ + θᵀAᵀHAθ``.
 """
@@ -24,27 +25,28 @@ class ScaleLeastSquares:
     k: int
     group_size: int
     groups: int
-    h_pad: np.ndarray  # H zero-padded to whole groups
+    h_products: np.ndarray  # H zero-padded to whole groups, in the precision of the products a_g·H[g, :]
     h_group_sums: np.ndarray  # [K_pad, G]: Σ_{l∈h} H_kl
     m22: np.ndarray  # [G, G]: Σ_{k∈g, l∈h} H_kl
     hw_pad: np.ndarray  # per row: w·H, padded
     whw: np.ndarray  # per row: w·H·wᵀ
 
     @classmethod
-    def build(cls, target: np.ndarray, hessian: np.ndarray, group_size: int) -> ScaleLeastSquares:
+    def build(
+        cls, target: np.ndarray, hessian: np.ndarray, group_size: int, hessian32: np.ndarray | None = None
+    ) -> ScaleLeastSquares:
+        """The equations of ``target`` ``[n, K]`` under ``hessian``; with ``hessian32`` (``H`` in float32) the
+        per-fit products ``a_g·H[g, :]`` run in float32 (the ranking precision of :mod:`onnxq.solvers.hessian`)."""
         n, k = target.shape
         groups = -(-k // group_size)
         padded = groups * group_size
-        if padded == k:  # whole groups: H itself (read only), no K × K copy
-            h_pad = hessian
-        else:
-            h_pad = np.zeros((padded, padded))
-            h_pad[:k, :k] = hessian
+        h_pad = _padded(hessian, padded)
+        h_group_sums = h_pad.reshape(padded, groups, group_size).sum(axis=2)
+        h_products = h_pad if hessian32 is None else _padded(hessian32, padded)
         hw = target @ hessian
         hw_pad = np.zeros((n, padded))
         hw_pad[:, :k] = hw
-        h_group_sums = h_pad.reshape(padded, groups, group_size).sum(axis=2)
-        return cls(k, group_size, groups, h_pad, h_group_sums,
+        return cls(k, group_size, groups, h_products, h_group_sums,
                    h_group_sums.reshape(groups, group_size, groups).sum(axis=1), hw_pad,
                    np.einsum("nk,nk->n", hw, target))
 
@@ -66,6 +68,8 @@ class ScaleLeastSquares:
         with_float_zeros = float_zeros is not None
         a_pad = np.zeros((n, padded))
         a_pad[:, : self.k] = ints
+        a_products = a_pad.astype(self.h_products.dtype, copy=False)  # integers: exact in float32
+        a_products3 = a_products.reshape(n, groups, group_size)
         a3 = a_pad.reshape(n, groups, group_size)
         hw3 = self.hw_pad.reshape(n, groups, group_size)
         rhs = np.einsum("ngj,ngj->ng", a3, hw3)
@@ -77,12 +81,10 @@ class ScaleLeastSquares:
         system = np.empty((n, size, size))
         for g in range(groups):
             cols = slice(g * group_size, (g + 1) * group_size)
-            a_g = np.ascontiguousarray(a_pad[:, cols])
-            products = a_g @ self.h_pad[cols, :]  # [n, padded]: Σ_{k∈g} a_k H_kl
-            products *= a_pad
-            system[:, g, :groups] = products.reshape(n, groups, group_size).sum(axis=2)
+            products = np.ascontiguousarray(a_products[:, cols]) @ self.h_products[cols, :]  # Σ_{k∈g} a_k H_kl
+            system[:, g, :groups] = np.einsum("ngj,ngj->ng", products.reshape(n, groups, group_size), a_products3)
             if with_float_zeros:
-                system[:, g, groups:] = a_g @ self.h_group_sums[cols, :]
+                system[:, g, groups:] = np.ascontiguousarray(a_pad[:, cols]) @ self.h_group_sums[cols, :]
         if with_float_zeros:
             system[:, groups:, :groups] = system[:, :groups, groups:].transpose(0, 2, 1)
             system[:, groups:, groups:] = self.m22
@@ -106,6 +108,15 @@ class ScaleLeastSquares:
         if with_float_zeros:
             return theta[:, :groups], theta[:, groups:], candidate_loss, current_loss
         return theta, np.zeros_like(theta), candidate_loss, current_loss
+
+
+def _padded(matrix: np.ndarray, size: int) -> np.ndarray:
+    """``matrix`` zero-padded to ``[size, size]`` (itself, read only, when it has that size: no copy)."""
+    if matrix.shape[0] == size:
+        return matrix
+    padded = np.zeros((size, size), dtype=matrix.dtype)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return padded
 
 
 def fit_float_params(

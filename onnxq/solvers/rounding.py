@@ -69,10 +69,13 @@ def coordinate_descent(
     zero_mask: np.ndarray | None = None,
     sweeps: int = 1,
     block_size: int = 128,
+    hessian32: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sweeps of exact one-code-at-a-time minimisation from ``grid.codes``; returns new codes and the loss change.
 
-    The loss change per row (``≤ 0``) is accumulated from the exact quadratic increments.
+    The loss change per row (``≤ 0``) is accumulated from the exact quadratic increments.  With ``hessian32``
+    (``H`` in float32) the gradient's ``K × K`` products (its start and each block's update of the other columns)
+    run in float32, so moves and change are those of the ranking loss (:func:`onnxq.solvers.hessian.ranking_loss`).
     """
     n, k = target.shape
     scales, zero_points, float_zeros = (np.ascontiguousarray(a.T) for a in grid.expanded(group_size))
@@ -80,7 +83,9 @@ def coordinate_descent(
     mask_t = None if zero_mask is None else np.ascontiguousarray(zero_mask.T)
     codes_t = np.ascontiguousarray(grid.codes.T, dtype=np.float64)
     values_t = scales * (codes_t - zero_points) + float_zeros  # q, [K, n]
-    gradient_t = hessian @ (values_t - target.T)  # (e·H)ᵀ = H·eᵀ, [K, n]
+    products = hessian if hessian32 is None else hessian32
+    # (e·H)ᵀ = H·eᵀ, [K, n]
+    gradient_t = (products @ (values_t - target.T).astype(products.dtype, copy=False)).astype(np.float64, copy=False)
     diag = np.diag(hessian).copy()
     change = np.zeros(n)
     for _ in range(max(1, int(sweeps))):
@@ -91,7 +96,7 @@ def coordinate_descent(
             cd_block(gradient_t[block].copy(), hessian, i1, values_t[block], codes_t[block],
                      (scales[block], zero_points[block], float_zeros[block], inverse_scales[block]),
                      None if mask_t is None else mask_t[block], diag[block], moves, change, bits)
-            gradient_t += hessian[:, i1:i2] @ moves
+            gradient_t += products[:, i1:i2] @ moves.astype(products.dtype, copy=False)
     return np.ascontiguousarray(codes_t.T).astype(np.uint8), change
 
 
