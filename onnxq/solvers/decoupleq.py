@@ -170,10 +170,12 @@ def _solve_rows(
     Every step's candidate for a row depends on that row's state alone, so a row no step improved in an iteration
     would get the same candidates in the next one: it is done.  Iterations run on the rows still improving only
     (the result of a row does not depend on which other rows share its chunk)."""
-    hessian, hessian32 = prepared.damped, prepared.damped32
+    hessian = prepared.damped
+    hessian32 = hessian.astype(np.float32)  # the ranking products' operands (onnxq.solvers.hessian)
     order = prepared.act_order() if config.act_order else None
+    upper = prepared.inverse_cholesky_upper(order)
     problem = _Rows(target, mask, ScaleLeastSquares.build(target, hessian, config.group_size, hessian32))
-    steps = _Steps(config, hessian, hessian32, prepared.inverse_cholesky_upper(order), order)
+    steps = _Steps(config, hessian, hessian32, upper, upper.astype(np.float32), order)
 
     best = _rtn_grid(target, mask, config)
     loss = steps.loss_of(problem, best)
@@ -232,6 +234,7 @@ class _Steps:
     hessian: np.ndarray  # damped H
     hessian32: np.ndarray  # damped H in float32: the ranking products (see onnxq.solvers.hessian)
     upper: np.ndarray  # upper Cholesky factor of H⁻¹ in processing order
+    upper32: np.ndarray  # the same in float32: GPTQ's error propagation between blocks
     order: np.ndarray | None
 
     def loss_of(self, rows: _Rows, grid: GroupGrid) -> np.ndarray:
@@ -246,7 +249,8 @@ class _Steps:
             candidate = grid.with_codes(codes)
             return candidate, self.loss_of(rows, candidate)
         codes, candidate_loss = gptq_round(rows.target, self.upper, config.bits, config.group_size, grid.scales,
-                                           grid.zero_points, grid.float_zeros, order=self.order, zero_mask=rows.mask)
+                                           grid.zero_points, grid.float_zeros, order=self.order, zero_mask=rows.mask,
+                                           upper32=self.upper32)
         return grid.with_codes(codes), candidate_loss
 
     def refine(self, rows: _Rows, grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:

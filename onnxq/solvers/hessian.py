@@ -5,10 +5,10 @@ The quadratic loss of a quantized weight row ``q`` against ``w`` is ``(w − q) 
 raised ×10 until it succeeds.  A dead column (``H_kk = 0``, an input that was always zero in calibration) keeps
 only the damping term, so its weights are simply rounded to nearest.
 
-The solvers rank their candidates by :func:`ranking_loss`, the same loss with the ``K × K`` product in float32
-(``H_d`` rounded once, :attr:`PreparedHessian.damped32`) and the per-row sums in float64: about 2.6× faster than
-float64 here, and off by ≈ 1e-6 relative, far below the differences between 2-bit candidates.  What a solve reports
-and the RTN guard compare (:func:`layer_loss`, :meth:`PreparedHessian.undamped_loss`) stay float64.
+decoupleQ ranks its candidates by :func:`ranking_loss`, the same loss with the ``K × K`` product in float32 (``H_d``
+rounded once per solve) and the per-row sums in float64: about 2.6× faster than float64 here, and off by ≈ 1e-6
+relative, far below the differences between 2-bit candidates.  What a solve reports and the RTN guard compare
+(:func:`layer_loss`, :meth:`PreparedHessian.undamped_loss`) stay float64.
 
 GPTQ needs the upper Cholesky factor ``U`` of ``H_d⁻¹`` (``H_d⁻¹ = UᵀU``), in a chosen column order.  It is
 computed without forming the inverse: with ``J`` the reversal permutation and ``J H_d J = L Lᵀ`` (lower ``L``),
@@ -38,18 +38,11 @@ class PreparedHessian:
     dead: np.ndarray  # bool [K], columns with H_kk = 0 before damping
     shift: float  # λ·mean(diag H), added to the diagonal
     _upper_cache: dict[bytes, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
-    _damped32: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return self.damped.shape[0]
 
-    @property
-    def damped32(self) -> np.ndarray:
-        """``H_d`` rounded to float32 (made on first use, then kept): the operand of the ranking products."""
-        if not self._damped32:
-            self._damped32.append(self.damped.astype(np.float32))
-        return self._damped32[0]
 
     def undamped_loss(self, weight: np.ndarray, qweight_dequant: np.ndarray) -> np.ndarray:
         """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` with the undamped ``H``, as
