@@ -254,7 +254,7 @@ class _Steps:
         return grid.with_codes(codes), candidate_loss
 
     def refine(self, rows: _Rows, grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:
-        """Coordinate descent over single codes from ``grid`` (its loss change is exact)."""
+        """Coordinate descent over single codes from ``grid`` (its loss change is that of the ranking loss)."""
         config = self.config
         codes, change = coordinate_descent(rows.target, self.hessian, grid, config.group_size, config.bits,
                                            rows.mask, config.refine_sweeps, hessian32=self.hessian32)

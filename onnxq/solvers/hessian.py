@@ -43,7 +43,6 @@ class PreparedHessian:
     def size(self) -> int:
         return self.damped.shape[0]
 
-
     def undamped_loss(self, weight: np.ndarray, qweight_dequant: np.ndarray) -> np.ndarray:
         """Per output channel ``diag((W − Q) H (W − Q)ᵀ)`` with the undamped ``H``, as
         ``(w − q) H_d (w − q)ᵀ − μ‖w − q‖²`` (``μ`` the damping shift): no ``K × K`` copy of ``H`` is made."""
@@ -57,10 +56,11 @@ class PreparedHessian:
             self.inverse_cholesky_upper()
         key, upper = next(iter(self._upper_cache.items()))
         order = np.frombuffer(key, dtype=np.int64) if key else None
-        permuted = np.asarray(rhs, dtype=np.float64) if order is None else np.asarray(rhs, dtype=np.float64)[order]
+        rhs = np.asarray(rhs, dtype=np.float64)
+        permuted = np.ascontiguousarray(rhs if order is None else rhs[order])
         lower = upper.T  # a Fortran-ordered view of Uᵀ: BLAS reads it without a copy
         # transposed, as BLAS wants Fortran order: (UᵀU·B)ᵀ = Bᵀ·Uᵀ·U
-        product = scipy.linalg.blas.dtrmm(1.0, lower, np.ascontiguousarray(permuted).T, side=1, lower=1)
+        product = scipy.linalg.blas.dtrmm(1.0, lower, permuted.T, side=1, lower=1)
         product = scipy.linalg.blas.dtrmm(1.0, lower, product, side=1, lower=1, trans_a=1, overwrite_b=1).T
         if order is None:
             return np.ascontiguousarray(product)

@@ -4,9 +4,9 @@ For one row ``w`` with integers ``a`` and ``q_k = s_g·a_k + z_g``, ``q = A·θ`
 ``K×G`` group indicator, ``θ = (s_1…s_G, z_1…z_G)``), or ``A = a∘E`` when the zeros are fixed at 0.  The loss
 ``ℓ(θ) = (w − Aθ) H (w − Aθ)ᵀ`` is minimised by the normal equations ``AᵀHA·θ = AᵀH·wᵀ``, a ``2G×2G`` system per
 row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, :]`` (in float32 when built with ``hessian32``)
-and solved by batched LU in float64.  A
-tiny Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable parameters (e.g. of a constant group)
-where they are.  The loss of any ``θ`` follows from the same quantities: ``ℓ(θ) = wHwᵀ − 2θᵀAᵀHwᵀ + θᵀAᵀHAθ``.
+and solved by batched LU in float64.  A tiny Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable
+parameters (e.g. of a constant group) where they are.  The loss of any ``θ`` follows from the same quantities:
+``ℓ(θ) = wHwᵀ − 2θᵀAᵀHwᵀ + θᵀAᵀHAθ``.
 """
 
 from __future__ import annotations
