@@ -198,7 +198,7 @@ def test_gptq_sweep_reports_the_damped_loss(float32_blocks: bool) -> None:
         start.float_zeros.astype(np.float64),
         order=order,
         block_size=32,
-        upper32=upper.astype(np.float32) if float32_blocks else None,
+        float32_propagation=float32_blocks,
     )
     deq = expand_groups(start.scales.astype(np.float64), 72, 24) * (codes - 4.0) + expand_groups(
         start.float_zeros.astype(np.float64), 72, 24

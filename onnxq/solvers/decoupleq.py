@@ -173,9 +173,8 @@ def _solve_rows(
     hessian = prepared.damped
     hessian32 = hessian.astype(np.float32)  # the ranking products' operands (onnxq.solvers.hessian)
     order = prepared.act_order() if config.act_order else None
-    upper = prepared.inverse_cholesky_upper(order)
     problem = _Rows(target, mask, ScaleLeastSquares.build(target, hessian, config.group_size, hessian32))
-    steps = _Steps(config, hessian, hessian32, upper, upper.astype(np.float32), order)
+    steps = _Steps(config, hessian, hessian32, prepared.inverse_cholesky_upper(order), order)
 
     best = _rtn_grid(target, mask, config)
     loss = steps.loss_of(problem, best)
@@ -234,7 +233,6 @@ class _Steps:
     hessian: np.ndarray  # damped H
     hessian32: np.ndarray  # damped H in float32: the ranking products (see onnxq.solvers.hessian)
     upper: np.ndarray  # upper Cholesky factor of H⁻¹ in processing order
-    upper32: np.ndarray  # the same in float32: GPTQ's error propagation between blocks
     order: np.ndarray | None
 
     def loss_of(self, rows: _Rows, grid: GroupGrid) -> np.ndarray:
@@ -250,7 +248,7 @@ class _Steps:
             return candidate, self.loss_of(rows, candidate)
         codes, candidate_loss = gptq_round(rows.target, self.upper, config.bits, config.group_size, grid.scales,
                                            grid.zero_points, grid.float_zeros, order=self.order, zero_mask=rows.mask,
-                                           upper32=self.upper32)
+                                           float32_propagation=True)
         return grid.with_codes(codes), candidate_loss
 
     def refine(self, rows: _Rows, grid: GroupGrid, grid_loss: np.ndarray) -> tuple[GroupGrid, np.ndarray]:

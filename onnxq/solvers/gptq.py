@@ -121,7 +121,7 @@ def gptq_round(
     zero_mask: np.ndarray | None = None,
     fit_group: GroupFitter | None = None,
     block_size: int = 128,
-    upper32: np.ndarray | None = None,
+    float32_propagation: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The GPTQ column sweep; returns uint8 codes ``[N, K]`` (original column order) and the loss per row.
 
@@ -129,9 +129,10 @@ def gptq_round(
     ``zero_points`` and ``float_zeros`` (float64 ``[N, G]``) give each group's grid ``s·(q − zp) + z``; with
     ``fit_group`` they are filled in place when a group's first column is reached.  Masked entries get code ``zp``.
     The loss comes free: ``w − q = e·U`` for the scaled errors ``e``, and ``U H_d Uᵀ = I``, so
-    ``(w − q) H_d (w − q)ᵀ = ‖e‖²``.  With ``upper32`` (``U`` in float32) a block's errors reach the later
-    columns through a float32 product (the ranking precision of :mod:`onnxq.solvers.hessian`; within a block,
-    float64 as before), and the loss holds to that precision.
+    ``(w − q) H_d (w − q)ᵀ = ‖e‖²``.  With ``float32_propagation`` a block's errors reach the later columns
+    through a float32 product (``U``'s rows of the block rounded to float32 as they are used, so no ``K × K`` copy;
+    the ranking precision of :mod:`onnxq.solvers.hessian`; within a block, float64 as before), and the loss holds
+    to that precision.
     """
     n, k = weight.shape
     order = np.arange(k) if order is None else np.asarray(order)
@@ -171,10 +172,10 @@ def gptq_round(
                 c = stop
             if j2 < i2:
                 work[j2:i2] -= upper[j1:j2, j2:i2].T @ errors[j1 - i1 : j2 - i1]
-        if i2 < k and upper32 is None:
+        if i2 < k and not float32_propagation:
             work[i2:] -= upper[i1:i2, i2:].T @ errors
         elif i2 < k:
-            work[i2:] -= upper32[i1:i2, i2:].T @ errors.astype(np.float32)
+            work[i2:] -= upper[i1:i2, i2:].astype(np.float32).T @ errors.astype(np.float32)
 
     codes = np.empty((n, k), dtype=np.uint8)
     codes[:, order] = codes_t.T
