@@ -6,7 +6,8 @@ in ``[0, 2^b − 1]``; entries under ``zero_mask`` keep the code ``zp`` (they de
 * :func:`coordinate_descent` — exact minimisation over one code at a time.  With ``e = q − w`` and ``g = e·H``,
   moving ``q_k`` by ``d`` changes the loss by ``2·d·g_k + d²·H_kk``; the best grid point is the one nearest to
   ``q_k − g_k/H_kk``, so every move lowers the loss.  Within a block of columns ``g`` follows each move at once
-  (:func:`onnxq.solvers.sweeps.cd_block`, compiled), the columns outside it once per block (one matrix product).
+  (:func:`onnxq.solvers.sweeps.cd_block`, compiled), the columns outside it once per block (one matrix product;
+  in the last sweep only the columns after the block, the only ones it still reads).
 * :func:`relaxed_rounding` — projected gradient descent (FISTA, step ``1/λ_max(H)``) on the box-relaxed
   ``q ∈ [s·(0 − zp) + z, s·(2^b − 1 − zp) + z]``, rounding the columns progressively in stages and re-optimising
   the columns still free after each stage.
@@ -88,7 +89,9 @@ def coordinate_descent(
     gradient_t = (products @ (values_t - target.T).astype(products.dtype, copy=False)).astype(np.float64, copy=False)
     diag = np.diag(hessian).copy()
     change = np.zeros(n)
-    for _ in range(max(1, int(sweeps))):
+    sweeps = max(1, int(sweeps))
+    for sweep in range(sweeps):
+        last = sweep + 1 == sweeps  # the last sweep never reads a passed column's gradient again
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
             moves = np.zeros((i2 - i1, n))
@@ -96,7 +99,8 @@ def coordinate_descent(
             cd_block(gradient_t[block].copy(), hessian, i1, values_t[block], codes_t[block],
                      (scales[block], zero_points[block], float_zeros[block], inverse_scales[block]),
                      None if mask_t is None else mask_t[block], diag[block], moves, change, bits)
-            gradient_t += products[:, i1:i2] @ moves.astype(products.dtype, copy=False)
+            rest = slice(i2 if last else 0, k)
+            gradient_t[rest] += products[rest, i1:i2] @ moves.astype(products.dtype, copy=False)
     return np.ascontiguousarray(codes_t.T).astype(np.uint8), change
 
 
