@@ -16,8 +16,10 @@ of column ``k``), where the integers ``a_k ∈ [−2^(b−1), 2^(b−1)−1]`` a
 * every candidate is accepted per channel only where ``ℓ`` drops, so the loss never increases; a channel's
   alternation stops after ``iters`` rounds or at the first round that does not improve it (the steps are
   deterministic functions of the channel's own state, so no later round could).  The steps and the acceptance use
-  the ranking loss (``K × K`` products in float32, float64 sums: :func:`onnxq.solvers.hessian.ranking_loss`), so
-  "drops" holds to ≈ 1e-6 relative; the loss reported for the result is float64.
+  the ranking loss (``K × K`` products in float32, float64 sums: :func:`onnxq.solvers.hessian.ranking_loss`); the
+  float step gives its stored ``θ``'s loss, and the current one's, by the closed form of its normal equations (same
+  products; measured within 2e-5 relative of the float64 loss on real layers, median 5e-7), so "drops" holds to
+  that precision; the loss reported for the result is float64.
 
 Storage (float zero convention): ``codes = a + 2^(b−1)``, ``zero_points = 2^(b−1)``, ``float_zeros = z``.  With a
 ``zero_mask`` (SplitQuant branches) the integer zero-point convention is used instead — ``q = s_g·(c − zp_g)``,
@@ -258,19 +260,17 @@ class _Steps:
                                            rows.mask, config.refine_sweeps, hessian32=self.hessian32)
         return grid.with_codes(codes), grid_loss + change
 
-    def float(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray | None]:
-        """Least-squares ``(s, z)`` for the grid's codes; the third value is the current ``θ``'s loss by the same
-        formula (None when the candidate's loss is that of its stored parameters)."""
+    def float(self, rows: _Rows, grid: GroupGrid) -> tuple[GroupGrid, np.ndarray, np.ndarray]:
+        """Least-squares ``(s, z)`` for the grid's codes, rounded to their storage type; the losses of that ``θ``
+        and of the current one, by the same formula (compare like with like)."""
         config = self.config
         k = grid.codes.shape[1]
         ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
         float_zeros = None if config.integer_zero else grid.float_zeros
-        scales, float_zeros, candidate_loss, current_loss = rows.least_squares.fit(ints, grid.scales, float_zeros)
-        candidate = GroupGrid(grid.codes, scales, grid.zero_points, float_zeros)
-        if _compact(config):  # θ as stored: its own loss, compared with the best directly
-            candidate = _stored(candidate, config.param_dtype)
-            return candidate, self.loss_of(rows, candidate), None
-        return candidate, candidate_loss, current_loss
+        storage = config.param_dtype if _compact(config) else np.dtype(np.float32)
+        scales, float_zeros, candidate_loss, current_loss = rows.least_squares.fit(ints, grid.scales, float_zeros,
+                                                                                   storage)
+        return GroupGrid(grid.codes, scales, grid.zero_points, float_zeros), candidate_loss, current_loss
 
 
 def _accept(
@@ -347,11 +347,3 @@ def _grid_search(
 def _compact(config: _Config) -> bool:
     """Whether parameters are stored narrower than float32 (the alternation then works on the stored grid)."""
     return config.param_dtype.itemsize < 4
-
-
-def _stored(grid: GroupGrid, dtype: np.dtype) -> GroupGrid:
-    """``grid`` with ``s`` and ``z`` rounded to the nearest ``dtype`` values (float64 arrays)."""
-    def rounded(values: np.ndarray | None) -> np.ndarray | None:
-        return None if values is None else values.astype(dtype).astype(np.float64)
-
-    return GroupGrid(grid.codes, rounded(grid.scales), grid.zero_points, rounded(grid.float_zeros))

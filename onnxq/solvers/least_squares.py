@@ -3,9 +3,10 @@
 For one row ``w`` with integers ``a`` and ``q_k = s_g·a_k + z_g``, ``q = A·θ`` with ``A = [a∘E | E]`` (``E`` the
 ``K×G`` group indicator, ``θ = (s_1…s_G, z_1…z_G)``), or ``A = a∘E`` when the zeros are fixed at 0.  The loss
 ``ℓ(θ) = (w − Aθ) H (w − Aθ)ᵀ`` is minimised by the normal equations ``AᵀHA·θ = AᵀH·wᵀ``, a ``2G×2G`` system per
-row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, :]`` (in float32 when built with ``hessian32``)
-and solved by batched LU in float64.  A tiny Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable
-parameters (e.g. of a constant group) where they are.  The loss of any ``θ`` follows from the same quantities:
+row, built for all rows at once from ``G`` BLAS products ``a_g·H[g, g:]`` (the blocks on and above the diagonal, the
+others by symmetry; in float32 when built with ``hessian32``) and solved by batched LU in float64.  A tiny
+Levenberg–Marquardt ridge toward the current ``θ`` keeps unidentifiable parameters (e.g. of a constant group) where
+they are.  The loss of any ``θ`` follows from the same quantities:
 ``ℓ(θ) = wHwᵀ − 2θᵀAᵀHwᵀ + θᵀAᵀHAθ``.
 """
 
@@ -55,12 +56,17 @@ class ScaleLeastSquares:
         return replace(self, hw_pad=self.hw_pad[index], whw=self.whw[index])
 
     def fit(
-        self, ints: np.ndarray, scales: np.ndarray, float_zeros: np.ndarray | None
+        self,
+        ints: np.ndarray,
+        scales: np.ndarray,
+        float_zeros: np.ndarray | None,
+        storage: np.dtype | type = np.float32,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Solve for ``(s, z)`` given integers ``a`` ``[n, K]`` (``z ≡ 0`` when ``float_zeros`` is None).
 
-        Returns the new scales and float_zeros (float64 holding float32-representable values, as they are stored),
-        the loss of the new ``θ`` and the loss of the current one, both from the same formula.
+        Returns the new scales and float_zeros rounded to ``storage`` (float64 arrays holding values it represents,
+        as they are stored), the loss of that stored ``θ`` and the loss of the current one, both from the same
+        formula.
         """
         n = ints.shape[0]
         groups, group_size = self.groups, self.group_size
@@ -79,17 +85,18 @@ class ScaleLeastSquares:
             theta0 = np.concatenate([theta0, float_zeros], axis=1)
         size = rhs.shape[1]
         system = np.empty((n, size, size))
-        for g in range(groups):
+        for g in range(groups):  # the blocks h ≥ g of Σ_{k∈g, l∈h} a_k H_kl a_l; the others by symmetry
             cols = slice(g * group_size, (g + 1) * group_size)
-            products = np.ascontiguousarray(a_products[:, cols]) @ self.h_products[cols, :]  # Σ_{k∈g} a_k H_kl
-            system[:, g, :groups] = np.einsum("ngj,ngj->ng", products.reshape(n, groups, group_size), a_products3)
+            products = np.ascontiguousarray(a_products[:, cols]) @ self.h_products[cols, cols.start :]
+            system[:, g, g:groups] = np.einsum("ngj,ngj->ng", products.reshape(n, groups - g, group_size),
+                                               a_products3[:, g:])
             if with_float_zeros:
                 system[:, g, groups:] = np.ascontiguousarray(a_pad[:, cols]) @ self.h_group_sums[cols, :]
+        upper_rows, upper_cols = np.triu_indices(groups, 1)
+        system[:, upper_cols, upper_rows] = system[:, upper_rows, upper_cols]
         if with_float_zeros:
             system[:, groups:, :groups] = system[:, :groups, groups:].transpose(0, 2, 1)
             system[:, groups:, groups:] = self.m22
-        system += system.transpose(0, 2, 1)  # symmetrised in place (numpy buffers the overlapping operand)
-        system *= 0.5
 
         def loss(theta: np.ndarray) -> np.ndarray:
             return self.whw - 2.0 * np.einsum("ni,ni->n", theta, rhs) + np.einsum("ni,nij,nj->n", theta, system, theta)
@@ -101,7 +108,7 @@ class ScaleLeastSquares:
         regularised = system.copy()
         regularised[:, np.arange(size), np.arange(size)] += ridge
         theta = np.linalg.solve(regularised, (rhs + ridge * theta0)[..., None])[..., 0]
-        theta = theta.astype(np.float32).astype(np.float64)
+        theta = theta.astype(storage).astype(np.float64)
         bad = ~np.all(np.isfinite(theta), axis=1)
         theta[bad] = theta0[bad]
         candidate_loss = loss(theta)
