@@ -212,6 +212,18 @@ def test_ranking_products_stay_within_their_precision() -> None:
     for got, want in zip(fits[1][:2], fits[0][:2], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
+    # float16 storage: θ rounded to it, and the closed-form losses are those of the stored and the current θ
+    least_squares = ScaleLeastSquares.build(weight, damped, 64, damped32)
+    scales, float_zeros, stored_loss, current_loss = least_squares.fit(ints, grid.scales, grid.float_zeros,
+                                                                       np.float16)
+    for values in (scales, float_zeros):
+        assert np.array_equal(values.astype(np.float16).astype(np.float64), values)
+    stored = GroupGrid(codes, scales, grid.zero_points, float_zeros)
+    current = grid.with_codes(codes)
+    np.testing.assert_allclose(stored_loss, layer_loss(weight, stored.dequantize(64), damped), rtol=2e-5)
+    np.testing.assert_allclose(current_loss, layer_loss(weight, current.dequantize(64), damped), rtol=2e-5)
+    assert np.all(stored_loss < current_loss)  # the fitted scales beat the RTN grid's even after rounding
+
 
 def test_layer_loss_matches_definition() -> None:
     weight, hessian = correlated_problem(n=5, k=12, seed=0)
