@@ -267,9 +267,8 @@ class _Steps:
         k = grid.codes.shape[1]
         ints = grid.codes.astype(np.float64) - expand_groups(grid.zero_points, k, config.group_size)
         float_zeros = None if config.integer_zero else grid.float_zeros
-        storage = config.param_dtype if _compact(config) else np.dtype(np.float32)
         scales, float_zeros, candidate_loss, current_loss = rows.least_squares.fit(ints, grid.scales, float_zeros,
-                                                                                   storage)
+                                                                                   _storage(config))
         return GroupGrid(grid.codes, scales, grid.zero_points, float_zeros), candidate_loss, current_loss
 
 
@@ -325,7 +324,7 @@ def _grid_search(
     best_loss = start_loss.copy()
     scales, zero_points, float_zeros = start.expanded(config.group_size)
     inverse_scales = safe_inverse(scales)
-    storage = np.float32 if not _compact(config) else config.param_dtype
+    storage = _storage(config)
     for shrink in np.linspace(1.0, config.min_shrink, config.grid_points)[1:]:
         candidate = GroupGrid(
             start.codes,
@@ -344,6 +343,7 @@ def _grid_search(
     return best
 
 
-def _compact(config: _Config) -> bool:
-    """Whether parameters are stored narrower than float32 (the alternation then works on the stored grid)."""
-    return config.param_dtype.itemsize < 4
+def _storage(config: _Config) -> np.dtype:
+    """The type ``s`` and ``z`` are stored in: ``param_dtype`` when narrower than float32 (the alternation then works
+    on the stored grid), else float32."""
+    return config.param_dtype if config.param_dtype.itemsize < 4 else np.dtype(np.float32)
