@@ -580,3 +580,33 @@ def test_hessian_sum_unit_cases():
     np.testing.assert_array_equal(rows.result(), outer_sum(np.arange(1, 9).reshape(4, 2)))
     with pytest.raises(OnnxqError, match="reduction axis should have 2"):
         rows.add(np.zeros((4, 3), np.float32))
+
+
+def test_hessian_sum_layout_keeps_the_sum():
+    """The running ``H`` is column-major (the layout ``ssyrk`` returns, so each block's ``+=`` reads both arrays in
+    order); its result is the row-major symmetric matrix of exactly the float64 sums of the blocks' upper triangles,
+    also after a shard arrives read-only and row-major (from another process)."""
+    from scipy.linalg import blas
+
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((n, 300)).astype(np.float32) for n in (700, 64, 2048)]
+    expected = np.zeros((300, 300))
+    for block in blocks:
+        expected += blas.ssyrk(1.0, block.T, trans=0)
+    expected = np.triu(expected) + np.triu(expected, 1).T
+    unit = Unfolding(tensor="x", kind="rows", size=300)
+    running = HessianSum(unit, keep_shards=True)
+    for block in blocks:
+        running.add(block)
+    running.end_shard()
+    assert running.shards[0].upper[0].flags.f_contiguous
+    shard = running.shards[0]
+    copied = type(shard)(np.ascontiguousarray(shard.upper), None, shard.rows)  # row-major, read-only
+    copied.upper.flags.writeable = False
+    for upper in (shard, copied):
+        total = HessianSum(unit)
+        total.fold(upper)
+        result = total.result()
+        assert result.flags.c_contiguous and result.tobytes() == expected.tobytes()
+    exact = sum(block.astype(np.float64).T @ block.astype(np.float64) for block in blocks)
+    np.testing.assert_allclose(result, exact, rtol=1e-5, atol=1e-3)

@@ -152,6 +152,7 @@ class SequentialCalibration:
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
         self.weights = CommittedWeights(self.float_weights, Path(self._tmp.name) / "solved")
         self.produced = {name for node in model.graph.node for name in node.output if name}
+        self.node_reads = [reads(node) for node in model.graph.node]  # once: every step walks the whole graph
         self.keys = [plan_keys(group) for group in layer_groups]
         self.next_step = 0
         self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
@@ -185,7 +186,8 @@ class SequentialCalibration:
         frontier = self._frontier(index)
         cached = self.store.names()
         outputs = [t for t in dict.fromkeys([*layer_inputs, *sorted(frontier)]) if t not in cached]
-        nodes = [self.model.graph.node[i] for i in backward_slice(self.model.graph, set(outputs), cached)]
+        nodes = [self.model.graph.node[i]
+                 for i in backward_slice(self.model.graph, set(outputs), cached, self.node_reads)]
         self.node_runs += len(nodes)
         new_frontier = [t for t in outputs if t in frontier]
         quantized = self._runner(self.weights, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")
@@ -240,8 +242,8 @@ class SequentialCalibration:
     def _changed(self, index: int) -> set[str]:
         """Tensors that depend on a weight solved before step ``index`` (equal to the float model's otherwise)."""
         changed = {t.weight_name for group in self.layer_groups[:index] for t in group}
-        for node in self.model.graph.node:
-            if reads(node) & changed:
+        for node, names_read in zip(self.model.graph.node, self.node_reads, strict=True):
+            if not names_read.isdisjoint(changed):
                 changed.update(node.output)
         return changed
 
@@ -250,12 +252,11 @@ class SequentialCalibration:
         solved = {t.weight_name for group in self.layer_groups[:index] for t in group}
         pending = {t.weight_name for group in self.layer_groups[index:] for t in group} - solved
         later_inputs = {u.tensor for keys in self.keys[index + 1:] for u in keys.values()}
-        useful = set(backward_slice(self.model.graph, later_inputs, set()))
+        useful = set(backward_slice(self.model.graph, later_inputs, set(), self.node_reads))
         stale = set(pending)
         frontier: set[str] = set()
-        for index, node in enumerate(self.model.graph.node):
-            names_read = reads(node)
-            if names_read & stale:
+        for index, (node, names_read) in enumerate(zip(self.model.graph.node, self.node_reads, strict=True)):
+            if not names_read.isdisjoint(stale):
                 stale.update(node.output)
                 if index in useful:
                     frontier |= {name for name in names_read if name in self.produced and name not in stale}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -60,9 +60,10 @@ def reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def backward_slice(graph: onnx.GraphProto, outputs: Iterable[str], available: Iterable[str] = ()) -> list[int]:
+def backward_slice(graph: onnx.GraphProto, outputs: Iterable[str], available: Iterable[str] = (),
+                   node_reads: Sequence[set[str]] | None = None) -> list[int]:
     """Indices (graph order) of the nodes needed to compute ``outputs`` when the tensors ``available`` are given;
-    the graph must be topologically sorted."""
+    the graph must be topologically sorted.  ``node_reads``: :func:`reads` of each node, when the caller keeps them."""
     available = set(available)
     needed = set(outputs) - available
     keep = []
@@ -70,7 +71,7 @@ def backward_slice(graph: onnx.GraphProto, outputs: Iterable[str], available: It
         node = graph.node[index]
         if any(name in needed for name in node.output):
             keep.append(index)
-            needed |= reads(node) - available
+            needed |= (reads(node) if node_reads is None else node_reads[index]) - available
     return keep[::-1]
 
 

@@ -55,8 +55,12 @@ class HessianSum:
         self.shard_rows = 0
 
     def _allocate(self) -> None:
-        self.upper = np.zeros((self.unfold.groups, self.unfold.size, self.unfold.size), dtype=np.float64)
-        self.cross = np.zeros_like(self.upper) if self.with_cross else None
+        groups, size = self.unfold.groups, self.unfold.size
+        if groups == 1:  # column-major, the layout ``ssyrk`` returns: each block's ``+=`` reads both in order
+            self.upper = np.zeros((size, size), dtype=np.float64, order="F")[None]
+        else:
+            self.upper = np.zeros((groups, size, size), dtype=np.float64)
+        self.cross = np.zeros((groups, size, size), dtype=np.float64) if self.with_cross else None
 
     @property
     def rows(self) -> int:
@@ -135,8 +139,12 @@ class HessianSum:
                 self.cross += np.matmul(block_groups.transpose(0, 2, 1), ref_groups)
 
     def result(self) -> np.ndarray:
-        """The symmetric ``H`` (``[K, K]``, or ``[groups, K', K']`` for a grouped conv)."""
-        full = _mirror_upper(self._finished().upper)
+        """The symmetric ``H`` (``[K, K]`` C-contiguous, or ``[groups, K', K']`` for a grouped conv)."""
+        upper = self._finished().upper
+        if self.unfold.groups == 1 and not upper[0].flags.c_contiguous:
+            # column-major upper triangle = row-major lower triangle of the same values: mirror that, in order
+            return _mirror_lower(upper[0].T[None])[0]
+        full = _mirror_lower(upper.transpose(0, 2, 1)).transpose(0, 2, 1)
         return full[0] if self.unfold.groups == 1 else full
 
     def cross_result(self) -> np.ndarray | None:
@@ -147,22 +155,23 @@ class HessianSum:
         return cross[0] if self.unfold.groups == 1 else cross.copy()
 
 
-MIRROR_ROWS = 512  # rows of H mirrored per step (bounds the temporary to MIRROR_ROWS·K values)
+MIRROR_ROWS = 512  # columns of H mirrored per step (bounds the temporary to MIRROR_ROWS·K values)
 
 
-def _mirror_upper(total: np.ndarray) -> np.ndarray:
-    """``[G, K, K]`` with each lower triangle replaced, in place, by the transposed upper triangle (the sums hold the
-    upper triangle; below the diagonal they hold zeros, or the same products for a grouped conv)."""
+def _mirror_lower(total: np.ndarray) -> np.ndarray:
+    """``[G, K, K]`` with each upper triangle replaced, in place, by the transposed lower triangle: ``H[i, j] =
+    H[j, i]`` for ``i < j``.  The sums hold one triangle (above it zeros, or the same products for a grouped conv);
+    :meth:`HessianSum.result` passes the transposed view of its upper triangle, so ``H`` is its upper triangle."""
     size = total.shape[-1]
     for start in range(0, size, MIRROR_ROWS):
         stop = min(start + MIRROR_ROWS, size)
         for matrix in total:
-            block = matrix[start:stop, :stop]  # rows start..stop-1, columns up to the block's last diagonal entry
-            upper_part = matrix[:stop, start:stop].T  # H[j, i] for the same (i, j)
-            below = np.tril(np.ones((stop - start, stop), dtype=bool), k=start - 1)  # j < i
-            block[below] = upper_part[below]
+            block = matrix[:stop, start:stop]  # columns start..stop-1, rows up to the block's last diagonal entry
+            lower_part = matrix[start:stop, :stop].T  # H[j, i] for the same (i, j)
+            above = np.triu(np.ones((stop, stop - start), dtype=bool), k=1 - start)  # i < j
+            block[above] = lower_part[above]
     return total
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
-    return array if array.flags.writeable else array.copy()
+    return array if array.flags.writeable else array.copy(order="K")
