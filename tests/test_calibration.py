@@ -610,3 +610,24 @@ def test_hessian_sum_layout_keeps_the_sum():
         assert result.flags.c_contiguous and result.tobytes() == expected.tobytes()
     exact = sum(block.astype(np.float64).T @ block.astype(np.float64) for block in blocks)
     np.testing.assert_allclose(result, exact, rtol=1e-5, atol=1e-3)
+
+
+def test_hessian_sum_jobs_are_independent():
+    """With a reference, a batch's update is three jobs (``C``'s rows ``[K/4, K)``, ``H``, ``C``'s rows
+    ``[0, K/4)``) writing disjoint memory: run in any order they give the same bytes, and ``C`` is ``Σ xᵀx_ref``."""
+    rng = np.random.default_rng(4)
+    x = [rng.standard_normal((512, 96)).astype(np.float32) for _ in range(3)]
+    ref = [a + 0.1 * rng.standard_normal(a.shape).astype(np.float32) for a in x]
+    unit = Unfolding(tensor="x", kind="rows", size=96)
+    results = []
+    for order in (slice(None), slice(None, None, -1)):
+        total = HessianSum(unit, cross=True)
+        for a, r in zip(x, ref, strict=True):
+            jobs = total.parts(a, r)
+            assert len(jobs) == 3
+            for job in jobs[order]:
+                job()
+        results.append((total.result().tobytes(), total.cross_result().tobytes(), total.rows))
+        exact = sum(a.astype(np.float64).T @ r.astype(np.float64) for a, r in zip(x, ref, strict=True))
+        np.testing.assert_allclose(total.cross_result(), exact, rtol=1e-5, atol=1e-3)
+    assert results[0] == results[1] and results[0][2] == 3 * 512

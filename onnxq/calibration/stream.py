@@ -39,7 +39,7 @@ try:  # ships with scikit-learn; without it BLAS keeps its own thread count
 except ImportError:  # pragma: no cover
     threadpool_limits = None
 
-SUM_THREADS = 2  # threads adding one batch into the sums: each H and each C update is one job
+SUM_THREADS = 2  # threads adding one batch into the sums: the jobs of HessianSum.parts
 
 
 @dataclass
@@ -170,8 +170,9 @@ def accumulate_pass(
     or constants, and with ``cross`` the float model's values of those that differ (see :class:`HessianSum`).
 
     The sums are updated in batch order with single-threaded BLAS (many mid-sized ``syrk`` calls: threading one
-    costs more than it gains); a batch's ``H`` and ``C`` updates are independent jobs on ``SUM_THREADS`` threads,
-    and each sum's own updates keep batch order, so results do not depend on timing.
+    costs more than it gains); a batch's ``H`` update and ``C``'s two row ranges are independent jobs
+    (:meth:`HessianSum.parts`) on ``SUM_THREADS`` threads, and each sum's own updates keep batch order, so results
+    do not depend on timing.
     At most two batches of activations are alive at once.  After each batch index in ``shard_ends`` the sums
     close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept per shard with
     ``keep_shards``.

@@ -18,6 +18,8 @@ from scipy.linalg import blas
 from onnxq.errors import OnnxqError
 from onnxq.stats.unfold import Unfolding, unfold_rows
 
+CROSS_CUT = 4  # C's first K / CROSS_CUT rows are the job that follows H (see HessianSum.parts)
+
 
 @dataclass
 class ShardSum:
@@ -103,22 +105,31 @@ class HessianSum:
             part()
 
     def parts(self, x: np.ndarray, reference: np.ndarray | None = None) -> list[Callable[[], None]]:
-        """:meth:`add` as independent calls: the ``H`` update and (with a reference) the ``C`` update, which write
-        different arrays and may run at the same time on two threads (each sum's own updates stay in batch order,
-        so the result does not depend on it).  A conv layer's patches are unfolded once, so it is one call."""
+        """:meth:`add` as independent calls that write different arrays (or rows) and may run at the same time on
+        two threads; each sum's own updates stay in batch order, so the result does not depend on it.
+
+        With a reference (one group), ``C``'s rows ``[K/4, K)``, then ``H``, then ``C``'s rows ``[0, K/4)``: ``H``'s
+        ``syrk`` is half of ``C``'s products, so two threads each get ≈ 3/4 of ``C``'s work.  Each entry of ``C``
+        is the same dot product whichever rows are computed with it.  A conv layer's patches are unfolded once, so
+        it is one call."""
         if self.upper is None:
             self._allocate()
         cross = self.cross is not None and reference is not None
         if self.unfold.kind == "conv" and cross:
             return [lambda: self._add_blocks(x, reference, upper=True)]
-        parts = [lambda: self._add_blocks(x, None, upper=True)]
-        if cross:
-            parts.append(lambda: self._add_blocks(x, reference, upper=False))
-        return parts
+        hessian = [lambda: self._add_blocks(x, None, upper=True)]
+        if not cross:
+            return hessian
+        if self.unfold.groups > 1:
+            return [*hessian, lambda: self._add_blocks(x, reference, upper=False)]
+        cut = self.unfold.size // CROSS_CUT
+        return [lambda: self._add_blocks(x, reference, upper=False, cross_rows=slice(cut, None)), *hessian,
+                lambda: self._add_blocks(x, reference, upper=False, cross_rows=slice(0, cut))]
 
-    def _add_blocks(self, x: np.ndarray, reference: np.ndarray | None, upper: bool) -> None:
+    def _add_blocks(self, x: np.ndarray, reference: np.ndarray | None, upper: bool,
+                    cross_rows: slice = slice(None)) -> None:
         """``H += Σ xᵀx`` over ``x``'s row blocks (with ``upper``, counting the rows), and ``C += Σ xᵀx_ref`` when
-        ``reference`` is given."""
+        ``reference`` is given (only ``C``'s rows ``cross_rows``, one group)."""
         groups, size = self.unfold.groups, self.unfold.size
         references = unfold_rows(reference, self.unfold) if reference is not None else itertools.repeat(None)
         for block, ref in zip(unfold_rows(x, self.unfold), references, strict=False):  # same shapes
@@ -134,7 +145,9 @@ class HessianSum:
                     self.upper[0] += blas.ssyrk(1.0, block.T, trans=0)  # block.T is F-contiguous: no copy
                 else:
                     self.upper += np.matmul(block_groups.transpose(0, 2, 1), block_groups)
-            if ref is not None:
+            if ref is not None and groups == 1:
+                self.cross[0, cross_rows] += block[:, cross_rows].T @ ref
+            elif ref is not None:
                 ref_groups = ref.reshape(-1, groups, size).transpose(1, 0, 2)
                 self.cross += np.matmul(block_groups.transpose(0, 2, 1), ref_groups)
 
