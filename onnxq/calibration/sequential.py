@@ -255,10 +255,10 @@ class SequentialCalibration:
         useful = set(backward_slice(self.model.graph, later_inputs, set(), self.node_reads))
         stale = set(pending)
         frontier: set[str] = set()
-        for index, (node, names_read) in enumerate(zip(self.model.graph.node, self.node_reads, strict=True)):
+        for position, (node, names_read) in enumerate(zip(self.model.graph.node, self.node_reads, strict=True)):
             if not names_read.isdisjoint(stale):
                 stale.update(node.output)
-                if index in useful:
+                if position in useful:
                     frontier |= {name for name in names_read if name in self.produced and name not in stale}
         return frontier
 

@@ -23,7 +23,8 @@ CROSS_CUT = 4  # C's first K / CROSS_CUT rows are the job that follows H (see He
 
 @dataclass
 class ShardSum:
-    """One shard's sums: the upper triangle of ``Σ xᵀx`` (``[groups, K, K]`` float64), ``Σ xᵀx_ref`` or None,
+    """One shard's sums: the upper triangle of ``Σ xᵀx`` (``[groups, K, K]`` float64; one group's matrix is
+    column-major, see :meth:`HessianSum._allocate`, but any layout folds to the same values), ``Σ xᵀx_ref`` or None,
     and the rows seen."""
 
     upper: np.ndarray
@@ -123,6 +124,8 @@ class HessianSum:
         if self.unfold.groups > 1:
             return [*hessian, lambda: self._add_blocks(x, reference, upper=False)]
         cut = self.unfold.size // CROSS_CUT
+        if cut == 0:  # K < CROSS_CUT: one job for C
+            return [lambda: self._add_blocks(x, reference, upper=False), *hessian]
         return [lambda: self._add_blocks(x, reference, upper=False, cross_rows=slice(cut, None)), *hessian,
                 lambda: self._add_blocks(x, reference, upper=False, cross_rows=slice(0, cut))]
 
@@ -168,7 +171,7 @@ class HessianSum:
         return cross[0] if self.unfold.groups == 1 else cross.copy()
 
 
-MIRROR_ROWS = 512  # columns of H mirrored per step (bounds the temporary to MIRROR_ROWS·K values)
+MIRROR_COLUMNS = 512  # columns of H mirrored per step (bounds the temporary to MIRROR_COLUMNS·K values)
 
 
 def _mirror_lower(total: np.ndarray) -> np.ndarray:
@@ -176,8 +179,8 @@ def _mirror_lower(total: np.ndarray) -> np.ndarray:
     H[j, i]`` for ``i < j``.  The sums hold one triangle (above it zeros, or the same products for a grouped conv);
     :meth:`HessianSum.result` passes the transposed view of its upper triangle, so ``H`` is its upper triangle."""
     size = total.shape[-1]
-    for start in range(0, size, MIRROR_ROWS):
-        stop = min(start + MIRROR_ROWS, size)
+    for start in range(0, size, MIRROR_COLUMNS):
+        stop = min(start + MIRROR_COLUMNS, size)
         for matrix in total:
             block = matrix[:stop, start:stop]  # columns start..stop-1, rows up to the block's last diagonal entry
             lower_part = matrix[start:stop, :stop].T  # H[j, i] for the same (i, j)
