@@ -53,6 +53,20 @@ def llama_1b_dir() -> Path:
     return zoo_model_dir(NAME)
 
 
+def scale_run() -> tuple[Path, dict]:
+    """The scale run of ``docs/performance.md``: the model file and its ``quantize`` options (decoupleQ W2 g64,
+    32 × 512 tokens of *Emma*, ``--max-memory 4``).  Exits with a one-line message naming the recipe when the model
+    or the novel is not built."""
+    from models.austen import novel_path
+
+    path, text = llama_1b_dir() / "model.onnx", novel_path("emma")
+    for needed, maker in ((path, "models.llama_1b"), (text, "models.austen")):
+        if not needed.is_file():
+            raise SystemExit(f"{needed} is missing; make it with python -m {maker}")
+    return path, dict(method="decoupleq", bits=2, group_size=64, calib_text=str(text), calib_samples=32,
+                      calib_seq_len=512, max_memory=4)
+
+
 def train_tokenizer(path: Path) -> None:
     """Train a byte-level BPE of :data:`VOCAB_SIZE` tokens on the six Austen novels and write ``tokenizer.json``."""
     import tokenizers

@@ -61,6 +61,18 @@ def test_steps_match_full_rerun_and_run_each_node_once(memory_limit):
     assert changed[0] == 0.0 and max(changed) > 0.05
 
 
+@pytest.mark.parametrize("style", ["genai", "optimum"])
+def test_a_tied_embedding_runs_once_and_steps_match_full_rerun(style):
+    """The embedding reads lm_head's weight (solved last): its value holds until then, so it is computed once and
+    kept, not recomputed before every step; each step's H still equals a rerun of the partially quantized model."""
+    model = graphs.tied_lm_model(style=style)
+    ids = np.random.default_rng(4).integers(0, 64, (8, 12)).astype(np.int64)
+    worst, sequential, _, _ = _sequential_against_rerun(model, {"input_ids": ids}, None)
+    assert len(sequential.plans) == 2
+    assert worst <= 1e-6
+    assert sequential.node_runs <= len(model.graph.node)
+
+
 def test_steps_out_of_order_are_refused():
     model = graphs.residual_model()
     groups = layer_groups_of(find_targets(model).targets)

@@ -29,8 +29,7 @@ from collections.abc import Callable, Iterator
 
 import onnx
 
-from models.austen import novel_path
-from models.llama_1b import llama_1b_dir
+from models.llama_1b import scale_run
 from models.smollm2 import build_smollm2
 from onnxq.calibration import sequential
 from onnxq.calibration.data import iter_batches
@@ -85,12 +84,10 @@ def _job(name: str, windows: int) -> tuple[onnx.ModelProto, dict, str]:
     """The model, its calibration arrays and their description."""
     if name == "smollm2":
         return onnx.load(build_smollm2()), make_smollm2_calibration(windows, 512, 0), f"{windows} windows of 512 tokens"
-    path, text = llama_1b_dir() / "model.onnx", novel_path("emma")
-    for needed, maker in ((path, "models.llama_1b"), (text, "models.austen")):
-        if not needed.is_file():
-            raise SystemExit(f"{needed} is missing; make it with python -m {maker}")
-    made = build_calibration(path, text=text, samples=32, seq_len=512, seed=0)
-    return onnx.load(path), made.arrays, "32 × 512 tokens of Emma"
+    path, options = scale_run()
+    samples, seq_len = options["calib_samples"], options["calib_seq_len"]
+    made = build_calibration(path, text=options["calib_text"], samples=samples, seq_len=seq_len, seed=0)
+    return onnx.load(path), made.arrays, f"{samples} × {seq_len} tokens of Emma"
 
 
 @contextlib.contextmanager

@@ -78,12 +78,9 @@ def _job(name: str) -> tuple[Path, dict]:
         return path, dict(method="decoupleq", bits=2, group_size=64, format="matmulnbits", exclude=exclude,
                           quantize_lm_head=True, accuracy_level=0, calibration=str(calibration))
     if name == "llama-1b":
-        from models.cache import cache_dir
+        from models.llama_1b import scale_run
 
-        model = cache_dir("zoo") / "llama-1b-genai" / "model.onnx"
-        text = cache_dir("austen") / "emma.txt"
-        return model, dict(method="decoupleq", bits=2, group_size=64, calib_text=str(text), calib_samples=32,
-                           calib_seq_len=512, max_memory=4)
+        return scale_run()
     raise SystemExit(f"unknown job {name!r}; use minilm, smollm2 or llama-1b")
 
 

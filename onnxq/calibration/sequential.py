@@ -20,20 +20,22 @@ is read back only for the step whose nodes read it, so the solved weights cost n
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxq.calibration.data import CalibrationBatches, model_input_specs
+from onnxq.calibration.data import CalibrationBatches, check_feed, model_input_specs
 from onnxq.calibration.keys import HessianKey, plan_keys
 from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, model_shell, open_session, run_session
-from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, process_cpu_seconds
+from onnxq.calibration.steps import StepPlan, plan_steps
+from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, origins, process_cpu_seconds
 from onnxq.heap import release_free_memory
-from onnxq.ir.index import backward_slice, reads
+from onnxq.ir.index import reads
 from onnxq.ir.targets import Target
 from onnxq.spill import SpillFolder
 from onnxq.stats.hessian import HessianSum
@@ -64,16 +66,20 @@ class FrontierStore:
     def get(self, batch: int, name: str) -> np.ndarray:
         return np.asarray(self.values[(batch, name)])
 
+    def pop(self, batch: int, name: str) -> np.ndarray:
+        value = self.values.pop((batch, name))
+        self.total_bytes -= value.nbytes
+        if not isinstance(value, np.memmap):
+            self.memory_bytes -= value.nbytes
+        return np.asarray(value)
+
     def names(self) -> set[str]:
         return {name for _, name in self.values}
 
     def keep(self, names: set[str]) -> None:
         """Drop every tensor not in ``names``."""
-        for key in [k for k in self.values if k[1] not in names]:
-            value = self.values.pop(key)
-            self.total_bytes -= value.nbytes
-            if not isinstance(value, np.memmap):
-                self.memory_bytes -= value.nbytes
+        for batch, name in [k for k in self.values if k[1] not in names]:
+            self.pop(batch, name)
 
     def close(self) -> None:
         self.values.clear()
@@ -120,12 +126,20 @@ class SequentialCalibration:
 
     ``model`` is only read.  After solving group ``i``, the caller passes each solved weight to :meth:`commit`
     before ``step(i + 1)``.  Steps must be taken in order ``0, 1, 2, …``.  With ``float_targets`` each step also
-    runs the float model (the original weights) and returns ``C = Σ xᵀx_float`` per key.
+    needs the float model (the original weights) and returns ``C = Σ xᵀx_float`` per key.
+
+    The float model's values do not depend on any solve, so its steps run ahead in a thread of their own: when
+    step ``i`` starts, the float step ``i + 1`` is queued behind the float step ``i``, and it runs while the
+    quantized step ``i`` and then group ``i``'s solve go on.  Its layer inputs wait in a store of their own
+    (spilled past their share of ``memory_limit``).  Each session runs the same nodes on the same values as when
+    both ran batch by batch, so ``H`` and ``C`` keep their bytes.
 
     ``shard_ends``: the batch positions that close a shard (:mod:`onnxq.calibration.shards`).  A data-parallel
     worker holds a slice of the batches, passes ``keep_shards`` and calls :meth:`step_sums` for its shard sums.
     ``threads``: ORT intra-op threads; with float targets the two sessions run at once and get half each (their
-    outputs do not depend on it).
+    outputs do not depend on it).  ``memory_limit`` (bytes of kept activations): the quantized frontier gets half,
+    and with float targets the float frontier a quarter and the float layer inputs of the two steps in flight an
+    eighth each.
     """
 
     def __init__(
@@ -146,17 +160,21 @@ class SequentialCalibration:
         self.shard_ends, self.keep_shards = shard_ends, keep_shards
         limit = DEFAULT_MEMORY_LIMIT if memory_limit is None else memory_limit
         self.store = FrontierStore(limit // 2 if float_targets else limit)
-        self.float_store = FrontierStore(limit // 2) if float_targets else None
+        self.float_store = FrontierStore(limit // 4) if float_targets else None
+        self.float_values_limit = limit // 8  # per float step in flight (the one being read, the one ahead)
         self.specs = model_input_specs(model)
         self.float_weights = {t.name: t for t in model.graph.initializer}
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxq-sequential-")
         self.weights = CommittedWeights(self.float_weights, Path(self._tmp.name) / "solved")
-        self.produced = {name for node in model.graph.node for name in node.output if name}
-        self.node_reads = [reads(node) for node in model.graph.node]  # once: every step walks the whole graph
+        self.node_reads = [reads(node) for node in model.graph.node]  # once: planning and sessions read them
         self.keys = [plan_keys(group) for group in layer_groups]
+        self.plans = plan_steps(model.graph, layer_groups, self.keys, self.node_reads)
         self.next_step = 0
         self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
         self.dtypes: dict[str, int] = {}
+        self._float_pool = ThreadPoolExecutor(1, "onnxq-float") if float_targets else None
+        self._float_steps: dict[int, Future[FrontierStore]] = {}
+        self._closing = threading.Event()
 
     def commit(self, weight_name: str, values: np.ndarray) -> None:
         """Use ``values`` (the solved weight, dequantized, in the initializer's layout) for ``weight_name`` in the
@@ -181,53 +199,72 @@ class SequentialCalibration:
         if index != self.next_step:
             raise ValueError(f"sequential calibration steps must be taken in order: expected {self.next_step}")
         self.next_step += 1
-        units = self.keys[index]
-        layer_inputs = [t for t in dict.fromkeys(u.tensor for u in units.values()) if t in self.produced]
-        frontier = self._frontier(index)
-        cached = self.store.names()
-        outputs = [t for t in dict.fromkeys([*layer_inputs, *sorted(frontier)]) if t not in cached]
-        nodes = [self.model.graph.node[i]
-                 for i in backward_slice(self.model.graph, set(outputs), cached, self.node_reads)]
-        self.node_runs += len(nodes)
-        new_frontier = [t for t in outputs if t in frontier]
-        quantized = self._runner(self.weights, self.store, nodes, outputs, new_frontier, layer_inputs, cached, "")
-        changed = self._changed(index) & set(layer_inputs)  # inputs that differ from the float model's
+        plan = self.plans[index]
+        self.node_runs += len(plan.nodes)
         floating = None
         if self.float_targets:
-            floating = self._runner(self.float_weights, self.float_store, nodes, outputs, new_frontier,
-                                    [t for t in layer_inputs if t in changed], cached, "f")
+            for ahead in (index, index + 1)[: len(self.plans) - index]:
+                self._queue_float_step(ahead)
+            floating = self._float_steps[index]
+        quantized = self._runner(self.weights, self.store, plan, plan.layer_inputs, "")
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxq-float") as float_pool:
+        def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            values = quantized(batch, origin, feed)
+            if floating is None:
+                return values, {}
+            float_values = floating.result()
+            return values, {name: float_values.pop(batch, name) for name in plan.changed}
 
-            def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-                # the float model's batch runs beside the quantized one: each session leaves CPU idle in its
-                # narrow operators, the other fills it (the results do not depend on it)
-                pending = None if floating is None else float_pool.submit(floating, batch, origin, feed)
-                values = quantized(batch, origin, feed)
-                return values, {} if pending is None else pending.result()
-
-            sums, samples, count, peak = accumulate_pass(
-                run, self.batches, self.specs, self.weights, units, self.float_targets, self.shard_ends,
-                self.keep_shards
-            )
-        quantized = floating = run = None
-        for path in Path(self._tmp.name).glob("step*"):
-            path.unlink()
+        sums, samples, count, peak = accumulate_pass(
+            run, self.batches, self.specs, self.weights, plan.units, self.float_targets, self.shard_ends,
+            self.keep_shards
+        )
+        quantized = run = None
+        self._remove_session_files(index, "")
+        if floating is not None:
+            del self._float_steps[index]
+            floating.result().close()
         release_free_memory()  # the step's sessions and activations are gone
-        for store in filter(None, (self.store, self.float_store)):
-            store.keep(frontier)
-        cross_keys = [key for key in sums if self.float_targets and units[key].tensor in changed]
+        self.store.keep(plan.kept)
+        changed = set(plan.changed) if self.float_targets else set()
+        cross_keys = [key for key in sums if plan.units[key].tensor in changed]
         return sums, samples, count, peak, cross_keys
 
-    def _runner(self, weights: dict[str, onnx.TensorProto], store: FrontierStore, nodes: list[onnx.NodeProto],
-                outputs: list[str], new_frontier: list[str], layer_inputs: list[str], cached: set[str], tag: str):
-        """``run(batch, origin, feed) -> layer inputs`` for one set of weights and its frontier store."""
-        session, feeds = self._session(weights, store, nodes, outputs, cached, tag) if nodes else (None, [])
+    def _queue_float_step(self, index: int) -> None:
+        if index not in self._float_steps:  # queued in step order: each float step reads the one before's frontier
+            self._float_steps[index] = self._float_pool.submit(self._float_step, self.plans[index])
+
+    def _float_step(self, plan: StepPlan) -> FrontierStore:
+        """The float model's step ``plan.index`` over every batch: its frontier into ``float_store``; returned, its
+        changed layer inputs per batch."""
+        values = FrontierStore(self.float_values_limit)
+        try:
+            if plan.nodes or plan.changed:
+                run = self._runner(self.float_weights, self.float_store, plan, plan.changed, "f")
+                for batch, (origin, feed) in enumerate(origins(self.batches)):
+                    if self._closing.is_set():
+                        return values
+                    for name, value in run(batch, origin, check_feed(self.specs, feed, origin)).items():
+                        values.put(batch, name, value)
+                run = None
+            self.float_store.keep(plan.kept)
+        except BaseException:
+            values.close()
+            raise
+        finally:
+            self._remove_session_files(plan.index, "f")
+        return values
+
+    def _runner(self, weights: Mapping[str, onnx.TensorProto], store: FrontierStore, plan: StepPlan,
+                layer_inputs: list[str], tag: str):
+        """``run(batch, origin, feed) -> layer inputs`` of step ``plan`` for one set of weights and its frontier
+        store."""
+        session, feeds = self._session(weights, store, plan, tag) if plan.nodes else (None, [])
 
         def run(batch: int, origin: str, feed: Feed) -> dict[str, np.ndarray]:
             inputs = {name: feed[name] if name in self.specs else store.get(batch, name) for name in feeds}
-            values = run_session(session, outputs, inputs, origin)
-            for name in new_frontier:
+            values = run_session(session, plan.outputs, inputs, origin)
+            for name in plan.new_frontier:
                 self.dtypes.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype))
                 store.put(batch, name, values[name])
             return {t: values[t] if t in values else store.get(batch, t) for t in layer_inputs}
@@ -235,40 +272,30 @@ class SequentialCalibration:
         return run
 
     def close(self) -> None:
+        """Stop the float steps running ahead (after their current batch) and remove every temp file."""
+        self._closing.set()
+        if self._float_pool is not None:
+            self._float_pool.shutdown(wait=True, cancel_futures=True)
+            for future in self._float_steps.values():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result().close()
+            self._float_steps.clear()
         for store in filter(None, (self.store, self.float_store)):
             store.close()
         self._tmp.cleanup()
 
-    def _changed(self, index: int) -> set[str]:
-        """Tensors that depend on a weight solved before step ``index`` (equal to the float model's otherwise)."""
-        changed = {t.weight_name for group in self.layer_groups[:index] for t in group}
-        for node, names_read in zip(self.model.graph.node, self.node_reads, strict=True):
-            if not names_read.isdisjoint(changed):
-                changed.update(node.output)
-        return changed
+    def _remove_session_files(self, index: int, tag: str) -> None:
+        for path in Path(self._tmp.name).glob(f"step{index}{tag}.*"):
+            path.unlink()
 
-    def _frontier(self, index: int) -> set[str]:
-        """Settled computed tensors that stale nodes on the way to a later group's input read (``F_index``)."""
-        solved = {t.weight_name for group in self.layer_groups[:index] for t in group}
-        pending = {t.weight_name for group in self.layer_groups[index:] for t in group} - solved
-        later_inputs = {u.tensor for keys in self.keys[index + 1:] for u in keys.values()}
-        useful = set(backward_slice(self.model.graph, later_inputs, set(), self.node_reads))
-        stale = set(pending)
-        frontier: set[str] = set()
-        for position, (node, names_read) in enumerate(zip(self.model.graph.node, self.node_reads, strict=True)):
-            if not names_read.isdisjoint(stale):
-                stale.update(node.output)
-                if position in useful:
-                    frontier |= {name for name in names_read if name in self.produced and name not in stale}
-        return frontier
-
-    def _session(self, weights: dict[str, onnx.TensorProto], store: FrontierStore, nodes: list[onnx.NodeProto],
-                 outputs: list[str], cached: set[str], tag: str):
-        """An ORT session running ``nodes`` with ``weights``, fed by graph inputs and cached frontier tensors; and
-        its feed names.  Only the initializers ``nodes`` read are written (to this object's temp folder)."""
+    def _session(self, weights: Mapping[str, onnx.TensorProto], store: FrontierStore, plan: StepPlan, tag: str):
+        """An ORT session running step ``plan``'s nodes with ``weights``, fed by graph inputs and cached frontier
+        tensors; and its feed names.  Only the initializers the nodes read are written (to this object's temp
+        folder, as ``step<index><tag>.*``)."""
         graph = self.model.graph
+        nodes = [graph.node[position] for position in plan.nodes]
         made = {name for node in nodes for name in node.output}
-        names_read = set().union(*(reads(node) for node in nodes))
+        names_read = set().union(*(self.node_reads[position] for position in plan.nodes))
         sub = model_shell(self.model)
         sub.graph.node.extend(nodes)
         feeds = []
@@ -276,14 +303,14 @@ class SequentialCalibration:
             if value.name in names_read and value.name not in weights:
                 sub.graph.input.append(value)
                 feeds.append(value.name)
-        for name in sorted(names_read & cached - made):
+        for name in sorted(names_read & plan.cached - made):
             rank = store.get(0, name).ndim
             sub.graph.input.append(onnx.helper.make_tensor_value_info(name, self.dtypes[name], [None] * rank))
             feeds.append(name)
         sub.graph.initializer.extend(weights[t.name] for t in graph.initializer if t.name in names_read)
         sub.graph.value_info.extend(v for v in graph.value_info if v.name in names_read and v.name in made)
-        sub.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-        stem = f"step{self.next_step}{tag}"
+        sub.graph.output.extend(onnx.ValueInfoProto(name=name) for name in plan.outputs)
+        stem = f"step{plan.index}{tag}"
         path = Path(self._tmp.name) / f"{stem}.onnx"
         onnx.save_model(sub, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{stem}.data", size_threshold=INLINE_TENSOR_BYTES)

@@ -82,7 +82,8 @@ def _as_batches(batches, model: onnx.ModelProto) -> Iterable[Feed]:
     return batches
 
 
-def _origins(batches: Iterable[Feed]) -> Iterator[tuple[str, Feed]]:
+def origins(batches: Iterable[Feed]) -> Iterator[tuple[str, Feed]]:
+    """``(origin, batch)`` of each batch: the origin names the batch (its file and samples) in error messages."""
     if isinstance(batches, CalibrationBatches):
         yield from batches.with_origin()
     else:
@@ -204,7 +205,7 @@ def accumulate_pass(
           ThreadPoolExecutor(max_workers=SUM_THREADS, thread_name_prefix="onnxq-sums") as sum_pool,
           _single_threaded_blas()):
         pending = None
-        for index, (origin, batch) in enumerate(_origins(batches)):
+        for index, (origin, batch) in enumerate(origins(batches)):
             feed = check_feed(specs, batch, origin)
             running = pool.submit(run, index, origin, feed)
             if pending is not None:
@@ -277,6 +278,6 @@ def _source_value(tensor: str, feed: Feed, constants: Mapping[str, onnx.TensorPr
 
 
 def _first_batch(batches: Iterable[Feed], specs: Mapping[str, InputSpec]) -> tuple[str, Feed]:
-    for origin, batch in _origins(batches):
+    for origin, batch in origins(batches):
         return origin, check_feed(specs, batch, origin)
     raise OnnxqError("calibration data holds no batches; pass at least one sample")
