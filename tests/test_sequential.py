@@ -156,6 +156,55 @@ def test_cross_terms_pair_quantized_and_float_inputs():
     assert model.SerializeToString() == before  # the model is only read
 
 
+def _float_target_sums(model, x, memory_limit) -> list[bytes]:
+    """Every step's H and C bytes with float targets, each group committed as RTN W2 g8 after its step."""
+    groups = layer_groups_of(find_targets(model).targets)
+    sequential = SequentialCalibration(model, groups, iter_batches({"x": x}, batch_size=2, model=model), memory_limit,
+                                       float_targets=True)
+    out = []
+    try:
+        for index, group in enumerate(groups):
+            hessians, _, crosses = sequential.step(index)
+            out += [h.tobytes() for h in hessians.values()] + [c.tobytes() for c in crosses.values()]
+            for target in group:
+                weight = target.matrix_from_initializer(initializer_array(model, target.weight_name))
+                values = target.initializer_from_matrix(
+                    quantize_rtn(weight.astype(np.float64), 2, 8, False, "float").dequantize(np.float32))
+                sequential.commit(target.weight_name, values)
+    finally:
+        sequential.close()
+    return out
+
+
+def test_float_steps_ahead_give_the_same_bytes_spilled_or_not():
+    """The float model's steps run ahead and hand their layer inputs over batch by batch; held in memory or
+    spilled to memory-mapped files (``memory_limit=0``), every step's H and C are the same bytes."""
+    model = graphs.residual_model()
+    x = np.random.default_rng(5).standard_normal((12, 24)).astype(np.float32)
+    kept, spilled = _float_target_sums(model, x, None), _float_target_sums(model, x, 0)
+    assert len(kept) == 6 + 5  # 6 groups: an H each, a C for each after the first
+    assert kept == spilled
+
+
+def test_closing_stops_the_float_step_ahead_and_removes_its_files(tmp_path, monkeypatch):
+    """``close()`` after a step, while the float model's next step runs ahead: it stops after its current batch,
+    and no temp file is left."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    model = graphs.residual_model(width=64)
+    x = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)
+    groups = layer_groups_of(find_targets(model).targets)
+    sequential = SequentialCalibration(model, groups, iter_batches({"x": x}, batch_size=1, model=model),
+                                       float_targets=True)
+    sequential.step(0)
+    ahead = sequential._float_steps[1][0]
+    sequential.close()
+    assert ahead.done()
+    assert list(tmp_path.iterdir()) == []
+
+
 def _commit(sequential: SequentialCalibration, working: onnx.ModelProto, target, qw) -> None:
     """Hand the solved weight to ``sequential`` and write it into the test's own copy of the model."""
     values = target.initializer_from_matrix(qw.dequantize(np.float32))

@@ -6,8 +6,12 @@ plan equals the per-step graph walks it replaced."""
 
 from __future__ import annotations
 
+import random
+from types import SimpleNamespace
+
 import onnx
 import pytest
+from onnx import helper
 
 from models.zoo import ZOO
 from onnxq.calibration.keys import plan_keys
@@ -15,8 +19,6 @@ from onnxq.calibration.steps import plan_steps
 from onnxq.ir.index import backward_slice, reads
 from onnxq.ir.targets import find_targets
 from onnxq.passes.quantize import layer_groups_of
-
-pytestmark = pytest.mark.real
 
 UNTIED = ["minilm-optimum", "smollm2-optimum", "ppocr-rec-init", "yolov8n-nudenet"]
 TIED = ["smollm2-genai-fp32", "smollm2-genai-fp16"]  # the embedding Gather reads lm_head's weight, solved last
@@ -62,10 +64,9 @@ def _walked_plans(graph: onnx.GraphProto, groups, keys, node_reads) -> list[tupl
     return plans
 
 
-@pytest.mark.parametrize("name", UNTIED + TIED)
-def test_kept_values_stay_valid_and_each_node_runs_once(name):
-    model, groups, _, node_reads, plans = _load(name)
-    graph = model.graph
+def _check_plans(graph: onnx.GraphProto, groups, node_reads, plans) -> list[int]:
+    """Replay the plans: every node's reads are available when it runs, and no cached value depends on a weight
+    committed since it was computed.  Returns the node positions run, over all steps."""
     group_of = {}
     for index, group in enumerate(groups):
         for target in group:
@@ -90,10 +91,51 @@ def test_kept_values_stay_valid_and_each_node_runs_once(name):
             computed_at[tensor] = plan.index
         computed_at = {t: step for t, step in computed_at.items() if t in plan.kept}
         runs += plan.nodes
+    return runs
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", UNTIED + TIED)
+def test_kept_values_stay_valid_and_each_node_runs_once(name):
+    model, groups, _, node_reads, plans = _load(name)
+    runs = _check_plans(model.graph, groups, node_reads, plans)
     assert len(runs) == len(set(runs))  # each node once over all steps
     assert len(groups) > 1 and any(plan.changed for plan in plans)
 
 
+def _random_case(seed: int):
+    """A random graph of up to 14 nodes (0–3 reads, 1–2 outputs each) over ``x`` and up to 7 weights, the weights
+    spread over up to 5 groups (some in two), each group reading up to 2 random tensors."""
+    rng = random.Random(seed)
+    weights = [f"w{k}" for k in range(rng.randint(1, 7))]
+    tensors, nodes = ["x"], []
+    for k in range(rng.randint(1, 14)):
+        pool = tensors + weights
+        outputs = [f"t{k}_{j}" for j in range(rng.choice([1, 1, 1, 2]))]
+        nodes.append(helper.make_node("Op", rng.sample(pool, rng.randint(0, min(3, len(pool)))), outputs))
+        tensors += outputs
+    graph = helper.make_graph(nodes, "random", [helper.make_tensor_value_info("x", 1, [1])], [],
+                              [helper.make_tensor(w, 1, [1], [0.0]) for w in weights])
+    count = rng.randint(1, 5)
+    groups = [[] for _ in range(count)]
+    for w in weights:
+        for group in rng.sample(range(count), min(count, rng.choice([1, 1, 2]))):
+            groups[group].append(SimpleNamespace(weight_name=w))
+    keys = [{(g, t): SimpleNamespace(tensor=t) for t in rng.sample(tensors, rng.randint(0, min(2, len(tensors))))}
+            for g in range(count)]
+    return graph, groups, keys
+
+
+def test_random_graphs_keep_only_valid_values():
+    """2,000 random graphs (shared weights, multi-output nodes, nodes that read nothing, layer inputs that are graph
+    inputs or weights, empty groups): every plan replays with its reads available and valid cached values."""
+    for seed in range(2000):
+        graph, groups, keys = _random_case(seed)
+        node_reads = [reads(node) for node in graph.node]
+        _check_plans(graph, groups, node_reads, plan_steps(graph, groups, keys, node_reads))
+
+
+@pytest.mark.real
 @pytest.mark.parametrize("name", UNTIED)
 def test_plans_equal_the_walked_definitions(name):
     model, groups, keys, node_reads, plans = _load(name)
@@ -104,6 +146,7 @@ def test_plans_equal_the_walked_definitions(name):
         assert got == expected, f"step {plan.index}"
 
 
+@pytest.mark.real
 def test_a_tied_embedding_is_computed_once():
     """onnxruntime-genai's SmolLM2: the walked definitions re-ran the embedding and every block before each step
     (the embedding reads lm_head's weight, solved last): 20,291 node runs for 342 nodes."""

@@ -3,11 +3,12 @@
 Layer groups are solved in graph order; before group ``i`` is calibrated, the weights of groups ``< i`` hold their
 dequantized values: the caller hands each solved weight back with :meth:`SequentialCalibration.commit`, which
 replaces it in this object's own table of weights (the model itself is never changed).  A tensor is *stale* while it
-depends on a weight that is still to be solved (groups ``≥ i``), *settled* otherwise.  The *frontier* ``F_i`` is the
-set of settled, computed tensors that stale nodes still need (on the way to a later group's input).  Its values are kept
-for every calibration batch, so step ``i`` runs only the nodes whose outputs settled since step ``i − 1``, fed by
-``F_{i−1}`` and the graph inputs: over all steps every node runs once, i.e. sequential calibration costs one
-forward pass over the calibration data, the same as calibrating every layer on float inputs.
+depends on a weight that is still to be solved (groups ``≥ i``) and is committed before the last step that reads the
+tensor, *settled* otherwise.  The *frontier* ``F_i`` is the set of settled, computed tensors that stale nodes still
+need (on the way to a later group's input).  Its values are kept for every calibration batch, so step ``i`` runs only
+the nodes whose outputs settled since step ``i − 1``, fed by ``F_{i−1}`` and the graph inputs: over all steps every
+node runs once, i.e. sequential calibration costs one forward pass over the calibration data, the same as
+calibrating every layer on float inputs.  :mod:`onnxq.calibration.steps` plans every step from the graph.
 
 For a transformer the frontier is the residual stream plus whatever a block's partial results the next group needs
 (attention output before ``o_proj``, the MLP product before ``down_proj``) and shared tensors such as masks: a few
@@ -34,6 +35,7 @@ from onnxq.calibration.keys import HessianKey, plan_keys
 from onnxq.calibration.sessions import INLINE_TENSOR_BYTES, ORT_THREADS, Feed, model_shell, open_session, run_session
 from onnxq.calibration.steps import StepPlan, plan_steps
 from onnxq.calibration.stream import CalibrationStats, accumulate_pass, finish_pass, origins, process_cpu_seconds
+from onnxq.errors import OnnxqError
 from onnxq.heap import release_free_memory
 from onnxq.ir.index import reads
 from onnxq.ir.targets import Target
@@ -44,7 +46,8 @@ DEFAULT_MEMORY_LIMIT = 4 << 30  # frontier bytes kept in RAM before spilling to 
 
 
 class FrontierStore:
-    """Frontier activations per calibration batch; arrays past ``memory_limit`` bytes go to memory-mapped files."""
+    """Activations per calibration batch and name (a step's frontier, or the float model's layer inputs computed
+    ahead); arrays past ``memory_limit`` bytes go to memory-mapped files."""
 
     def __init__(self, memory_limit: int) -> None:
         self.memory_limit = memory_limit
@@ -84,6 +87,48 @@ class FrontierStore:
     def close(self) -> None:
         self.values.clear()
         self._spilled.close()
+
+
+class FloatStepValues:
+    """The float model's layer inputs of one step, batch by batch as its thread computes them (a
+    :class:`FrontierStore` of ``limit`` bytes); :meth:`take` waits for one batch's values and hands them over."""
+
+    def __init__(self, limit: int) -> None:
+        self.store = FrontierStore(limit)
+        self.ready = 0  # batches computed so far
+        self.done = False  # every batch is computed
+        self.error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def put(self, batch: int, values: Mapping[str, np.ndarray]) -> None:
+        with self._changed:
+            for name, value in values.items():
+                self.store.put(batch, name, value)
+            self.ready = batch + 1
+            self._changed.notify_all()
+
+    def finish(self) -> None:
+        with self._changed:
+            self.done = True
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._changed:
+            self.error = error
+            self._changed.notify_all()
+
+    def take(self, batch: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Batch ``batch``'s values of ``names``, removed from the store (waits until they are computed; raises the
+        float step's error if it failed)."""
+        with self._changed:
+            while self.ready <= batch and not self.done and self.error is None:
+                self._changed.wait(timeout=1.0)
+            if self.error is not None:
+                raise self.error
+            return {name: self.store.pop(batch, name) for name in names}
+
+    def close(self) -> None:
+        self.store.close()
 
 
 class CommittedWeights(Mapping[str, onnx.TensorProto]):
@@ -173,7 +218,7 @@ class SequentialCalibration:
         self.node_runs = 0  # nodes run over all steps (each node once when the frontier works as intended)
         self.dtypes: dict[str, int] = {}
         self._float_pool = ThreadPoolExecutor(1, "onnxq-float") if float_targets else None
-        self._float_steps: dict[int, Future[FrontierStore]] = {}
+        self._float_steps: dict[int, tuple[Future[None], FloatStepValues]] = {}
         self._closing = threading.Event()
 
     def commit(self, weight_name: str, values: np.ndarray) -> None:
@@ -205,25 +250,23 @@ class SequentialCalibration:
         if self.float_targets:
             for ahead in (index, index + 1)[: len(self.plans) - index]:
                 self._queue_float_step(ahead)
-            floating = self._float_steps[index]
+            floating = self._float_steps[index][1]
         quantized = self._runner(self.weights, self.store, plan, plan.layer_inputs, "")
 
         def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-            values = quantized(batch, origin, feed)
-            if floating is None:
-                return values, {}
-            float_values = floating.result()
-            return values, {name: float_values.pop(batch, name) for name in plan.changed}
+            return quantized(batch, origin, feed), {}
+
+        def take_float(batch: int) -> dict[str, np.ndarray]:
+            return floating.take(batch, plan.changed)
 
         sums, samples, count, peak = accumulate_pass(
             run, self.batches, self.specs, self.weights, plan.units, self.float_targets, self.shard_ends,
-            self.keep_shards
+            self.keep_shards, None if floating is None else take_float
         )
         quantized = run = None
         self._remove_session_files(index, "")
         if floating is not None:
-            del self._float_steps[index]
-            floating.result().close()
+            self._float_steps.pop(index)[1].close()
         release_free_memory()  # the step's sessions and activations are gone
         self.store.keep(plan.kept)
         changed = set(plan.changed) if self.float_targets else set()
@@ -232,28 +275,27 @@ class SequentialCalibration:
 
     def _queue_float_step(self, index: int) -> None:
         if index not in self._float_steps:  # queued in step order: each float step reads the one before's frontier
-            self._float_steps[index] = self._float_pool.submit(self._float_step, self.plans[index])
+            values = FloatStepValues(self.float_values_limit)
+            self._float_steps[index] = (self._float_pool.submit(self._float_step, self.plans[index], values), values)
 
-    def _float_step(self, plan: StepPlan) -> FrontierStore:
-        """The float model's step ``plan.index`` over every batch: its frontier into ``float_store``; returned, its
-        changed layer inputs per batch."""
-        values = FrontierStore(self.float_values_limit)
+    def _float_step(self, plan: StepPlan, values: FloatStepValues) -> None:
+        """The float model's step ``plan.index`` over every batch: its frontier into ``float_store``, its changed
+        layer inputs into ``values`` batch by batch.  Stops after the current batch once :meth:`close` is called."""
         try:
             if plan.nodes or plan.changed:
                 run = self._runner(self.float_weights, self.float_store, plan, plan.changed, "f")
                 for batch, (origin, feed) in enumerate(origins(self.batches)):
                     if self._closing.is_set():
-                        return values
-                    for name, value in run(batch, origin, check_feed(self.specs, feed, origin)).items():
-                        values.put(batch, name, value)
+                        raise OnnxqError("sequential calibration was closed")
+                    values.put(batch, run(batch, origin, check_feed(self.specs, feed, origin)))
                 run = None
             self.float_store.keep(plan.kept)
-        except BaseException:
-            values.close()
+            values.finish()
+        except BaseException as error:
+            values.fail(error)
             raise
         finally:
             self._remove_session_files(plan.index, "f")
-        return values
 
     def _runner(self, weights: Mapping[str, onnx.TensorProto], store: FrontierStore, plan: StepPlan,
                 layer_inputs: list[str], tag: str):
@@ -276,9 +318,8 @@ class SequentialCalibration:
         self._closing.set()
         if self._float_pool is not None:
             self._float_pool.shutdown(wait=True, cancel_futures=True)
-            for future in self._float_steps.values():
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    future.result().close()
+            for _, values in self._float_steps.values():
+                values.close()
             self._float_steps.clear()
         for store in filter(None, (self.store, self.float_store)):
             store.close()

@@ -13,9 +13,12 @@ largest of its outputs').  Then:
   (onnxruntime-genai's exports), solved last, is computed once, not at every step.
 
 The frontier ``F_i`` (kept after step ``i``) holds the computed tensors ``r`` that a stale node still needed later
-reads while ``r`` is settled: ``r ∈ reads(n)``, ``late(r) < i ≤ late(n)`` and ``i < need(n)``.  So each (node, read)
-pair puts ``r`` in the frontiers of one interval of steps, ``late(r) + 1 ≤ i ≤ min(late(n), need(n) − 1)``.  Every
-kept value is computed at a step where it is settled, so it equals a fresh computation at every step that reads it.
+reads while ``r`` is settled: ``r ∈ reads(n)``, ``late(r) < i ≤ late(n)`` and ``i < need(n)``; since
+``late(n) < need(n)`` by definition, each (node, read) pair puts ``r`` in the frontiers of one interval of steps,
+``late(r) + 1 ≤ i ≤ late(n)``.  Every kept value is computed at a step where it is settled, so it equals a fresh
+computation at every step that reads it.  On the transformer exports tested every node runs once over all steps;
+in contrived graphs (a node that settles before the step that first needs it) a node can run twice, never on a
+stale value.
 
 A step computes its layer inputs and its new frontier tensors from the frontier kept before it (``cached``) and the
 graph inputs; :func:`onnxq.ir.index.backward_slice` picks its nodes.
@@ -84,7 +87,7 @@ def plan_steps(
     frontiers: list[set[str]] = [set() for _ in layer_groups]
     for position, names_read in enumerate(node_reads):
         for name in names_read & produced:
-            for step in range(late[name] + 1, min(node_late[position], node_need[position] - 1) + 1):
+            for step in range(late[name] + 1, node_late[position] + 1):
                 frontiers[step].add(name)
     early = {name: min(groups, default=NEVER) for name, groups in depends.items()}
     plans: list[StepPlan] = []

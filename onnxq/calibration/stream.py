@@ -165,6 +165,7 @@ def accumulate_pass(
     cross: bool = False,
     shard_ends: Collection[int] = (),
     keep_shards: bool = False,
+    take_float: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
     """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
     batch i is added to the sums.  It returns ``(values, float_values)``: the layer inputs that are not graph inputs
@@ -176,7 +177,8 @@ def accumulate_pass(
     do not depend on timing.
     At most two batches of activations are alive at once.  After each batch index in ``shard_ends`` the sums
     close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept per shard with
-    ``keep_shards``.
+    ``keep_shards``.  ``take_float(i)``, when given, returns batch ``i``'s float values instead of ``run``; it is
+    called in the calling thread, just before batch ``i`` is added (so a wait in it can be interrupted).
     """
     sums = {key: HessianSum(unit, cross, keep_shards) for key, unit in units.items()}
     users = keys_by_tensor(units)
@@ -186,7 +188,9 @@ def accumulate_pass(
                    results: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
         nonlocal samples, count, peak_outputs
         values, float_values = results
-        peak_outputs = max(peak_outputs, sum(v.nbytes for part in results for v in part.values()))
+        if take_float is not None:
+            float_values = take_float(index)
+        peak_outputs = max(peak_outputs, sum(v.nbytes for part in (values, float_values) for v in part.values()))
         parts = []
         for tensor, keys in users.items():
             x = values.pop(tensor) if tensor in values else _source_value(tensor, feed, constants, origin)
