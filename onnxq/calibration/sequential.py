@@ -176,8 +176,10 @@ class SequentialCalibration:
     The float model's values do not depend on any solve, so its steps run ahead in a thread of their own: when
     step ``i`` starts, the float step ``i + 1`` is queued behind the float step ``i``, and it runs while the
     quantized step ``i`` and then group ``i``'s solve go on.  Its layer inputs wait in a store of their own
-    (spilled past their share of ``memory_limit``).  Each session runs the same nodes on the same values as when
-    both ran batch by batch, so ``H`` and ``C`` keep their bytes.
+    (spilled past their share of ``memory_limit``) and are handed over batch by batch.  Each session runs the same
+    nodes on the same values as when both ran batch by batch, so ``H`` and ``C`` keep their bytes.  The float
+    thread reads the batches itself: a folder of .npz files is read twice per step, and two of its files can be in
+    memory at once.
 
     ``shard_ends``: the batch positions that close a shard (:mod:`onnxq.calibration.shards`).  A data-parallel
     worker holds a slice of the batches, passes ``keep_shards`` and calls :meth:`step_sums` for its shard sums.
