@@ -76,9 +76,6 @@ class FrontierStore:
             self.memory_bytes -= value.nbytes
         return np.asarray(value)
 
-    def names(self) -> set[str]:
-        return {name for _, name in self.values}
-
     def keep(self, names: set[str]) -> None:
         """Drop every tensor not in ``names``."""
         for batch, name in [k for k in self.values if k[1] not in names]:
