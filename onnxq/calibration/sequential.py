@@ -252,17 +252,14 @@ class SequentialCalibration:
             floating = self._float_steps[index][1]
         quantized = self._runner(self.weights, self.store, plan, plan.layer_inputs, "")
 
-        def run(batch: int, origin: str, feed: Feed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-            return quantized(batch, origin, feed), {}
-
         def take_float(batch: int) -> dict[str, np.ndarray]:
             return floating.take(batch, plan.changed)
 
         sums, samples, count, peak = accumulate_pass(
-            run, self.batches, self.specs, self.weights, plan.units, self.float_targets, self.shard_ends,
-            self.keep_shards, None if floating is None else take_float
+            quantized, self.batches, self.specs, self.weights, plan.units, self.shard_ends, self.keep_shards,
+            None if floating is None else take_float
         )
-        quantized = run = None
+        quantized = None
         self._remove_session_files(index, "")
         if floating is not None:
             self._float_steps.pop(index)[1].close()

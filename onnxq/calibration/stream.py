@@ -142,8 +142,8 @@ def iter_hessian_passes(
             else:
                 session = factory.session(needed) if needed else None
 
-            def run(_: int, origin: str, feed: Feed, session=session, needed=needed) -> tuple[dict, dict]:
-                return run_session(session, needed, feed, origin), {}
+            def run(_: int, origin: str, feed: Feed, session=session, needed=needed) -> dict[str, np.ndarray]:
+                return run_session(session, needed, feed, origin)
 
             sums, samples, count, peak_outputs = accumulate_pass(
                 run, batches, specs, constants, units,
@@ -157,19 +157,20 @@ def iter_hessian_passes(
 
 
 def accumulate_pass(
-    run: Callable[[int, str, Feed], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    run: Callable[[int, str, Feed], dict[str, np.ndarray]],
     batches: Iterable[Feed],
     specs: Mapping[str, InputSpec],
     constants: Mapping[str, onnx.TensorProto],
     units: Mapping[HessianKey, Unfolding],
-    cross: bool = False,
     shard_ends: Collection[int] = (),
     keep_shards: bool = False,
     take_float: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[HessianKey, HessianSum], int, int, int]:
     """One pass over the batches: ``run(index, origin, feed)`` (ORT) computes batch i+1 in a worker thread while
-    batch i is added to the sums.  It returns ``(values, float_values)``: the layer inputs that are not graph inputs
-    or constants, and with ``cross`` the float model's values of those that differ (see :class:`HessianSum`).
+    batch i is added to the sums.  It returns the layer inputs that are not graph inputs or constants.  With
+    ``take_float`` (float targets) the sums also get ``C``: ``take_float(i)`` returns batch ``i``'s float-model
+    values of the layer inputs that differ (see :class:`HessianSum`); it is called in the calling thread, just
+    before batch ``i`` is added, so a wait in it can be interrupted.
 
     The sums are updated in batch order with single-threaded BLAS (many mid-sized ``syrk`` calls: threading one
     costs more than it gains); a batch's ``H`` update and ``C``'s two row ranges are independent jobs
@@ -177,19 +178,15 @@ def accumulate_pass(
     do not depend on timing.
     At most two batches of activations are alive at once.  After each batch index in ``shard_ends`` the sums
     close their shard (:mod:`onnxq.calibration.shards`): folded into their total, or kept per shard with
-    ``keep_shards``.  ``take_float(i)``, when given, returns batch ``i``'s float values instead of ``run``; it is
-    called in the calling thread, just before batch ``i`` is added (so a wait in it can be interrupted).
+    ``keep_shards``.
     """
-    sums = {key: HessianSum(unit, cross, keep_shards) for key, unit in units.items()}
+    sums = {key: HessianSum(unit, take_float is not None, keep_shards) for key, unit in units.items()}
     users = keys_by_tensor(units)
     samples = count = peak_outputs = 0
 
-    def accumulate(index: int, origin: str, feed: Feed,
-                   results: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]) -> None:
+    def accumulate(index: int, origin: str, feed: Feed, values: dict[str, np.ndarray]) -> None:
         nonlocal samples, count, peak_outputs
-        values, float_values = results
-        if take_float is not None:
-            float_values = take_float(index)
+        float_values = {} if take_float is None else take_float(index)
         peak_outputs = max(peak_outputs, sum(v.nbytes for part in (values, float_values) for v in part.values()))
         parts = []
         for tensor, keys in users.items():
