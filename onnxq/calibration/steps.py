@@ -75,11 +75,13 @@ def plan_steps(
         node_need[position] = max((need.get(name, -1) for name in graph.node[position].output), default=-1)
         for name in node_reads[position]:
             need[name] = max(need.get(name, -1), node_need[position])
-    depends: dict[str, frozenset[int]] = {name: frozenset((group,)) for name, group in group_of.items()}
+    # D(t) as a bitmask (bit d set iff d ∈ D(t)): a union is an OR, 40 bytes per tensor at 320 groups
+    depends: dict[str, int] = {name: 1 << group for name, group in group_of.items()}
     node_late = []
-    none: frozenset[int] = frozenset()
     for position, (node, names_read) in enumerate(zip(graph.node, node_reads, strict=True)):
-        groups = none.union(*(depends.get(name, none) for name in names_read))
+        groups = 0
+        for name in names_read:
+            groups |= depends.get(name, 0)
         node_late.append(_late(groups, node_need[position]))
         for name in node.output:
             depends[name] = groups
@@ -89,7 +91,7 @@ def plan_steps(
         for name in names_read & produced:
             for step in range(late[name] + 1, node_late[position] + 1):
                 frontiers[step].add(name)
-    early = {name: min(groups, default=NEVER) for name, groups in depends.items()}
+    early = {name: (groups & -groups).bit_length() - 1 if groups else NEVER for name, groups in depends.items()}
     plans: list[StepPlan] = []
     cached: frozenset[str] = frozenset()
     for index, units in enumerate(keys):
@@ -105,6 +107,6 @@ def plan_steps(
     return plans
 
 
-def _late(groups: frozenset[int], need: int) -> int:
-    """``max {d ∈ groups : d < need}``, ``−1`` if none."""
-    return max((group for group in groups if group < need), default=-1)
+def _late(groups: int, need: int) -> int:
+    """``max {d ∈ groups : d < need}`` for the bitmask ``groups``, ``−1`` if none."""
+    return (groups & ((1 << max(need, 0)) - 1)).bit_length() - 1
