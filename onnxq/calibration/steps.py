@@ -75,7 +75,7 @@ def plan_steps(
         node_need[position] = max((need.get(name, -1) for name in graph.node[position].output), default=-1)
         for name in node_reads[position]:
             need[name] = max(need.get(name, -1), node_need[position])
-    # D(t) as a bitmask (bit d set iff d ∈ D(t)): a union is an OR, 40 bytes per tensor at 320 groups
+    # D(t) as a bitmask (bit d set iff d ∈ D(t)): a union is an OR; 320 groups are one 68-byte int per tensor
     depends: dict[str, int] = {name: 1 << group for name, group in group_of.items()}
     node_late = []
     for position, (node, names_read) in enumerate(zip(graph.node, node_reads, strict=True)):
