@@ -37,16 +37,18 @@ from threadpoolctl import threadpool_limits
 from models.smollm2 import build_smollm2
 from onnxq.calibration.data import iter_batches
 from onnxq.calibration.keys import plan_keys
-from onnxq.calibration.sessions import SessionFactory, run_session
-from onnxq.ir.targets import find_targets
+from onnxq.calibration.sessions import SessionFactory, open_session, run_session
+from onnxq.ir.targets import Target, find_targets
 from onnxq.passes.quantize import layer_groups_of
 from onnxq.stats.hessian import HessianSum
+from onnxq.stats.unfold import ROW_BLOCK
 from tools.compare import SMOLLM2_CALIBRATION_WINDOWS
 from tools.lm_metrics import make_smollm2_calibration
-from tools.solve_tasks import solve
+from tools.solve_tasks import GROUPS_PER_BLOCK, solve
 
 BATCH = 8  # windows per batch: the job's default for this export
 SEQ_LEN = 512
+BATCH_ROWS = BATCH * SEQ_LEN
 TARGET_SECONDS = 300.0  # issue #14: the job in at most 5 minutes
 
 
@@ -56,7 +58,8 @@ def forward_seconds(model: onnx.ModelProto, tensor: str, data: dict) -> tuple[fl
     and the share of MatMul in ORT's profile of one batch."""
     factory = SessionFactory(model, 1)
     try:
-        sessions = [factory.session([tensor]) for _ in range(2)]
+        path, _ = factory.write([tensor])
+        sessions = [open_session(str(path), 1) for _ in range(2)]
         batches = list(iter_batches(data, BATCH, model))
         for session in sessions:
             run_session(session, [tensor], batches[0], "warm-up")
@@ -74,7 +77,6 @@ def forward_seconds(model: onnx.ModelProto, tensor: str, data: dict) -> tuple[fl
         options.intra_op_num_threads, options.enable_profiling = 1, True
         options.profile_file_prefix = str(factory.folder / "profile")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        path = sorted(factory.folder.glob("calibration_*.onnx"))[-1]
         profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         profiled.run([tensor], batches[0])
         by_op: dict[str, float] = collections.defaultdict(float)
@@ -86,47 +88,37 @@ def forward_seconds(model: onnx.ModelProto, tensor: str, data: dict) -> tuple[fl
         factory.close()
 
 
-def sums_seconds(model: onnx.ModelProto, blocks: int, rows: int) -> tuple[float, float]:
-    """``(sums, down's C)``: the seconds of one block's ``H`` and ``C`` updates for ``rows`` rows (batches of
-    :data:`BATCH` windows, as calibration runs them), times ``blocks``; and of down_proj's ``C`` alone."""
-    targets = [t for t in find_targets(model, exclude="lm_head").targets if not t.is_lookup]
-    block_keys = [plan_keys(group) for group in layer_groups_of(targets)[:4]]
+def sums_seconds(block_groups: list[list[Target]], blocks: int, rows: int) -> float:
+    """The seconds of one block's ``H`` and ``C`` updates (``block_groups``: its layer groups) for one batch of
+    :data:`BATCH` windows, run as calibration runs them, scaled to ``rows`` rows and ``blocks`` blocks."""
     rng = np.random.default_rng(0)
-    batch_rows = BATCH * SEQ_LEN
-    total = down_cross = 0.0
+    seconds = 0.0
     with ThreadPoolExecutor(2) as pool, threadpool_limits(limits=1, user_api="blas"):
-        for keys in block_keys:
-            for unit in keys.values():
-                x = rng.standard_normal((batch_rows, unit.size), dtype=np.float32)
-                ref = rng.standard_normal((batch_rows, unit.size), dtype=np.float32)
+        for group in block_groups:
+            for unit in plan_keys(group).values():
+                x, ref = (rng.standard_normal((BATCH_ROWS, unit.size), dtype=np.float32) for _ in range(2))
                 hessian_sum = HessianSum(unit, cross=True)
                 hessian_sum.add(x, ref)  # allocation and warm-up
                 start = time.perf_counter()
                 for done in [pool.submit(part) for part in hessian_sum.parts(x, ref)]:
                     done.result()
-                total += time.perf_counter() - start
-                if unit.size == max(u.size for k in block_keys for u in k.values()):
-                    start = time.perf_counter()
-                    cross = np.zeros((unit.size, unit.size))
-                    for block in range(0, batch_rows, 2048):
-                        cross += x[block:block + 2048].T @ ref[block:block + 2048]
-                    down_cross = time.perf_counter() - start
-    scale = blocks * rows / batch_rows
-    return total * scale, down_cross * scale
+                seconds += time.perf_counter() - start
+    return seconds * blocks * rows / BATCH_ROWS
 
 
-def output_cross_seconds(rows: int, blocks: int, k: int, n: int) -> float:
-    """``xᵀy`` (``K × N``) for ``rows`` rows in blocks of 2048, one thread, times ``blocks``."""
+def product_seconds(k: int, n: int, blocks: int, rows: int) -> float:
+    """``Σ xᵀy`` (``K × N``, float64 sum of float32 products over blocks of ``ROW_BLOCK`` rows, as
+    :class:`HessianSum` adds ``C``) for one batch on one thread, scaled to ``rows`` rows and ``blocks`` blocks."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCH * SEQ_LEN, k), dtype=np.float32)
-    y = rng.standard_normal((BATCH * SEQ_LEN, n), dtype=np.float32)
+    x = rng.standard_normal((BATCH_ROWS, k), dtype=np.float32)
+    y = rng.standard_normal((BATCH_ROWS, n), dtype=np.float32)
     with threadpool_limits(limits=1, user_api="blas"):
         start = time.perf_counter()
         product = np.zeros((k, n))
-        for block in range(0, len(x), 2048):
-            product += x[block:block + 2048].T @ y[block:block + 2048]
+        for block in range(0, BATCH_ROWS, ROW_BLOCK):
+            product += x[block:block + ROW_BLOCK].T @ y[block:block + ROW_BLOCK]
         seconds = time.perf_counter() - start
-    return seconds * blocks * rows / len(x)
+    return seconds * blocks * rows / BATCH_ROWS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,17 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     model = onnx.load(build_smollm2())
     targets = [t for t in find_targets(model, exclude="lm_head").targets if not t.is_lookup]
     groups = layer_groups_of(targets)
-    blocks = len(groups) // 4
+    blocks = len(groups) // GROUPS_PER_BLOCK
     last_input = next(iter(plan_keys(groups[-1]).values())).tensor
     windows = SMOLLM2_CALIBRATION_WINDOWS
     data = make_smollm2_calibration(windows, SEQ_LEN, 0)
     rows = windows * SEQ_LEN
 
     forwards, matmul_share = forward_seconds(model, last_input, data)
-    sums, down_cross = sums_seconds(model, blocks, rows)
-    # two sum threads share C's work: its one-thread time over two
-    down_output_cross = output_cross_seconds(rows, blocks, 1536, 576) / 2
-    down_cross /= 2
+    sums = sums_seconds(groups[:GROUPS_PER_BLOCK], blocks, rows)
+    # down_proj's C (K × K) and xᵀy_float (K × N); two sum threads share C's work: one thread's time over two
+    n, k = groups[GROUPS_PER_BLOCK - 1][0].matrix_shape
+    down_cross = product_seconds(k, k, blocks, rows) / 2
+    down_output_cross = product_seconds(k, n, blocks, rows) / 2
     block = solve(args.tasks)
     solve_seconds = blocks * sum(g["seconds"] for g in block["groups"]) / 2
 

@@ -104,14 +104,10 @@ class FloatStepValues:
             self.ready = batch + 1
             self._changed.notify_all()
 
-    def finish(self) -> None:
+    def end(self, error: BaseException | None = None) -> None:
+        """Every batch is computed, or the float step failed with ``error``."""
         with self._changed:
-            self.done = True
-            self._changed.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        with self._changed:
-            self.error = error
+            self.done, self.error = error is None, error
             self._changed.notify_all()
 
     def take(self, batch: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -286,9 +282,9 @@ class SequentialCalibration:
                     values.put(batch, run(batch, origin, check_feed(self.specs, feed, origin)))
                 run = None
             self.float_store.keep(plan.kept)
-            values.finish()
+            values.end()
         except BaseException as error:
-            values.fail(error)
+            values.end(error)
             raise
         finally:
             self._remove_session_files(plan.index, "f")

@@ -77,6 +77,12 @@ class SessionFactory:
 
     def session(self, outputs: list[str]) -> ort.InferenceSession:
         """An ORT session whose outputs are ``outputs`` (intermediate tensors of the model)."""
+        path, custom_ops = self.write(outputs)
+        return open_session(str(path), self.threads, custom_ops, self.purpose)
+
+    def write(self, outputs: list[str]) -> tuple[Path, bool]:
+        """The slice of the model computing ``outputs``, saved in this factory's folder (its weights external);
+        its path, and whether it holds onnxq custom ops."""
         graph = self.model.graph
         keep_nodes = [graph.node[i] for i in backward_slice(graph, outputs)]
         needed = set().union(*(reads(node) for node in keep_nodes))
@@ -90,8 +96,7 @@ class SessionFactory:
         self._count += 1
         path = self.folder / f"calibration_{self._count}.onnx"
         path.write_bytes(pruned.SerializeToString())
-        custom_ops = any(node.domain == CUSTOM_OP_DOMAIN for node in keep_nodes)
-        return open_session(str(path), self.threads, custom_ops, self.purpose)
+        return path, any(node.domain == CUSTOM_OP_DOMAIN for node in keep_nodes)
 
     def close(self) -> None:
         self._tmp.cleanup()
